@@ -1,0 +1,367 @@
+"""Gemma 1 and 2 decoder with big_vision's parameter names, numerics and KV cache.
+
+Mirrors `big_vision/models/ppp/gemma.py` and its PaliGemma wrapper `gemma_bv.py` (reference 2.3, 2.6, 8):
+tied embedder (× sqrt(width) on encode), RMSNorm with (1 + scale), GeGLU MLP with tanh GELU, half-split RoPE
+(base 10 000), attention logits in float32 with an optional soft-cap and mask value -2.3819763e38, GQA where query
+head n uses kv head n // (N / K), fused `qkv_einsum` only when K == N, Gemma 2 post-norms, and a KV cache
+(`k_cache`/`v_cache` [B, S, K, H] in `cache_dtype`, read back in the compute dtype).
+
+Einsum axis legend: B batch, T query length, S key length (cache size when decoding), D width, N query heads,
+K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paligemma_ft.model.vit import _remat_policy
+
+# Masked attention logits use a large finite negative, not -inf, exactly as big_vision (so an all-masked row
+# gives a uniform softmax instead of NaN).
+_BIG_NEG = -2.3819763e38
+
+# Gemma variants (big_vision `gemma.get_config`): width, depth, mlp_dim, heads, kv heads, head dim, query scaling,
+# attention soft-cap, final soft-cap, post norms.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "gemma_2b": dict(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256,
+                     query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=0.0, final_logits_softcap=0.0,
+                     post_norms=False),
+    "gemma_7b": dict(width=3072, depth=28, mlp_dim=24_576, num_heads=16, num_kv_heads=16, head_dim=256,
+                     query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=0.0, final_logits_softcap=0.0,
+                     post_norms=False),
+    "gemma2_2b": dict(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256,
+                      query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=50.0, final_logits_softcap=30.0,
+                      post_norms=True),
+    "gemma2_9b": dict(width=3584, depth=42, mlp_dim=14_336, num_heads=16, num_kv_heads=8, head_dim=256,
+                      query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=50.0, final_logits_softcap=30.0,
+                      post_norms=True),
+    "gemma2_27b": dict(width=4608, depth=46, mlp_dim=36_864, num_heads=32, num_kv_heads=16, head_dim=128,
+                       query_pre_attn_norm="rsqrt_emb_per_head", attn_logits_softcap=50.0,
+                       final_logits_softcap=30.0, post_norms=True),
+}
+for _v in VARIANTS.values():
+    _v.update(vocab_size=256_000, norm_eps=1e-6)
+
+
+def _fan_in_init(in_axis, out_axis, batch_axis=()):
+    """Truncated-normal variance scaling over the contracted (fan-in) axes."""
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                            out_axis=out_axis, batch_axis=batch_axis)
+
+
+class Einsum(nn.Module):
+    """A single weight `w` applied with an einsum equation."""
+    shape: tuple[int, ...]
+    w_init: Any = nn.initializers.normal()
+
+    @nn.compact
+    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+        w = self.param("w", self.w_init, self.shape)
+        return jnp.einsum(eqn, x, w)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + 1e-6) * (1 + scale); `scale` zero-init. The eps is fixed as in big_vision."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1]))
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        normed = jnp.asarray(x * jax.lax.rsqrt(var + 1e-06))
+        return normed * (1 + scale)
+
+
+class Embedder(nn.Module):
+    """Token table `input_embedding` [V, D]; `encode` scales by sqrt(D), `decode` is the tied output layer."""
+    vocab_size: int
+    embed_dim: int
+
+    def setup(self):
+        self.input_embedding_table = self.param(
+            "input_embedding", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0),
+            (self.vocab_size, self.embed_dim))
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """i32[B, L] → [B, L, D] in the table's dtype (the sqrt(D) factor is cast to it, as big_vision)."""
+        x = self.input_embedding_table[(x,)]
+        x *= jnp.sqrt(self.embed_dim).astype(x.dtype)
+        return x
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[B, L, D] → logits [B, L, V]; no bias."""
+        return jnp.dot(x, self.input_embedding_table.T)
+
+
+def apply_rope(inputs: jax.Array, positions: jax.Array, max_wavelength: int = 10_000) -> jax.Array:
+    """Half-split rotary embedding. inputs [B, T, N, H], positions [B, T] (int)."""
+    head_dim = inputs.shape[-1]
+    fraction = 2 * jnp.arange(0, head_dim // 2) / head_dim
+    timescale = max_wavelength ** fraction
+    sinusoid_inp = positions[..., jnp.newaxis] / timescale[jnp.newaxis, jnp.newaxis, :]
+    sinusoid_inp = sinusoid_inp[..., jnp.newaxis, :]
+    sin, cos = jnp.sin(sinusoid_inp), jnp.cos(sinusoid_inp)
+    first_half, second_half = jnp.split(inputs, 2, axis=-1)
+    first_part = first_half * cos - second_half * sin
+    second_part = second_half * cos + first_half * sin
+    return jnp.concatenate([first_part, second_part], axis=-1).astype(inputs.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head / multi-query / grouped-query attention with an optional KV cache."""
+    num_heads: int
+    num_kv_heads: int
+    features: int
+    head_dim: int
+    query_pre_attn_norm: str
+    attn_logits_softcap: float | None
+    cache_dtype: str | None = None
+
+    @property
+    def use_qkv_einsum(self) -> bool:
+        return self.num_kv_heads == self.num_heads
+
+    def setup(self):
+        self.attn_vec_einsum = Einsum(shape=(self.num_heads, self.head_dim, self.features),
+                                      w_init=_fan_in_init((0, 1), 2))
+        if self.use_qkv_einsum:
+            self.qkv_einsum = Einsum(shape=(3, self.num_heads, self.features, self.head_dim),
+                                     w_init=_fan_in_init(2, 3, (0, 1)))
+        else:
+            self.q_einsum = Einsum(shape=(self.num_heads, self.features, self.head_dim),
+                                   w_init=_fan_in_init(1, 2, (0,)))
+            self.kv_einsum = Einsum(shape=(2, self.num_kv_heads, self.features, self.head_dim),
+                                    w_init=_fan_in_init(2, 3, (0, 1)))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array, decode: bool) -> jax.Array:
+        """x [B, T, D], positions i32[B, T], attn_mask bool[B, 1, T, S] → [B, T, D]."""
+        dtype = x.dtype  # The compute dtype; the cache is read back in it.
+        if self.use_qkv_einsum:
+            q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)
+        else:
+            q = self.q_einsum("BTD,NDH->BTNH", x)
+            k, v = self.kv_einsum("BSD,CKDH->CBSKH", x)
+
+        q = apply_rope(q, positions=positions)
+        if self.query_pre_attn_norm == "rsqrt_head_dim":
+            q *= self.head_dim ** -0.5
+        elif self.query_pre_attn_norm == "rsqrt_emb_per_head":  # Gemma 2 27B: 1/sqrt(width / heads).
+            q *= (self.features // self.num_heads) ** -0.5
+        elif self.query_pre_attn_norm != "none":
+            raise ValueError(f"Unknown query_pre_attn_norm {self.query_pre_attn_norm!r}.")
+        k = apply_rope(k, positions=positions)
+
+        if decode:
+            k, v = self._update_cache(k, v, cache_size=attn_mask.shape[-1])
+            k, v = k.astype(dtype), v.astype(dtype)
+
+        b, t, n, h = q.shape
+        q = q.reshape((b, t, self.num_kv_heads, n // self.num_kv_heads, h))
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        if self.attn_logits_softcap:
+            logits = jnp.tanh(logits / self.attn_logits_softcap) * self.attn_logits_softcap
+        logits = jnp.where(attn_mask[:, :, None, :, :], logits, _BIG_NEG)
+        probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
+        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape((b, t, n, h))
+        return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
+
+    def _update_cache(self, k: jax.Array, v: jax.Array, cache_size: int) -> tuple[jax.Array, jax.Array]:
+        """First call (prefill): cache = k/v padded to cache_size, idx = T. Later calls write at idx[0]."""
+        cache_dtype = self.cache_dtype or k.dtype
+        if not self.has_variable("cache", "idx"):
+            pad = [(0, 0), (0, cache_size - k.shape[1]), (0, 0), (0, 0)]
+            k_cache, v_cache = jnp.pad(k, pad).astype(cache_dtype), jnp.pad(v, pad).astype(cache_dtype)
+            idx = jnp.full((k.shape[0],), k.shape[1], jnp.int32)
+        else:
+            idx = self.get_variable("cache", "idx")
+            k_cache, v_cache = self.get_variable("cache", "k_cache"), self.get_variable("cache", "v_cache")
+            start = (0, idx[0], 0, 0)  # The same slot for every row (rows are right-aligned at prefill).
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            idx = idx + k.shape[1]
+        self.put_variable("cache", "k_cache", k_cache)
+        self.put_variable("cache", "v_cache", v_cache)
+        self.put_variable("cache", "idx", idx)
+        return k_cache, v_cache
+
+
+class FeedForward(nn.Module):
+    """GeGLU: (gelu(x W0) * (x W1)) W_linear; `gating_einsum` [2, D, F], `linear` [F, D] (no `/w`)."""
+    features: int
+    hidden_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w_gating = self.param("gating_einsum", _fan_in_init(1, 2, (0,)), (2, self.features, self.hidden_dim))
+        gate = nn.gelu(jnp.dot(x, w_gating[0]))
+        activations = gate * jnp.dot(x, w_gating[1])
+        w_linear = self.param("linear", _fan_in_init(0, 1), (self.hidden_dim, self.features))
+        return jnp.dot(activations, w_linear)
+
+
+class Block(nn.Module):
+    """h = x + [post_attention_norm](Attn(pre_attention_norm(x))); out = h + [post_ffw_norm](MLP(pre_ffw_norm(h)))."""
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    head_dim: int
+    hidden_dim: int
+    query_pre_attn_norm: str
+    attn_logits_softcap: float | None
+    post_norms: bool
+    dropout: float = 0.0
+    dropout_bdims: tuple[int, ...] = ()
+    cache_dtype: str | None = None
+
+    def setup(self):
+        self.pre_attention_norm = RMSNorm()
+        self.attn = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, features=self.embed_dim,
+                              head_dim=self.head_dim, query_pre_attn_norm=self.query_pre_attn_norm,
+                              attn_logits_softcap=self.attn_logits_softcap, cache_dtype=self.cache_dtype)
+        if self.post_norms:
+            self.post_attention_norm = RMSNorm()
+        self.pre_ffw_norm = RMSNorm()
+        self.mlp = FeedForward(features=self.embed_dim, hidden_dim=self.hidden_dim)
+        if self.post_norms:
+            self.post_ffw_norm = RMSNorm()
+        if self.dropout:
+            self.drop = nn.Dropout(self.dropout, self.dropout_bdims)
+
+    def _drop(self, x, deterministic):
+        return self.drop(x, deterministic) if self.dropout else x
+
+    def __call__(self, x, unused_scan_arg, positions, attn_mask, decode, deterministic=True):
+        attn_out = self.attn(self.pre_attention_norm(x), positions, attn_mask, decode)
+        if self.post_norms:
+            attn_out = self.post_attention_norm(attn_out)
+        attn_out = self._drop(attn_out, deterministic)  # After the post-norm (asymmetric, as big_vision).
+        h = attn_out + x
+        out = self.mlp(self.pre_ffw_norm(h))
+        out = self._drop(out, deterministic)  # Before the post-norm.
+        if self.post_norms:
+            out = self.post_ffw_norm(out)
+        return h + out, unused_scan_arg
+
+
+class _Layers(nn.Module):
+    """Holds unscanned blocks so their parameters read `layers/{i}/...` as in big_vision."""
+    depth: int
+    block_kw: dict
+
+    @nn.compact
+    def __call__(self, x, positions, attn_mask, decode, deterministic):
+        for i in range(self.depth):
+            x, _ = Block(name=str(i), **self.block_kw)(x, (), positions, attn_mask, decode, deterministic)
+        return x
+
+
+class Gemma(nn.Module):
+    """The Gemma decoder. Submodules `embedder`, `layers`, `final_norm` (no extra nesting)."""
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    query_pre_attn_norm: str = "rsqrt_head_dim"
+    attn_logits_softcap: float | None = 0.0
+    final_logits_softcap: float | None = 0.0
+    post_norms: bool = False
+    norm_eps: float = 1e-6  # Kept for config parity; big_vision's RMSNorm hard-codes 1e-6.
+    dropout: float = 0.0
+    dropout_bdims: tuple[int, ...] = ()
+    cache_dtype: str | None = "bfloat16"
+    embed_dtype: str = "float32"
+    scan: bool = True
+    remat_policy: str = "nothing_saveable"
+
+    def setup(self):
+        self.embedder = Embedder(vocab_size=self.vocab_size, embed_dim=self.width)
+        block_kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, embed_dim=self.width,
+                        head_dim=self.head_dim, hidden_dim=self.mlp_dim, query_pre_attn_norm=self.query_pre_attn_norm,
+                        attn_logits_softcap=self.attn_logits_softcap, post_norms=self.post_norms,
+                        dropout=self.dropout, dropout_bdims=tuple(self.dropout_bdims), cache_dtype=self.cache_dtype)
+        if self.scan:
+            block = Block
+            policy = _remat_policy(self.remat_policy)
+            if policy is not None:
+                # static_argnums count `self` as 0: `decode` and `deterministic` are Python bools.
+                block = nn.remat(Block, prevent_cse=False, static_argnums=(5, 6), policy=policy)
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0, "cache": 1}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth)(**block_kw)
+        else:
+            self.layers = _Layers(depth=self.depth, block_kw=block_kw)
+        self.final_norm = RMSNorm()
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """i32[B, L] → f32[B, L, D] (× sqrt(D), then cast to `embed_dtype`)."""
+        return self.embedder.encode(tokens).astype(self.embed_dtype)
+
+    def compute_logits(self, pre_logits: jax.Array) -> jax.Array:
+        """Tied output layer WITHOUT the final soft-cap (big_vision's `compute_logits`, reference 2.6)."""
+        return self.embedder.decode(pre_logits)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array, *, decode: bool = False,
+                 deterministic: bool = True, return_logits: bool = False) -> tuple[jax.Array, dict]:
+        """Runs the layers over embeddings. x [B, T, D], positions i32[B, T], attn_mask bool[B, T, S].
+
+        Returns `(pre_logits [B, T, D], out)`; with `return_logits` also `out["logits"]` with the final soft-cap
+        applied when configured (the path big_vision's `extend_cache` takes).
+        """
+        out = {}
+        x = x.astype(self.embed_dtype)
+        mask = attn_mask[:, None, :, :]  # [B, 1, T, S], broadcast over heads.
+        if self.scan:
+            x, _ = self.layers(x, (), positions, mask, decode, deterministic)
+        else:
+            x = self.layers(x, positions, mask, decode, deterministic)
+        x = out["pre_logits"] = self.final_norm(x)
+        if return_logits:
+            logits = out["logits_pre_norm"] = self.embedder.decode(x)
+            if self.final_logits_softcap:
+                logits = jnp.tanh(logits / self.final_logits_softcap) * self.final_logits_softcap
+            out["logits"] = logits
+        return x, out
+
+    # --- KV-cache decoding (big_vision `gemma_bv.prefill_cache` / `extend_cache`, reference 8.1-8.2) ---
+
+    def prefill_cache(self, x: jax.Array, input_mask: jax.Array, attn_mask: jax.Array, *,
+                      cache_size: int) -> jax.Array:
+        """Fills the cache with the prompt x [B, P, D] and returns the last valid token's logits [B, 1, V].
+
+        Rows arrive left-aligned (padding at the end); each is rolled right-aligned so every row's last valid
+        token sits at index P-1 and per-row positions are 0..L-1. No final soft-cap here (reference 2.6).
+        """
+        seq_len = jnp.sum(input_mask, axis=-1).astype(jnp.int32)  # [B]
+        x = jax.vmap(lambda a, n: jnp.roll(a, -n, axis=0))(x, seq_len)
+        input_mask = jax.vmap(lambda a, n: jnp.roll(a, -n, axis=0))(input_mask, seq_len)
+        attn_mask = jax.vmap(lambda a, n: jnp.roll(a, -n, axis=(0, 1)))(attn_mask, seq_len)
+        positions = jnp.cumsum(input_mask, axis=-1) - 1
+        batch_size, prefill_len, _ = x.shape
+        self.put_variable("cache", "seq_len", seq_len)
+        self.put_variable("cache", "cache_begin", prefill_len - seq_len)
+        self.put_variable("cache", "cache_end", jnp.full((batch_size,), prefill_len, jnp.int32))
+        mask = jnp.pad(attn_mask, ((0, 0), (0, 0), (0, cache_size - prefill_len)))
+        pre_logits, _ = self(x, positions, mask, decode=True, deterministic=True)
+        return self.compute_logits(pre_logits[:, -1:])
+
+    def extend_cache(self, x: jax.Array) -> jax.Array:
+        """Appends one embedded token x [B, 1, D] to the cache; returns logits [B, 1, V] WITH the final soft-cap."""
+        if x.shape[1] != 1:
+            raise ValueError(f"extend_cache takes one token at a time, got x of shape {x.shape}.")
+        if not self.scan:
+            raise NotImplementedError("Decoding with a KV cache needs scan=True (as big_vision).")
+        cache_size = self.variables["cache"]["layers"]["attn"]["k_cache"].shape[2]
+        positions = self.get_variable("cache", "seq_len")
+        self.put_variable("cache", "seq_len", positions + 1)
+        cache_begin = self.get_variable("cache", "cache_begin")
+        cache_end = self.get_variable("cache", "cache_end") + 1
+        self.put_variable("cache", "cache_end", cache_end)
+        slots = jnp.arange(cache_size)[None, None, :]
+        mask = jnp.logical_and(slots >= cache_begin[:, None, None], slots < cache_end[:, None, None])
+        _, out = self(x, positions[:, None], mask, decode=True, deterministic=True, return_logits=True)
+        return out["logits"]
