@@ -115,30 +115,31 @@ def _to_torch(x: Any) -> "torch.Tensor":
     """A numpy/jax array → a contiguous torch tensor of the same dtype (bfloat16 goes through float32 exactly)."""
     import torch
 
-    a = np.asarray(x)
-    if not a.flags.writeable:  # A jax array's host view: torch would share memory it must not write to.
-        a = a.copy()
+    a = np.ascontiguousarray(np.asarray(x))
     if a.dtype.name == "bfloat16":  # torch cannot read ml_dtypes' bfloat16; the f32 round trip is exact.
-        return torch.from_numpy(np.ascontiguousarray(a.astype(np.float32))).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    if not a.flags.writeable:  # Still a read-only view of a jax buffer: torch must own memory it may write.
+        a = a.copy()
+    return torch.from_numpy(a)
 
 
-def _layers(tree: Mapping[str, Any], stacked_key: str, prefix: str) -> list[Mapping[str, Any]]:
-    """Per-layer subtrees from a scanned block (`tree[stacked_key]`, leading depth axis) or `{prefix}{i}` keys."""
-    if stacked_key in tree:
-        stacked = tree[stacked_key]
-        leaves = _flatten(stacked)
-        depth = {np.shape(v)[0] for v in leaves.values()}
-        if len(depth) != 1:
-            raise ValueError(f"Scanned parameters under {stacked_key!r} disagree on the depth axis: {sorted(depth)}.")
-        return [_unflatten({k: np.asarray(v)[i] for k, v in leaves.items()}) for i in range(depth.pop())]
-    out, i = [], 0
-    while f"{prefix}{i}" in tree:
-        out.append(tree[f"{prefix}{i}"])
-        i += 1
+def _unstack(stacked: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """Splits a scanned block (every leaf has a leading depth axis) into one subtree per layer."""
+    leaves = {k: np.asarray(v) for k, v in _flatten(stacked).items()}
+    depth = {np.shape(v)[0] for v in leaves.values()}
+    if len(depth) != 1:
+        raise ValueError(f"Scanned parameters under {where!r} disagree on the depth axis: {sorted(depth)}.")
+    return [_unflatten({k: v[i] for k, v in leaves.items()}) for i in range(depth.pop())]
+
+
+def _numbered(tree: Mapping[str, Any], prefix: str, where: str) -> list[Mapping[str, Any]]:
+    """Unscanned layers `{prefix}0`, `{prefix}1`, ... of `tree`, in order."""
+    out = []
+    while f"{prefix}{len(out)}" in tree:
+        out.append(tree[f"{prefix}{len(out)}"])
     if not out:
-        raise ValueError(f"No layers found: expected {stacked_key!r} (scanned) or {prefix!r}0, {prefix!r}1, ... "
-                         f"among keys {sorted(tree)}.")
+        raise ValueError(f"No layers under {where!r}: expected a scanned block or {prefix}0, {prefix}1, ...; "
+                         f"found keys {sorted(tree)}.")
     return out
 
 
@@ -175,7 +176,10 @@ def _vision_state(img: Mapping[str, Any]) -> dict[str, np.ndarray]:
           pre + "embeddings.patch_embedding.bias": np.asarray(img["embedding"]["bias"]),
           pre + "embeddings.position_embedding.weight": np.asarray(img["pos_embedding"])[0]}  # [1, P, D] → [P, D]
     enc = img["Transformer"]
-    for i, blk in enumerate(_layers(enc, "encoderblock", "encoderblock_")):
+    # scan=True: one stacked `encoderblock`; scan=False: `encoderblock_{i}`.
+    blocks = (_unstack(enc["encoderblock"], "img/Transformer/encoderblock") if "encoderblock" in enc
+              else _numbered(enc, "encoderblock_", "img/Transformer"))
+    for i, blk in enumerate(blocks):
         lp = f"{pre}encoder.layers.{i}."
         for hf, ours in (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1")):
             sd[lp + hf + ".weight"] = np.asarray(blk[ours]["scale"])
@@ -214,8 +218,10 @@ def _text_state(llm: Mapping[str, Any]) -> dict[str, np.ndarray]:
     padded[:vocab] = table
     sd = {pre + "embed_tokens.weight": padded, "lm_head.weight": padded,  # Tied output layer.
           pre + "norm.weight": np.asarray(llm["final_norm"]["scale"])}
-    for i, blk in enumerate(_layers(llm, "layers", "")):
-        # Unscanned layers are `llm/layers/{i}`; `_layers` looks for them under the `layers` dict.
+    # scan=True: `llm/layers/...` stacked on a leading depth axis; scan=False: `llm/layers/{i}/...`.
+    layers = llm["layers"]
+    blocks = _numbered(layers, "", "llm/layers") if "0" in layers else _unstack(layers, "llm/layers")
+    for i, blk in enumerate(blocks):
         lp = f"{pre}layers.{i}."
         attn = blk["attn"]
         if "qkv_einsum" in attn:  # kv heads == heads: one fused [3, N, D, H] weight.

@@ -120,7 +120,7 @@ class Evaluator:
             rows = _real_rows(batch, where, need_meta=self.kind == "prompt")
             size = len(np.asarray(batch["_mask"]).reshape(-1))
             outputs = self._outputs(predictor, batch, size, where)
-            for n, (i, meta) in enumerate(rows):
+            for i, meta in rows:
                 ex = _example(meta, where) if meta is not None else _Example(f"batch{b}_row{i}", None, "", [])
                 if ex.id in examples:
                     raise ValueError(f"{where}, row {i}: id {ex.id!r} was already scored (ids must be unique "
