@@ -138,6 +138,37 @@ def test_decode_refuses_truncated_jpeg():
     assert info.value.reason == "unreadable_image" and "truncated" in str(info.value)
 
 
+def _flip_crc(data: bytes, kind: bytes) -> bytes:
+    """`data` (a PNG) with the first CRC byte of its first `kind` chunk inverted."""
+    pos, out = 8, bytearray(data)
+    while out[pos + 4:pos + 8] != kind:
+        pos += 12 + struct.unpack(">I", out[pos:pos + 4])[0]
+    out[pos + 8 + struct.unpack(">I", out[pos:pos + 4])[0]] ^= 0xFF
+    return bytes(out)
+
+
+def test_png_crc_of_image_data_is_checked():
+    data = encode(Image.new("RGB", (4, 4), RED), "PNG")
+    assert T.decode_image(data)[0, 0].tolist() == list(RED)
+    for kind in (b"IDAT", b"IEND"):  # PIL checks only the chunks before IDAT: it would decode these silently.
+        with pytest.raises(BadExample, match=f"chunk '{kind.decode()}' at byte .* fails its CRC") as info:
+            T.decode_image(_flip_crc(data, kind))
+        assert info.value.reason == "unreadable_image"
+
+
+def test_unreadable_image_messages_are_the_same_on_every_read():
+    # The bad-input report merges identical entries: a message with an object address would count a file twice.
+    messages = {str(_refusal(b"GIF89a not really")) for _ in range(3)} | {str(_refusal(b"text")) for _ in range(2)}
+    assert len(messages) == 2 and not any("0x" in m for m in messages)
+    assert "b'text'" in str(_refusal(b"text"))  # The first bytes tell what the file really is.
+
+
+def _refusal(data: bytes) -> BadExample:
+    with pytest.raises(BadExample) as info:
+        T.decode_image(data)
+    return info.value
+
+
 def test_decompression_bomb_refused_fast_from_the_header():
     start = time.perf_counter()
     with pytest.raises(BadExample) as info:

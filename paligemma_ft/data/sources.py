@@ -73,8 +73,11 @@ def resolve_image_path(image_dir: pathlib.Path, name: str, *, allow_outside: boo
     """`image_dir / name`, refusing paths that leave `image_dir` (`..`, absolute paths, symlinks) unless allowed.
 
     Raises:
-      BadExample: "path_escape" when the resolved path is outside `image_dir` and `allow_outside` is False.
+      BadExample: "path_escape" when the resolved path is outside `image_dir` and `allow_outside` is False;
+        "bad_field" for a name with a NUL character.
     """
+    if "\x00" in name:  # The OS cannot open such a name; pathlib would raise a bare ValueError.
+        raise BadExample("bad_field", f"image path {name!r} contains a NUL character")
     path = pathlib.Path(name)
     full = path if path.is_absolute() else image_dir / path
     if allow_outside:
@@ -136,6 +139,8 @@ class JsonlSource:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise BadExample("malformed_json", f"line is not valid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:  # e.g. 100 000 `[`: json's decoder recurses once per level.
+            raise BadExample("malformed_json", "line is JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise BadExample("malformed_json", f"line must be a JSON object, got {type(obj).__name__}")
         if not isinstance(obj.get("image"), str) or not obj["image"]:

@@ -19,6 +19,10 @@ import jax.numpy as jnp
 
 from paligemma_ft.model.vit import _remat_policy
 
+# `attn_impl` values: the einsum path below is big_vision's, bit for bit; the others call
+# `jax.nn.dot_product_attention` (same math, logits and softmax in float32) with that `implementation`.
+ATTN_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None}
+
 # Masked attention logits use a large finite negative, not -inf, exactly as big_vision (so an all-masked row
 # gives a uniform softmax instead of NaN).
 _BIG_NEG = -2.3819763e38
@@ -118,12 +122,19 @@ class Attention(nn.Module):
     query_pre_attn_norm: str
     attn_logits_softcap: float | None
     cache_dtype: str | None = None
+    attn_impl: str = "einsum"
 
     @property
     def use_qkv_einsum(self) -> bool:
         return self.num_kv_heads == self.num_heads
 
     def setup(self):
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"Unknown model.llm.attn_impl {self.attn_impl!r}; use one of {sorted(ATTN_IMPLS)}.")
+        if self.attn_impl != "einsum" and self.attn_logits_softcap:
+            raise ValueError(f"model.llm.attn_impl={self.attn_impl!r} cannot apply attn_logits_softcap="
+                             f"{self.attn_logits_softcap} (jax.nn.dot_product_attention has no soft-cap); use "
+                             "attn_impl='einsum' for Gemma 2.")
         self.attn_vec_einsum = Einsum(shape=(self.num_heads, self.head_dim, self.features),
                                       w_init=_fan_in_init((0, 1), 2))
         if self.use_qkv_einsum:
@@ -156,6 +167,12 @@ class Attention(nn.Module):
         if decode:
             k, v = self._update_cache(k, v, cache_size=attn_mask.shape[-1])
             k, v = k.astype(dtype), v.astype(dtype)
+
+        if self.attn_impl != "einsum" and not decode:  # KV-cache passes keep the einsum path.
+            # GQA is native (N query heads over K kv heads); q is already scaled, and the mask is [B, 1, T, S].
+            encoded = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, scale=1.0,
+                                                   implementation=ATTN_IMPLS[self.attn_impl])
+            return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
 
         b, t, n, h = q.shape
         q = q.reshape((b, t, self.num_kv_heads, n // self.num_kv_heads, h))
@@ -214,12 +231,14 @@ class Block(nn.Module):
     dropout: float = 0.0
     dropout_bdims: tuple[int, ...] = ()
     cache_dtype: str | None = None
+    attn_impl: str = "einsum"
 
     def setup(self):
         self.pre_attention_norm = RMSNorm()
         self.attn = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, features=self.embed_dim,
                               head_dim=self.head_dim, query_pre_attn_norm=self.query_pre_attn_norm,
-                              attn_logits_softcap=self.attn_logits_softcap, cache_dtype=self.cache_dtype)
+                              attn_logits_softcap=self.attn_logits_softcap, cache_dtype=self.cache_dtype,
+                              attn_impl=self.attn_impl)
         if self.post_norms:
             self.post_attention_norm = RMSNorm()
         self.pre_ffw_norm = RMSNorm()
@@ -277,13 +296,15 @@ class Gemma(nn.Module):
     embed_dtype: str = "float32"
     scan: bool = True
     remat_policy: str = "nothing_saveable"
+    attn_impl: str = "einsum"  # "einsum" (big_vision's), "xla", "cudnn" or "auto": see ATTN_IMPLS.
 
     def setup(self):
         self.embedder = Embedder(vocab_size=self.vocab_size, embed_dim=self.width)
         block_kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, embed_dim=self.width,
                         head_dim=self.head_dim, hidden_dim=self.mlp_dim, query_pre_attn_norm=self.query_pre_attn_norm,
                         attn_logits_softcap=self.attn_logits_softcap, post_norms=self.post_norms,
-                        dropout=self.dropout, dropout_bdims=tuple(self.dropout_bdims), cache_dtype=self.cache_dtype)
+                        dropout=self.dropout, dropout_bdims=tuple(self.dropout_bdims), cache_dtype=self.cache_dtype,
+                        attn_impl=self.attn_impl)
         if self.scan:
             block = Block
             policy = _remat_policy(self.remat_policy)

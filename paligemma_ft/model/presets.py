@@ -20,7 +20,7 @@ IMG_KEYS = {"variant", "num_classes", "patch_size", "width", "depth", "mlp_dim",
             "dropout", "pool_type", "head_zeroinit", "scan", "remat_policy", "dtype_mm", "rep_size"}
 LLM_KEYS = {"variant", "width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
             "post_norms", "attn_logits_softcap", "final_logits_softcap", "query_pre_attn_norm", "norm_eps",
-            "scan", "remat_policy", "dropout", "dropout_bdims", "cache_dtype", "embed_dtype"}
+            "scan", "remat_policy", "dropout", "dropout_bdims", "cache_dtype", "embed_dtype", "attn_impl"}
 
 # PaliGemma's ViT everywhere: SigLIP So400m/14, all tokens kept, scanned.
 _SIGLIP = dict(variant="So400m/14", pool_type="none", scan=True)
@@ -99,6 +99,12 @@ for _res in (224, 448, 896):
 PRESETS["tiny_pg1"] = _tiny()
 PRESETS["tiny_pg1_mha"] = _tiny(num_kv_heads=4)
 PRESETS["tiny_pg2"] = _tiny(num_kv_heads=2, post_norms=True, attn_logits_softcap=50.0)
+# The model shipped as `builtin:demo` (scripts/make_demo_model.py): PaliGemma 1 layout, 64 px, ~1.6M parameters.
+PRESETS["demo"] = (dict(img=dict(width=96, depth=3, mlp_dim=192, num_heads=4, patch_size=(8, 8), pool_type="none",
+                                 scan=True),
+                        llm=dict(variant=None, width=128, depth=3, mlp_dim=384, num_heads=4, num_kv_heads=1,
+                                 head_dim=32, vocab_size=TINY_VOCAB, query_pre_attn_norm="rsqrt_head_dim",
+                                 attn_logits_softcap=0.0, final_logits_softcap=0.0, post_norms=False)), 64)
 PRESETS["tiny_pg2_27b"] = _tiny(num_kv_heads=2, post_norms=True, attn_logits_softcap=50.0, head_dim=8,
                                 query_pre_attn_norm="rsqrt_emb_per_head")
 

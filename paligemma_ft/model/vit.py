@@ -48,14 +48,28 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
     return out
 
 
-def _remat_policy(name: str):
-    """Maps a config string to a `jax.checkpoint_policies` policy; None means no rematerialization."""
+# Short names for the rematerialization policies a config may choose (`model.img/llm.remat_policy`); any other
+# `jax.checkpoint_policies` attribute name works too (e.g. "dots_with_no_batch_dims_saveable").
+REMAT_ALIASES = {
+    "full": "nothing_saveable",  # Save only each block's input; recompute the block in the backward pass.
+    "dots": "dots_saveable",  # Save matmul outputs; recompute the cheap elementwise ops.
+}
+
+
+def _remat_policy(name: str | None):
+    """Maps a config string to a `jax.checkpoint_policies` policy; None means no rematerialization.
+
+    "none" (or "everything_saveable") keeps every activation (most memory, no recompute), "full" /
+    "nothing_saveable" (the default, as big_vision) recomputes each block, "dots" / "dots_saveable" and
+    "dots_with_no_batch_dims_saveable" sit in between. Applies to scanned layers only.
+    """
     if name in ("none", "everything_saveable", None):
         return None
-    policy = getattr(jax.checkpoint_policies, name, None)
+    policy = getattr(jax.checkpoint_policies, REMAT_ALIASES.get(name, name), None)
     if policy is None:
-        raise ValueError(f"Unknown remat_policy {name!r}: use 'nothing_saveable' (full recompute), "
-                         "'dots_saveable', 'dots_with_no_batch_dims_saveable' or 'none'.")
+        raise ValueError(f"Unknown remat_policy {name!r}: use 'none', 'full' (= 'nothing_saveable', the default), "
+                         "'dots' (= 'dots_saveable'), 'dots_with_no_batch_dims_saveable' or another "
+                         "jax.checkpoint_policies name.")
     return policy
 
 

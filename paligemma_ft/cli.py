@@ -1,0 +1,230 @@
+"""The `paligemma-ft` command: a thin layer that parses flags and calls the library.
+
+    paligemma-ft download HANDLE [--file NAME]          fetch a Kaggle checkpoint (or reuse the cache); print its path
+    paligemma-ft inspect --config PATH [--config.x=y]   show what the model will see for the config's data
+    paligemma-ft train --config PATH --workdir DIR [--config.x=y]
+    paligemma-ft predict --image a.jpg [--image ...] --prompt "caption en" [--checkpoint SPEC --tokenizer SPEC]
+    paligemma-ft evaluate --config PATH (--workdir DIR | --checkpoint SPEC) [--only NAME] [--outdir DIR]
+    paligemma-ft app [--checkpoint SPEC --tokenizer SPEC --port N]   a local web page to try a checkpoint
+    paligemma-ft plan --config PATH [--device H100 | --memory-gib N] [--devices N] [--arithmetic-only]
+                                                        will the config fit? memory per device, what to change
+
+Everything here is callable from Python (`main([...])` returns the exit code), and each command imports its
+module only when it runs, so `paligemma-ft download` does not pay for importing JAX models.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# Commands that are registered but whose implementation is future work: (module, function) they will call.
+_FUTURE: dict[str, tuple[str, str, str]] = {}
+_DEBUG_ENV = "PALIGEMMA_FT_DEBUG"  # Set to 1 to see the traceback behind a one-line error.
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one `error: ...` line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without its usage dump and `sys.exit` on errors, so `main` can report one line and return 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, metavar="PATH",
+                   help="config file configs/NAME.py, optionally NAME.py:ARG for get_config(ARG); "
+                        "override fields with --config.a.b=VALUE (a Python literal, else a string)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands (unknown `--config.*` items are collected by `main`)."""
+    parser = _Parser(prog="paligemma-ft", description="Fine-tune PaliGemma 1/2 in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("download", help="download a Kaggle checkpoint (or reuse the cache) and print its path")
+    p.add_argument("handle", metavar="HANDLE", help="e.g. google/paligemma-2/jax/paligemma2-3b-pt-224[/VERSION]")
+    p.add_argument("--file", default=None, metavar="NAME", help="one file of the model (default: the table's)")
+
+    p = sub.add_parser("inspect", help="print the first training batch as a token table, with its checks")
+    _add_config_args(p)
+    p.add_argument("--batches", type=int, default=1, help="how many batches to show (default 1)")
+
+    p = sub.add_parser("train", help="fine-tune with the config; checkpoints and logs go to --workdir")
+    _add_config_args(p)
+    p.add_argument("--workdir", required=True, metavar="DIR", help="output folder (checkpoints, logs, config)")
+
+    p = sub.add_parser("predict", help="run a checkpoint on image files with one prompt; one line per image")
+    importlib.import_module("paligemma_ft.predict").add_arguments(p)  # Light: JAX loads when it runs.
+
+    p = sub.add_parser("evaluate", help="run the config's evaluators on a checkpoint; print a metrics table")
+    _add_config_args(p)
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="a run's folder: evaluates DIR/params.npz and writes the results there")
+    p.add_argument("--checkpoint", default=None, metavar="SPEC",
+                   help="parameters to evaluate instead (builtin:demo, .npz, workdir, kaggle:HANDLE); "
+                        "default DIR/params.npz, else config.model_init")
+    p.add_argument("--outdir", default=None, metavar="DIR",
+                   help="where eval_metrics.json, predictions and galleries go (default --workdir)")
+    p.add_argument("--only", action="append", default=None, metavar="NAME",
+                   help="run only this evaluator of config.evals (repeatable)")
+
+    p = sub.add_parser("app", help="a local web page (Streamlit) to try a checkpoint on images")
+    p.add_argument("--checkpoint", default="builtin:demo", metavar="SPEC",
+                   help="builtin:demo (default), a big_vision .npz, a run's workdir or kaggle:HANDLE")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)")
+    p.add_argument("--port", type=int, default=None, help="local port (default Streamlit's, 8501)")
+
+    p = sub.add_parser("plan", help="compile the train step without running it; memory per device, fits or not")
+    _add_config_args(p)
+    p.add_argument("--workdir", default=None, metavar="DIR", help="also write DIR/plan.json")
+    p.add_argument("--device", default=None, metavar="KIND",
+                   help="plan for this accelerator's memory (H100, H200, A100, 'TPU v4', 'TPU v5e'; default local)")
+    p.add_argument("--memory-gib", type=float, default=None, metavar="N", help="plan for N GiB per device")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="plan the mesh over N simulated CPU devices (e.g. 8 for an 8-GPU host)")
+    p.add_argument("--arithmetic-only", action="store_true",
+                   help="skip compiling; estimate activations by arithmetic (faster, rougher)")
+
+    for name, (_, _, what) in _FUTURE.items():
+        p = sub.add_parser(name, help=f"(not implemented yet) {what}")
+        _add_config_args(p, required=name != "app")
+        p.add_argument("--workdir", default=None, metavar="DIR", help="output folder")
+    return parser
+
+
+def split_overrides(unknown: Sequence[str]) -> list[str]:
+    """Keeps `--config.a.b=v` (or `--config.a.b v`) items as `--config.a.b=v`; anything else is a UsageError."""
+    overrides, rest = [], list(unknown)
+    while rest:
+        item = rest.pop(0)
+        if not item.startswith("--config."):
+            raise UsageError(f"unrecognized argument {item!r} (config overrides look like --config.a.b=VALUE)")
+        if "=" not in item:
+            if not rest or rest[0].startswith("--"):
+                raise UsageError(f"override {item!r} has no value: write {item}=VALUE")
+            item = f"{item}={rest.pop(0)}"
+        overrides.append(item)
+    return overrides
+
+
+def _load(args: argparse.Namespace, overrides: list[str]) -> Any:
+    from paligemma_ft.config import load_config  # noqa: PLC0415 - lazy: keeps `--help` instant.
+
+    return load_config(args.config, overrides) if args.config else None
+
+
+def _missing(module: str, error: ImportError) -> bool:
+    """True when `module` itself (or a parent package) is absent, not when it fails on its own imports."""
+    name = getattr(error, "name", None) or ""
+    if not isinstance(error, ModuleNotFoundError) or not name:
+        return False
+    return module == name or module.startswith(name + ".")
+
+
+def _resolve(module: str, function: str) -> Callable[..., Any] | None:
+    """`module.function`, or None when the module or the function does not exist yet."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        if _missing(module, e):
+            return None
+        raise
+    return getattr(mod, function, None)
+
+
+def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command == "download":
+        if overrides:
+            raise UsageError("download takes no --config overrides")
+        from paligemma_ft import kaggle  # noqa: PLC0415
+
+        return int(kaggle.download_command(args.handle, args.file))
+    if args.command == "inspect":
+        config = _load(args, overrides)
+        from paligemma_ft.data import inspect_main  # noqa: PLC0415
+
+        return int(inspect_main(config, n_batches=args.batches))
+    if args.command == "train":
+        config = _load(args, overrides)
+        try:
+            run = _resolve("paligemma_ft.train", "run")
+        except ImportError as e:
+            print(f"error: cannot import paligemma_ft.train: {e}", file=sys.stderr)
+            return 2
+        if run is None:
+            print("error: training is not available: paligemma_ft.train.run is missing from this install",
+                  file=sys.stderr)
+            return 2
+        result = run(config, args.workdir)
+        return result if isinstance(result, int) else 0
+    if args.command == "predict":
+        if overrides:
+            raise UsageError("predict takes no --config overrides")
+        from paligemma_ft import predict  # noqa: PLC0415
+
+        return int(predict.main(args))
+    if args.command == "evaluate":
+        config = _load(args, overrides)
+        from paligemma_ft.evaluate.runner import evaluate_command  # noqa: PLC0415
+
+        evaluate_command(config, args.workdir, args.checkpoint, outdir=args.outdir, only=args.only)
+        return 0
+    if args.command == "app":
+        if overrides:
+            raise UsageError("app takes no --config overrides")
+        from paligemma_ft import app  # noqa: PLC0415 - Streamlit loads only in the page's own process.
+
+        return int(app.launch(args.checkpoint, args.tokenizer, port=args.port))
+    if args.command == "plan":
+        config = _load(args, overrides)
+        from paligemma_ft import plan  # noqa: PLC0415
+
+        if args.devices:
+            plan.simulate_cpu_devices(args.devices)
+        return int(plan.run(config, args.workdir, memory_gib=args.memory_gib, device=args.device,
+                            arithmetic_only=args.arithmetic_only))
+    module, function, _ = _FUTURE[args.command]
+    impl = _resolve(module, function)
+    if impl is None:
+        print(f"error: `paligemma-ft {args.command}` is not implemented yet", file=sys.stderr)
+        return 2
+    config = _load(args, overrides)
+    result = impl(config, args.workdir)
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line `argv` (default `sys.argv[1:]`) and returns the process exit code.
+
+    Bad command lines, bad configs and bad overrides print one `error: ...` line to stderr and return 2.
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is None:
+            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", *_FUTURE]
+            raise UsageError(f"choose a command: {', '.join(commands)} (paligemma-ft --help for details)")
+        return _run_command(args, split_overrides(unknown))
+    except SystemExit as e:  # `--help` exits 0 from inside argparse.
+        return e.code if isinstance(e.code, int) else 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # Bad config file, override or input: the message says which.
+        if os.environ.get(_DEBUG_ENV):
+            raise
+        print(f"error: {e} (set {_DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

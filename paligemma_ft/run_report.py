@@ -1,0 +1,235 @@
+"""What a training run leaves for people: `metrics.jsonl`, the start-up parameter overview, curves and a report.
+
+    metrics.jsonl   one JSON object per line: {"step": 10, "train/loss": 1.2, "train/lr": 0.03, ...}
+    curves.png      training loss and every evaluation metric against the step (needs matplotlib)
+    report.md       config, devices and mesh, parameter counts, curves, metrics before/after, prediction samples
+
+Evaluation predictions and HTML galleries are written by the evaluators into `workdir/eval/`; the report links
+them.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from paligemma_ft.utils import tree_flatten_with_names
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Appends rows to `metrics.jsonl` (one JSON object per line, `step` first, numbers as floats)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        row: dict[str, Any] = {"step": int(step)}
+        for k, v in metrics.items():
+            v = np.asarray(v)
+            if v.ndim == 0 and np.issubdtype(v.dtype, np.number):
+                row[k] = float(v)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every complete row (a line cut by a crash is ignored)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def rewind(self, step: int) -> int:
+        """Keeps training rows up to `step` and evaluation rows before it; returns how many rows were dropped.
+
+        A restarted run redoes everything after its checkpoint at `step`, the evaluations of `step` included, so
+        without this their rows would appear twice.
+        """
+        rows = self.rows()
+        keep = [r for r in rows if r["step"] < step or (r["step"] == step and any(k.startswith("train/") for k in r))]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return len(rows) - len(keep)
+
+
+def _group(name: str) -> str:
+    """`img/Transformer/encoderblock/...` -> `img/Transformer`; `llm/layers/attn/...` -> `llm/layers/attn`."""
+    parts = name.split("/")
+    depth = 3 if parts[:2] == ["llm", "layers"] else 2
+    return "/".join(parts[:depth])
+
+
+def param_overview(params: PyTree, trainable: PyTree, shardings: PyTree | None = None) -> str:
+    """A table of parameter counts per group: total, trainable, dtypes and partition specs."""
+    flat = tree_flatten_with_names(params)
+    mask = dict(tree_flatten_with_names(trainable))
+    specs = dict(tree_flatten_with_names(shardings)) if shardings is not None else {}
+    groups: dict[str, dict[str, Any]] = collections.OrderedDict()
+    for name, leaf in flat:
+        g = groups.setdefault(_group(name), {"n": 0, "train": 0, "dtypes": set(), "specs": set()})
+        n = int(math.prod(leaf.shape))
+        g["n"] += n
+        g["train"] += n if mask.get(name) else 0
+        g["dtypes"].add(str(np.dtype(leaf.dtype)))
+        spec = getattr(specs.get(name), "spec", None)
+        if spec is not None:
+            g["specs"].add("sharded " + str(tuple(spec)) if any(a is not None for a in spec) else "replicated")
+    total = sum(g["n"] for g in groups.values())
+    trainable_total = sum(g["train"] for g in groups.values())
+    lines = [f"{'group':<28} {'params':>13} {'trainable':>13}  dtypes / sharding"]
+    for name, g in groups.items():
+        lines.append(f"{name:<28} {g['n']:>13,} {g['train']:>13,}  {','.join(sorted(g['dtypes']))} "
+                     f"{' '.join(sorted(g['specs']))}".rstrip())
+    lines.append(f"{'total':<28} {total:>13,} {trainable_total:>13,}  "
+                 f"({100 * trainable_total / max(total, 1):.1f} % trainable)")
+    return "\n".join(lines)
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def eval_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Evaluation metric names in first-seen order (`val/cider`, ...), `n` counts excluded."""
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            if k != "step" and not k.startswith(("train/", "eval/")) and not k.endswith("/n"):
+                keys.setdefault(k)
+    return list(keys)
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> bool:
+    """Writes the loss curve and one panel per evaluation metric to a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional: only the plot needs it.
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        log.warning("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return False
+    keys = ["train/loss"] + [k for k in eval_keys(rows) if k.split("/")[-1] in _HEADLINE][:3]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        x, y = _series(rows, key)
+        ax.plot(x, y, marker="o" if len(x) < 20 else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+_HEADLINE = ("cider", "accuracy", "exact_match", "map", "ap50", "loss", "perplexity", "anls", "bleu_4")
+
+
+def before_after(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int, float, int]]:
+    """(metric, first value, its step, last value, its step) for each evaluation metric."""
+    out = []
+    for key in eval_keys(rows):
+        x, y = _series(rows, key)
+        if x:
+            out.append((key, y[0], x[0], y[-1], x[-1]))
+    return out
+
+
+def latest_predictions(eval_dir: str | os.PathLike, limit: int = 5) -> list[tuple[str, dict]]:
+    """(evaluator file stem, first `limit` rows) of each evaluator's last predictions JSONL."""
+    eval_dir = pathlib.Path(eval_dir)
+    latest: dict[str, tuple[int, pathlib.Path]] = {}
+    for f in eval_dir.glob("predictions_*_step*.jsonl"):
+        name, _, step = f.stem.removeprefix("predictions_").rpartition("_step")
+        if step.isdigit() and int(step) >= latest.get(name, (-1, f))[0]:
+            latest[name] = (int(step), f)
+    out = []
+    for _, (_, f) in sorted(latest.items()):
+        with open(f, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if i >= limit:
+                    break
+                out.append((f.stem, json.loads(line)))
+    return out
+
+
+def console_summary(rows: Sequence[Mapping[str, Any]], eval_dir: str | os.PathLike, limit: int = 5) -> str:
+    """Metrics before and after training and a few predictions next to their references."""
+    lines = []
+    changes = [c for c in before_after(rows) if "_ci95_" not in c[0]]  # Intervals: in report.md, not here.
+    if changes:
+        lines.append(f"{'metric':<24} {'before':>10} {'after':>10}")
+        for key, first, s0, last, s1 in changes:
+            lines.append(f"{key:<24} {first:>10.4f} {last:>10.4f}   (steps {s0} -> {s1})")
+    preds = latest_predictions(eval_dir, limit)
+    if preds:
+        lines.append("")
+        for _, row in preds:
+            refs = row.get("references") or []
+            lines.append(f"prompt:     {row.get('prompt', '')}")
+            lines.append(f"prediction: {row.get('prediction', '')}")
+            lines.append(f"reference:  {refs[0] if refs else ''}")
+            lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def write_report(workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mesh, overview: str,
+                 timings: Mapping[str, float]) -> pathlib.Path:
+    """Writes `workdir/report.md` (and `curves.png`); returns the report's path."""
+    workdir = pathlib.Path(workdir)
+    rows = MetricsLog(workdir / "metrics.jsonl").rows()
+    has_plot = plot_curves(rows, workdir / "curves.png")
+    devices = jax.devices()
+    lines = ["# Training report", "",
+             f"- workdir: `{workdir}`",
+             f"- devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); "
+             f"mesh {dict(mesh.shape)}",
+             f"- model: `{config.get('model_name_or_preset') or 'from checkpoint'}`, "
+             f"init `{config.get('model_init') or 'random'}`",
+             *[f"- {k}: {v:.2f}" for k, v in timings.items()], "",
+             "## Parameters", "", "```", overview, "```", ""]
+    if has_plot:
+        lines += ["## Curves", "", "![curves](curves.png)", ""]
+    changes = before_after(rows)
+    if changes:
+        lines += ["## Metrics", "", "| metric | first | last |", "|---|---|---|"]
+        lines += [f"| {k} | {a:.4f} (step {s0}) | {b:.4f} (step {s1}) |" for k, a, s0, b, s1 in changes]
+        lines.append("")
+    preds = latest_predictions(workdir / "eval", 8)
+    if preds:
+        lines += ["## Predictions", "", "| prompt | prediction | reference |", "|---|---|---|"]
+        for _, row in preds:
+            refs = row.get("references") or [""]
+            cells = [str(c).replace("|", "\\|") for c in (row.get("prompt", ""), row.get("prediction", ""), refs[0])]
+            lines.append("| " + " | ".join(cells) + " |")
+        galleries = sorted((workdir / "eval").glob("gallery_*.html"))
+        if galleries:
+            lines += ["", "Galleries: " + ", ".join(f"[{g.stem}](eval/{g.name})" for g in galleries)]
+    lines += ["", "## Config", "", "```json", json.dumps(_plain(config), indent=2, default=str), "```", ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _plain(config: Any) -> Any:
+    from paligemma_ft.config import redact  # noqa: PLC0415
+    return redact(config.to_dict() if hasattr(config, "to_dict") else dict(config))

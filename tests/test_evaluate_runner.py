@@ -1,0 +1,123 @@
+"""Evaluation over whole splits with the bundled demo model: every example scored once, decoding compiled once,
+and `paligemma-ft evaluate` (table, eval_metrics.json, predictions)."""
+import json
+import shutil
+import textwrap
+
+import ml_collections
+import numpy as np
+
+from paligemma_ft import cli
+from paligemma_ft import decode as decode_lib
+from paligemma_ft.evaluate.runner import format_table, run_evals
+from paligemma_ft.predictor import load_predictor, resolve_checkpoint
+
+DECODE_LEN = 13  # Used by no other test, so this file's decode function starts with no trace.
+
+
+def _config(n=37, batch_size=8, **evals):
+    data = dict(source="shapes", n=n, seed=0, task="caption", image_size=64)
+    return ml_collections.ConfigDict(dict(
+        model_name_or_preset="demo", model={}, model_init="builtin:demo", tokenizer="builtin:tiny",
+        input=dict(data=data, prefix="caption en", res=64, text_len=16, batch_size=8, num_workers=0),
+        evals=evals or dict(val=dict(type="caption", data=data, batch_size=batch_size, max_decode_len=DECODE_LEN,
+                                     bootstrap=0))))
+
+
+def test_37_examples_in_batches_of_8_are_scored_once_with_one_compilation(tmp_path):
+    config = _config()
+    predictor = load_predictor("builtin:demo", "builtin:tiny", preset="demo", res=64)
+    shapes, generate = [], predictor.generate
+
+    def recording(batch, **kw):
+        shapes.append((np.shape(batch["text"]), int(np.sum(batch["_mask"]))))
+        return generate(batch, **kw)
+    predictor.generate = recording
+    before = decode_lib.trace_count(predictor.model, DECODE_LEN)
+    metrics = run_evals(config, predictor, tmp_path, step=3)
+    after = decode_lib.trace_count(predictor.model, DECODE_LEN)
+
+    assert after - before == 1  # Five batches, the last one padded: one trace (one compilation) in all.
+    assert [rows for _, rows in shapes] == [8, 8, 8, 8, 5] and len({s for s, _ in shapes}) == 1
+    assert metrics["val/n"] == 37
+    rows = [json.loads(line) for line in (tmp_path / "predictions_val_step3.jsonl").read_text().splitlines()]
+    assert len(rows) == 37 and len({r["id"] for r in rows}) == 37
+    assert all(isinstance(r["prediction"], str) and r["references"] for r in rows)
+    assert (tmp_path / "gallery_val_step3.html").exists()
+    assert 0.0 <= metrics["val/cider"] and np.isfinite(list(metrics.values())).all()
+
+
+CONFIG_FILE = '''
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model_name_or_preset = ""       # Inferred from the checkpoint's shapes.
+    c.model = dict()
+    c.model_init = ""                 # Nothing: --workdir or --checkpoint must say what to evaluate.
+    c.tokenizer = "builtin:tiny"
+    data = dict(source="shapes", n=10, seed=0, task="caption", image_size=64)
+    c.input = dict(data=data, prefix="caption en", res=64, text_len=16, batch_size=4, num_workers=0)
+    c.evals = dict(
+        val=dict(type="caption", data=data, batch_size=4, max_decode_len=8, bootstrap=0),
+        ppl=dict(type="perplexity", data=data, batch_size=4),
+    )
+    return c
+'''
+
+
+def test_cli_evaluate_prints_a_table_and_writes_eval_metrics(tmp_path, capsys):
+    config = tmp_path / "cfg.py"
+    config.write_text(textwrap.dedent(CONFIG_FILE))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(resolve_checkpoint("builtin:demo"), workdir / "params.npz")  # As a finished run leaves it.
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 5, "train/loss": 1.0}\n')
+
+    assert cli.main(["evaluate", "--config", str(config), "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((workdir / "eval_metrics.json").read_text())
+    assert record["step"] == 5 and record["checkpoint"] == str(workdir)
+    metrics = record["metrics"]
+    assert metrics["val/n"] == 10 and metrics["ppl/n"] == 10
+    assert np.isclose(metrics["ppl/perplexity"], np.exp(metrics["ppl/loss"]))
+    assert format_table(metrics) in out
+    table = out.splitlines()
+    assert any(line.split() == ["evaluator", "metric", "value"] for line in table)
+    assert any(line.split()[:2] == ["val", "cider"] for line in table)
+    assert any(line.split() == ["ppl", "n", "10"] for line in table)
+    for name in ("val", "ppl"):
+        assert (workdir / f"predictions_{name}_step5.jsonl").exists()
+        assert (workdir / f"gallery_{name}_step5.html").exists()
+
+    # --checkpoint with --outdir and --only: the checkpoint's file, one evaluator, the outputs elsewhere.
+    outdir = tmp_path / "elsewhere"
+    assert cli.main(["evaluate", "--config", str(config), "--checkpoint", "builtin:demo", "--outdir", str(outdir),
+                     "--only", "ppl"]) == 0
+    record = json.loads((outdir / "eval_metrics.json").read_text())
+    assert set(record["metrics"]) == {"ppl/loss", "ppl/perplexity", "ppl/n"} and record["step"] == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["eval_metrics.json", "gallery_ppl_step0.html",
+                                                        "predictions_ppl_step0.jsonl"]
+    assert np.isclose(record["metrics"]["ppl/loss"], metrics["ppl/loss"], rtol=1e-5)  # Same params, same split.
+
+
+def test_cli_evaluate_errors_are_one_line(tmp_path, capsys):
+    config = tmp_path / "cfg.py"
+    config.write_text(textwrap.dedent(CONFIG_FILE))
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    cases = [  # (extra argv, words the message must contain)
+        ([], ["--checkpoint", "--workdir", "model_init"]),
+        (["--checkpoint", "builtin:demo"], ["--outdir"]),
+        (["--workdir", str(empty)], [str(empty), "params.npz"]),
+        (["--checkpoint", "builtin:demo", "--outdir", str(tmp_path), "--only", "nope"], ["nope", "ppl", "val"]),
+        (["--checkpoint", "builtin:nope", "--outdir", str(tmp_path)], ["builtin:nope"]),
+    ]
+    for extra, words in cases:
+        assert cli.main(["evaluate", "--config", str(config), *extra]) == 2, extra
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and err.count("\n") == 1, (extra, err)
+        for word in words:
+            assert word in err, (extra, word, err)
+    assert not (tmp_path / "eval_metrics.json").exists()

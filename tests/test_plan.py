@@ -1,0 +1,97 @@
+"""`paligemma-ft plan`: the trainer's step compiled for abstract inputs; numbers consistent with the model."""
+import json
+import math
+import re
+import resource
+
+import jax
+import pytest
+
+from paligemma_ft import cli, flops, plan
+from paligemma_ft.config import load_config
+from paligemma_ft.model import get_preset
+
+DEMO = "configs/demo.py"
+
+
+def _mib(text: str, row: str) -> float:
+    """The value of a per-device row (`  parameters   3.97 MiB`) in MiB."""
+    value, unit = re.search(rf"^  {row}\s+([\d.]+) (MiB|GiB)", text, re.M).groups()
+    return float(value) * (1024 if unit == "GiB" else 1)
+
+
+def test_demo_plan_from_the_command_line(tmp_path, capsys):
+    assert cli.main(["plan", "--config", DEMO, "--memory-gib", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    n_params = int(re.search(r"Parameters: ([\d,]+) \(([\d,]+) trainable\)", out).group(1).replace(",", ""))
+    cfg, res = get_preset("demo")  # The shipped demo model's architecture.
+    assert n_params == flops.param_counts(cfg, res)["total"]
+    # Replicated float32 parameters; Adam keeps two float32 moments per trainable parameter.
+    assert _mib(out, "parameters") == pytest.approx(n_params * 4 / 2**20, abs=0.006)
+    assert _mib(out, "optimizer state") == pytest.approx(2 * n_params * 4 / 2**20, abs=0.01)
+    assert "XLA memory analysis" in out and "fits with 10 % headroom: yes" in out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["params"] == n_params and saved["fits"] is True
+    assert saved["peak_bytes"] >= saved["param_bytes"] + saved["opt_bytes"] + saved["temp_bytes"]
+    assert saved["flops_per_example"] == flops.train_flops_per_example(cfg, res, saved["text_len"])
+
+
+def test_fsdp_mesh_divides_the_state_and_a_small_device_gets_suggestions():
+    assert jax.device_count() == 8
+    config = load_config(DEMO, ["--config.model_init=", "--config.model_name_or_preset=tiny_pg1",
+                                "--config.input.res=32", "--config.mesh=[('data', 2), ('fsdp', 4)]",
+                                "--config.sharding_strategy=[('.*', 'fsdp(axis=\"fsdp\", min_size_mb=0)')]"])
+    p = plan.make_plan(config, memory_gib=1e-5)
+    assert p.mesh == {"data": 2, "fsdp": 4} and p.per_device_batch == 2  # Batch over data x fsdp.
+    total = p.params * 4
+    # Most leaves split 4 ways (a few, e.g. odd-sized ones, stay whole): between a quarter and a third.
+    assert total / 4 <= p.param_bytes <= total / 3
+    assert total * 2 / 4 <= p.opt_bytes <= total * 2 / 3
+    assert p.peak_bytes >= p.param_bytes + p.opt_bytes and p.fits is False
+    text = plan.format_plan(p)
+    assert "fits with 10 % headroom: NO" in text and "To fit:" in text and p.suggestions
+    # 10 KiB holds not even the parameters: more sharding and fewer trainable parameters are what can help.
+    assert any(s.startswith("Sharding:") for s in p.suggestions), p.suggestions
+    assert any(s.startswith("Trainable set:") for s in p.suggestions)
+
+
+def _plan(**kw):
+    base = dict(device_kind="test", devices=4, mesh={"data": 4}, batch_size=32, per_device_batch=8, micro_batches=1,
+                res=224, text_len=32, params=1000, trainable=1000, param_bytes=4 * plan.GiB, opt_bytes=8 * plan.GiB,
+                batch_bytes=0, temp_bytes=40 * plan.GiB, peak_bytes=52 * plan.GiB, source="test",
+                compile_seconds=None, memory_limit=40 * plan.GiB, memory_source="test", flops_per_example=1.0,
+                remat={"img": "full", "llm": "full"})
+    return plan.Plan(**{**base, **kw})
+
+
+def test_suggestions_follow_the_numbers():
+    # State 12 GiB + gradients 2 x 4 GiB + activations (38 - 8 = 30 GiB) / M must fit 0.9 x 40 = 36 GiB: M = 2.
+    p = _plan(temp_bytes=38 * plan.GiB)
+    assert p.fits is False and "--config.grad_accum_steps=2" in plan.suggest(p)[0]
+    # Already 2 micro-batches (of 4 examples): halving them again means 4 in all.
+    assert "--config.grad_accum_steps=4" in plan.suggest(_plan(micro_batches=2, temp_bytes=38 * plan.GiB))[0]
+    # Without remat the first cure is remat; a frozen majority gets no trainable-set advice.
+    advice = plan.suggest(_plan(remat={"img": "full", "llm": "none"}, trainable=100, temp_bytes=400 * plan.GiB))
+    assert any("remat_policy=full" in s for s in advice) and not any("Trainable" in s for s in advice)
+    # Fits comfortably: nothing to say; unknown memory: say how to give it.
+    assert plan.suggest(_plan(peak_bytes=10 * plan.GiB)) == []
+    assert "--memory-gib" in plan.suggest(_plan(memory_limit=None))[0]
+
+
+def test_3b_plan_uses_abstract_shapes_only():
+    """PaliGemma 2 3B at batch 8 (12 GB of float32 parameters) is planned without allocating it. Arithmetic
+    mode here: compiling the 3B step on a 2-core CPU takes about as long as the rest of this file."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux.
+    config = load_config(DEMO, ["--config.model_init=", "--config.model_name_or_preset=pg2_3b_224",
+                                "--config.input.res=224", "--config.input.batch_size=8",
+                                "--config.input.text_len=32"])
+    with pytest.warns(UserWarning, match="fewer than the 257152 embeddings"):
+        p = plan.make_plan(config, device="NVIDIA H100 80GB HBM3", arithmetic_only=True)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 * 2**20  # < 2 GiB more.
+    cfg, res = get_preset("pg2_3b_224")
+    assert p.params == flops.param_counts(cfg, res)["total"] > 3e9
+    # 8 devices (conftest), parameters replicated by the demo's rule: the full 12 GB on each, Adam twice that.
+    assert p.param_bytes == p.params * 4 and p.opt_bytes >= 2 * p.param_bytes
+    assert p.source.startswith("arithmetic") and p.compile_seconds is None
+    assert p.memory_limit == flops.device_memory("H100") and p.fits is True  # 1 example per device fits 80 GB.
+    assert math.isclose(p.flops_per_example, flops.train_flops_per_example(cfg, res, 32))

@@ -1,0 +1,147 @@
+"""Safety: no value from a config, a dataset or a file is run as code; paths stay in their folder; no credential
+reaches a saved file.
+
+Related tests elsewhere: a pickle-bearing `.npz` is refused (test_checkpoint.py::
+test_pickle_bearing_npz_is_refused_with_clear_error); `--config.x=<code>` stays a string (test_cli.py::
+test_values_are_never_evaluated); JSONL path escapes (test_data_sources.py::
+test_jsonl_path_escapes_refused_unless_allowed, test_bad_inputs.py); Kaggle credentials never printed or logged
+by the download code (test_kaggle.py); none in a training run's outputs or logs (test_kill_resume.py).
+"""
+import ast
+import io
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from paligemma_ft import config as config_lib
+from paligemma_ft import run_report, sharding
+from paligemma_ft.data import pipeline, sources
+from paligemma_ft.data.transforms import BadExample
+from paligemma_ft.tokenizer import Tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.py")
+SECRET = "s3cr3t-0123456789abcdef"
+
+
+def payload(marker: pathlib.Path) -> str:
+    return f"__import__('os').system('touch {marker}')"
+
+
+# Calls that run code or unpickle: (module or None for a builtin, function name).
+UNSAFE_CALLS = {(None, "eval"), (None, "exec"), ("pickle", "load"), ("pickle", "loads"), ("marshal", "loads"),
+                ("yaml", "load"), ("yaml", "unsafe_load"), ("torch", "load"), ("dill", "load"), ("dill", "loads"),
+                ("cloudpickle", "load"), ("cloudpickle", "loads"), ("shelve", "open")}
+
+
+def test_the_package_has_no_call_that_runs_data_as_code():
+    """A static guard: no eval/exec/unpickling anywhere, and every np.load says allow_pickle=False."""
+    found = []
+    for path in sorted((ROOT / "paligemma_ft").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Name):
+                key = (None, func.id)
+            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                key = (func.value.id, func.attr)
+            else:
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if key in UNSAFE_CALLS:
+                found.append(f"{where} {key}")
+            if key[1] == "load" and key[0] in ("np", "numpy", "jnp"):
+                safe = any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False
+                           for k in node.keywords)
+                if not safe:
+                    found.append(f"{where} np.load without allow_pickle=False")
+    assert found == []
+
+
+def test_config_values_with_code_stay_strings(tmp_path):
+    marker = tmp_path / "pwned"
+    config = config_lib.load_config(DEMO, [f"--config.input.prefix={payload(marker)}",
+                                           f"--config.tokenizer={payload(marker)}",
+                                           f"--config.model_init={payload(marker)}"])
+    assert config.input.prefix == config.tokenizer == config.model_init == payload(marker)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("tactic, message", [
+    ("{payload}", "must look like name"),
+    ("fsdp(axis={payload})", "arguments must be literals"),
+    ("replicate | __import__('os').system('x')", "must look like name"),
+])
+def test_sharding_tactics_are_parsed_not_run(tmp_path, tactic, message):
+    marker = tmp_path / "pwned"
+    mesh = sharding.make_mesh([("data", -1)])
+    params = {"w": jax.ShapeDtypeStruct((8, 4), np.float32)}
+    with pytest.raises(ValueError, match=message):
+        sharding.infer_sharding(params, [(".*", tactic.format(payload=payload(marker)))], mesh)
+    assert not marker.exists()
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_dataset_values_with_code_are_only_text(tmp_path):
+    marker = tmp_path / "pwned"
+    code = payload(marker)
+    (tmp_path / "a.png").write_bytes(_png())
+    lines = [{"image": "a.png", "prefix": code, "suffix": code, "id": code},
+             {"image": f"$(touch {marker}).png", "suffix": "x"},  # Shell syntax in a path: just a missing file.
+             {"image": "a.png", "suffix": [code, "`touch " + str(marker) + "`"]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tok = Tokenizer.from_spec("builtin:tiny")
+    data = {"source": "jsonl", "path": str(path)}
+    cfg = {"data": data, "res": 8, "text_len": 256, "batch_size": 3, "num_workers": 0}
+    report = pipeline.BadInputReport()
+    batch = next(pipeline.make_eval_batches(data, cfg, tok, 3, kind="train", process_index=0, process_count=1,
+                                            report=report))
+    assert report.entries == [(str(path), 2, "missing_image")]
+    meta = batch["_meta"][0]
+    assert meta["prefix"] == code and meta["id"] == code and meta["references"] == [code]
+    suffix_ids = batch["text"][0][batch["mask_loss"][0] == 1]
+    assert tok.decode(suffix_ids) == code  # The code is the target text, token for token.
+    assert not marker.exists()
+
+
+def test_coco_file_names_cannot_escape_the_image_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes(_png())
+    ann = {"images": [{"id": 1, "file_name": "../secret.png"}, {"id": 2, "file_name": str(tmp_path / "secret.png")}],
+           "annotations": [{"id": 1, "image_id": 1, "caption": "x"}, {"id": 2, "image_id": 2, "caption": "y"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(ann))
+    cfg = {"source": "coco", "annotations": str(tmp_path / "captions.json"), "image_dir": str(tmp_path / "images")}
+    src = sources.make_source(cfg)
+    for i in range(2):
+        with pytest.raises(BadExample, match="outside the image folder") as info:
+            src[i]
+        assert info.value.reason == "path_escape"
+    allowed = sources.make_source({**cfg, "allow_outside": True})
+    assert allowed[0]["image"] == allowed[1]["image"] == (tmp_path / "secret.png").read_bytes()
+
+
+def test_saved_config_and_report_hold_no_credentials(tmp_path):
+    base = config_lib.load_config(DEMO, []).to_dict()
+    config = ml_collections.ConfigDict({**base, "kaggle_key": SECRET, "hf_token": SECRET,
+                                        "wandb": {"project": "p", "api_key": SECRET},
+                                        "kaggle": {"username": "someone", "key": SECRET}})
+    config_lib.save_config(config, tmp_path / "config.json")
+    run_report.write_report(tmp_path, config, sharding.make_mesh([("data", -1)]), "overview", {})
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert {"config.json", "report.md"} <= set(written)
+    assert all(SECRET.encode() not in data for data in written.values())
+    saved = json.loads(written["config.json"])
+    assert saved["kaggle"] == {"username": "someone"} and saved["wandb"] == {"project": "p"}  # Only the secrets go.
+    assert saved["total_steps"] == base["total_steps"] and b'"username": "someone"' in written["report.md"]
