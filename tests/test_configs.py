@@ -173,8 +173,8 @@ def test_config_without_data_dir_stops_before_compute(name, tmp_path, monkeypatc
     monkeypatch.setattr(train, "run_evals", refuse)
     config = tiny_config(name, None)
     assert config.data_dir is None
-    # The data sources name the input.data key that data_dir should have filled.
-    with pytest.raises(ValueError, match=r"input\.data\.(path|annotations|name) .*is required"):
+    # The trainer names the missing key and how to set it, before loading any model or data.
+    with pytest.raises(ValueError, match=r"config\.data_dir is not set: pass --config\.data_dir=DIR"):
         train.run(config, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
