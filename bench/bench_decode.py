@@ -15,9 +15,12 @@ import platform
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# Allocate GPU memory on demand rather than 75 % up front: PyTorch (--hf) needs its share, and the device's
+# peak-memory figure then means what decoding used.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from paligemma_ft import decode as dec  # noqa: E402

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL, CKPT, EVAL_EVERY = 12, 3, 4
@@ -44,7 +45,7 @@ def command(workdir: pathlib.Path) -> list[str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}",
             "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
             "KAGGLE_USERNAME": "someone", "KAGGLE_KEY": SECRET, "KAGGLE_API_TOKEN": SECRET, "HF_TOKEN": SECRET}
