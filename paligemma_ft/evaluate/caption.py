@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from paligemma_ft.evaluate.ids import check_same_ids
+
 # Punctuation tokens removed after tokenization: pycocoevalcap's list, plus the raw characters that PTB would
 # first have rewritten into one of those tokens (`"` -> `` / '') and brackets (see the module docstring).
 PUNCTUATION_TOKENS = frozenset(["''", "'", "``", "`", '"', "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",",
@@ -57,15 +59,11 @@ def tokenize_caption(text: str) -> str:
 
 def _check_inputs(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list:
     """Returns the ids in a fixed order after checking both mappings cover the same ids with >= 1 reference."""
-    missing = [k for k in predictions if k not in references]
-    extra = [k for k in references if k not in predictions]
-    if missing or extra:
-        raise ValueError(f"predictions and references cover different ids: without references {missing[:5]}, "
-                         f"without prediction {extra[:5]}")
+    ids = check_same_ids(predictions, references, "caption_metrics")
     for k, refs in references.items():
         if isinstance(refs, str) or len(refs) == 0:
             raise ValueError(f"references[{k!r}] must be a non-empty list of strings, got {refs!r}")
-    return list(predictions)
+    return ids
 
 
 def _pycoco_scores(gts: dict, res: dict, *, meteor: bool, warnings: list[str]) -> tuple[dict, dict]:
@@ -244,8 +242,6 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     """
     ids = _check_inputs(predictions, references)
     warnings: list[str] = []
-    if not ids:
-        raise ValueError("caption_metrics: no examples to score")
     if len(ids) < SMALL_SPLIT:
         warnings.append(f"CIDEr's IDF is computed from the references: on {len(ids)} images it is noisy "
                         f"(use >= {SMALL_SPLIT} images to compare runs).")

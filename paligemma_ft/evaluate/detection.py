@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from paligemma_ft.evaluate.ids import check_same_ids
+
 _SEGMENT = re.compile(r"((?:<loc\d{4}>){4})((?:<seg\d{3}>)*)(.*)", re.DOTALL)
 _LOC = re.compile(r"<loc(\d{4})>")
 COCO_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5, 0.55, ..., 0.95
@@ -169,14 +171,7 @@ def detection_metrics(predictions: Mapping[Hashable, str], references: Mapping[H
       truth), ints `n`, `malformed_segments`, `per_example` (id -> {"iou": float | None, "well_formed",
       "n_pred", "n_ref"}), `boxes` (id -> {"prediction": [Box], "references": [Box]}) and `warnings`.
     """
-    missing = [k for k in predictions if k not in references]
-    extra = [k for k in references if k not in predictions]
-    if missing or extra:
-        raise ValueError(f"predictions and references cover different ids: without references {missing[:5]}, "
-                         f"without prediction {extra[:5]}")
-    if not predictions:
-        raise ValueError("detection_metrics: no examples to score")
-    ids = list(predictions)
+    ids = check_same_ids(predictions, references, "detection_metrics")
     preds, gts, per, boxes, warnings = [], [], {}, {}, []
     bad_total = bad_refs = 0
     for k in ids:

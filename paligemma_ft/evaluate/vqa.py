@@ -18,6 +18,8 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+from paligemma_ft.evaluate.ids import check_same_ids
+
 # Characters the official VQAv2 evaluation strips or turns into spaces (see `_strip_punctuation`).
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                 "?", "!")
@@ -127,13 +129,7 @@ def vqa_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashabl
       A dict with floats `acc`, `acc_any`, `vqav2_acc`, `anls`, int `n`, `per_example`
       (id -> {"acc", "acc_any", "vqav2_acc", "anls"}) and `warnings` (list of str).
     """
-    missing = [k for k in predictions if k not in references]
-    extra = [k for k in references if k not in predictions]
-    if missing or extra:
-        raise ValueError(f"predictions and references cover different ids: without references {missing[:5]}, "
-                         f"without prediction {extra[:5]}")
-    if not predictions:
-        raise ValueError("vqa_metrics: no examples to score")
+    check_same_ids(predictions, references, "vqa_metrics")
     per: dict[Hashable, dict[str, float]] = {}
     for k, pred in predictions.items():
         answers = references[k]
