@@ -19,6 +19,7 @@ import tempfile
 
 
 def rss_mib() -> float:
+    """Resident memory in MiB (like bench/soak.py's, kept here so that this file stands alone in a bug report)."""
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
