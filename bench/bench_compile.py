@@ -9,6 +9,7 @@ abstract shapes (nothing is allocated or run): the first fills the cache (cold),
 restarted or resumed run would with `config.compilation_cache_dir`. Timings: trace + lower, and XLA compile (or
 cache load). The step is bench_train's (the trainer's computation). Appends a table to bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,18 @@ def child(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     cfg_scan = args.scan == "true"
-    step, abstract, _, batch, _, _ = bench_train.build(args.preset, args.dtype, None, "einsum", args.recipe,
-                                                       "chunked", args.batch, args.text_len, args.text_len - 4,
-                                                       scan=cfg_scan)
+    step, abstract, _, batch, _, _ = bench_train.build(
+        args.preset,
+        args.dtype,
+        None,
+        "einsum",
+        args.recipe,
+        "chunked",
+        args.batch,
+        args.text_len,
+        args.text_len - 4,
+        scan=cfg_scan,
+    )
     lowered = step.lower(abstract, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch))
     t1 = time.perf_counter()
     lowered.compile()
@@ -47,9 +57,25 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, cache: str, scan: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--cache", cache, "--scan", scan,
-           "--preset", args.preset, "--batch", str(args.batch), "--text-len", str(args.text_len),
-           "--dtype", args.dtype, "--recipe", args.recipe]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--cache",
+        cache,
+        "--scan",
+        scan,
+        "--preset",
+        args.preset,
+        "--batch",
+        str(args.batch),
+        "--text-len",
+        str(args.text_len),
+        "--dtype",
+        args.dtype,
+        "--recipe",
+        args.recipe,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -72,6 +98,7 @@ def main() -> None:
         return
     if args.dtype is None:
         import jax
+
         args.dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
     rows, device = [], "?"
     head = "| layers | cold: trace+lower s | cold: compile s | warm: trace+lower s | warm: compile (cache) s |"
@@ -81,15 +108,19 @@ def main() -> None:
             cold = run_child(args, cache, scan)
             warm = run_child(args, cache, scan)
         device = cold["device"]
-        row = (f"| {'scanned' if scan == 'true' else 'unrolled'} | {cold['lower_s']:.1f} | {cold['compile_s']:.1f} | "
-               f"{warm['lower_s']:.1f} | {warm['compile_s']:.2f} |")
+        row = (
+            f"| {'scanned' if scan == 'true' else 'unrolled'} | {cold['lower_s']:.1f} | {cold['compile_s']:.1f} | "
+            f"{warm['lower_s']:.1f} | {warm['compile_s']:.2f} |"
+        )
         print(row, flush=True)
         rows.append(row)
-    text = (f"\n## Train-step compile time ({datetime.date.today()}, `python bench/bench_compile.py "
-            f"{' '.join(sys.argv[1:])}`)\n\nDevice: {device}; {args.preset}, batch {args.batch}, text "
-            f"{args.text_len}, {args.dtype}, recipe {args.recipe}; each column from a new process, warm = the "
-            f"same step again with the persistent compilation cache filled by the cold run.\n\n{head}\n"
-            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    text = (
+        f"\n## Train-step compile time ({datetime.date.today()}, `python bench/bench_compile.py "
+        f"{' '.join(sys.argv[1:])}`)\n\nDevice: {device}; {args.preset}, batch {args.batch}, text "
+        f"{args.text_len}, {args.dtype}, recipe {args.recipe}; each column from a new process, warm = the "
+        f"same step again with the persistent compilation cache filled by the cold run.\n\n{head}\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
     print(text)
     if args.results:
         with open(args.results, "a") as f:

@@ -6,6 +6,7 @@
 Random weights: every row decodes exactly `--len` tokens (EOS disabled), so the numbers measure the loop, not
 what the model says. Appends a table to bench/RESULTS.md with the device named.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,17 @@ def _device_name() -> str:
 
 
 def _random_params(model, res, dtype):
-    init = jax.jit(lambda k: jax.tree.map(lambda p: p.astype(dtype), model.init(
-        k, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))["params"]))
+    init = jax.jit(
+        lambda k: jax.tree.map(
+            lambda p: p.astype(dtype),
+            model.init(k, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))[
+                "params"
+            ],
+        )
+    )
     params = init(jax.random.PRNGKey(0))
     # Zero-initialized leaves (ViT head, norms) would make every image identical: perturb them.
-    return jax.tree.map(lambda p: (p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype)), params)
+    return jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
 
 
 def _batch(b, res, prompt_len=8):
@@ -57,8 +64,13 @@ def _batch(b, res, prompt_len=8):
     text[:, 0] = 2
     text[:, 1:4] = [100, 200, 300]
     mask_input = (np.arange(prompt_len)[None] < 4).astype(np.int32).repeat(b, 0)
-    return dict(image=np.random.default_rng(0).uniform(-1, 1, (b, res, res, 3)).astype(np.float32), text=text,
-                mask_ar=1 - mask_input, mask_input=mask_input, _mask=np.ones(b, bool))
+    return dict(
+        image=np.random.default_rng(0).uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
+        text=text,
+        mask_ar=1 - mask_input,
+        mask_input=mask_input,
+        _mask=np.ones(b, bool),
+    )
 
 
 def bench_jax(model, params, res, b, n_tokens, reps):
@@ -77,7 +89,9 @@ def bench_jax(model, params, res, b, n_tokens, reps):
 
 def bench_hf(params, cfg, res, b, n_tokens, reps):
     import torch
-    from paligemma_ft import hf
+
+    from paligemma_ft.checkpoints import hf
+
     host = jax.tree.map(lambda p: np.asarray(p.astype(jnp.float32)), params)
     m = hf.to_hf_model(host, cfg, image_size=res).to("cuda", torch.bfloat16).eval()
     del host
@@ -85,9 +99,15 @@ def bench_hf(params, cfg, res, b, n_tokens, reps):
     image_id = cfg["llm"]["vocab_size"]
     ids = torch.tensor([[image_id] * n_img + [2, 100, 200, 300]] * b, device="cuda")
     pix = torch.rand((b, 3, res, res), device="cuda", dtype=torch.bfloat16) * 2 - 1
-    kw = dict(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
-              token_type_ids=torch.zeros_like(ids), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-              do_sample=False)
+    kw = dict(
+        input_ids=ids,
+        pixel_values=pix,
+        attention_mask=torch.ones_like(ids),
+        token_type_ids=torch.zeros_like(ids),
+        max_new_tokens=n_tokens,
+        min_new_tokens=n_tokens,
+        do_sample=False,
+    )
     with torch.no_grad():
         m.generate(**kw)
         times = []
@@ -120,7 +140,10 @@ def main():
     rows = []
     for b in args.batch:
         r = bench_jax(model, params, res, b, args.len, args.reps)
-        row = f"| {args.preset} | {b} | {args.len} | {r['tokens_per_s']:.1f} | {r['images_per_s']:.2f} | {r['first_call_s']:.1f} |"
+        row = (
+            f"| {args.preset} | {b} | {args.len} | {r['tokens_per_s']:.1f} | {r['images_per_s']:.2f} "
+            f"| {r['first_call_s']:.1f} |"
+        )
         if args.hf:
             h = bench_hf(params, cfg, res, b, args.len, args.reps)
             row += f" {h['tokens_per_s']:.1f} | {r['tokens_per_s'] / h['tokens_per_s']:.2f}x |"
@@ -131,9 +154,11 @@ def main():
     if args.hf:
         head += " HF generate tokens/s | ratio |"
         sep += "---|---|"
-    text = (f"\n## Decode throughput ({datetime.date.today()}, `python bench/bench_decode.py "
-            f"{' '.join(sys.argv[1:])}`)\n\nDevice: {_device_name()}; params {args.dtype}, random weights, greedy, "
-            f"KV cache bf16, EOS disabled.\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n")
+    text = (
+        f"\n## Decode throughput ({datetime.date.today()}, `python bench/bench_decode.py "
+        f"{' '.join(sys.argv[1:])}`)\n\nDevice: {_device_name()}; params {args.dtype}, random weights, greedy, "
+        f"KV cache bf16, EOS disabled.\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n"
+    )
     print(text)
     with open(args.results, "a") as f:
         f.write(text)

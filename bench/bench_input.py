@@ -6,6 +6,7 @@ examples/s, plus a single-thread breakdown per stage. Appends a section to `benc
 
 Usage: python bench/bench_input.py [--n 256] [--max-workers N] [--batch-size 8] [--noise 12] [--no-write]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{platform.platform()} (Python {platform.python_version()}), {os.cpu_count()} cores visible, "
-            f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'} usable, {cpu}")
+    return (
+        f"{platform.platform()} (Python {platform.python_version()}), {os.cpu_count()} cores visible, "
+        f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'} usable, {cpu}"
+    )
 
 
 def write_photo_like_folder(folder: pathlib.Path, n: int, noise: float) -> None:
@@ -53,11 +56,15 @@ def write_photo_like_folder(folder: pathlib.Path, n: int, noise: float) -> None:
     (folder / "train.jsonl").write_text("".join(lines), encoding="utf-8")
 
 
-def examples_per_second(folder: pathlib.Path, tok: Tokenizer, res: int, workers: int, batch_size: int,
-                        n: int) -> float:
+def examples_per_second(folder: pathlib.Path, tok: Tokenizer, res: int, workers: int, batch_size: int, n: int) -> float:
     """Steady-state rate of the training iterator over about two epochs (after a warm-up batch)."""
-    cfg = {"data": {"source": "jsonl", "path": str(folder / "train.jsonl")}, "res": res, "text_len": 64,
-           "batch_size": batch_size, "num_workers": workers}
+    cfg = {
+        "data": {"source": "jsonl", "path": str(folder / "train.jsonl")},
+        "res": res,
+        "text_len": 64,
+        "batch_size": batch_size,
+        "num_workers": workers,
+    }
     it = pipeline.make_train_iter(cfg, tok, process_index=0, process_count=1)
     next(it)  # Warm-up: thread start, first reads.
     steps = max(4, 2 * n // batch_size)
@@ -109,8 +116,7 @@ def main() -> None:
         for res in (224, 448):
             rates = [examples_per_second(folder, tok, res, w, args.batch_size, args.n) for w in workers]
             rows.append((res, rates))
-            print(f"res {res}: " + ", ".join(f"{w} threads {r:.0f} ex/s" for w, r in zip(workers, rates)),
-                  flush=True)
+            print(f"res {res}: " + ", ".join(f"{w} threads {r:.0f} ex/s" for w, r in zip(workers, rates)), flush=True)
         stages = {res: stage_breakdown(folder, tok, res) for res in (224, 448)}
 
     header = "| res | " + " | ".join(f"{w} thread{'s' * (w > 1)}" for w in workers) + " |"
@@ -118,25 +124,28 @@ def main() -> None:
     lines += [f"| {res} | " + " | ".join(f"{r:.0f}" for r in rates) + " |" for res, rates in rows]
     stage_lines = ["| res | " + " | ".join(stages[224]) + " |", "|---" * (len(stages[224]) + 1) + "|"]
     stage_lines += [f"| {res} | " + " | ".join(f"{v:.2f}" for v in s.values()) + " |" for res, s in stages.items()]
-    section = "\n".join([
-        f"## Input pipeline throughput ({datetime.date.today().isoformat()})",
-        "",
-        f"Machine: {machine()}.",
-        f"Data: {args.n} JPEG files of 640x480 (shapes generator + noise std {args.noise:g}, quality 90, mean "
-        f"{np.mean(sizes) / 1024:.0f} KiB), read from a temporary folder through `make_train_iter` (read, decode, "
-        f"resize bilinear+antialias, value range, tokenize, batch of {args.batch_size}). "
-        "Training examples/s, steady state over two epochs (`python bench/bench_input.py`):",
-        "",
-        *lines,
-        "",
-        "Single-thread milliseconds per example by stage:",
-        "",
-        *stage_lines,
-        "",
-        "For scale: the big_vision colab trains PaliGemma 3B at 224 on a T4 at 8 examples per ~15 s step "
-        "(~0.5 examples/s); read threads scale with cores, and the resize (float, as the colab) is the largest stage.",
-        "",
-    ])
+    section = "\n".join(
+        [
+            f"## Input pipeline throughput ({datetime.date.today().isoformat()})",
+            "",
+            f"Machine: {machine()}.",
+            f"Data: {args.n} JPEG files of 640x480 (shapes generator + noise std {args.noise:g}, quality 90, mean "
+            f"{np.mean(sizes) / 1024:.0f} KiB), read from a temporary folder through `make_train_iter` (read, decode, "
+            f"resize bilinear+antialias, value range, tokenize, batch of {args.batch_size}). "
+            "Training examples/s, steady state over two epochs (`python bench/bench_input.py`):",
+            "",
+            *lines,
+            "",
+            "Single-thread milliseconds per example by stage:",
+            "",
+            *stage_lines,
+            "",
+            "For scale: the big_vision colab trains PaliGemma 3B at 224 on a T4 at 8 examples per ~15 s step "
+            "(~0.5 examples/s); read threads scale with cores, and the resize (float, as the colab) is the largest "
+            "stage.",
+            "",
+        ]
+    )
     print("\n" + section)
     if not args.no_write:
         if not args.results.exists():

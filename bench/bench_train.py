@@ -10,11 +10,12 @@ trainer; `full`: all [B, L, V] logits at once, the "before"). Random weights and
 orbax): the script imports only `paligemma_ft.model / optim / losses / flops / hf`, so it runs on a bare JAX + PyTorch
 image with `PYTHONPATH=.`. Appends a table to bench/RESULTS.md with the device named.
 
-The step is the trainer's (`paligemma_ft.train.train_step`) minus its metrics and RNG bookkeeping:
-value_and_grad of the trainer's loss (`paligemma_ft.losses.loss_fn`), the optax update from
+The step is the trainer's (`paligemma_ft.training.loop.train_step`) minus its metrics and RNG bookkeeping:
+value_and_grad of the trainer's loss (`paligemma_ft.training.losses.loss_fn`), the optax update from
 `optim.make_optimizer`, storage dtypes kept. MFU counts useful FLOPs (`paligemma_ft.flops`:
 logits at loss positions only, no recomputation, frozen towers forward only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from paligemma_ft import flops, losses, optim  # noqa: E402
+from paligemma_ft import flops  # noqa: E402
 from paligemma_ft.model import Model, get_preset  # noqa: E402
+from paligemma_ft.training import (
+    losses,  # noqa: E402
+    optim,  # noqa: E402
+)
 
 RECIPES = {"full": ".*", "attn": "llm/layers/attn/.*"}  # Trainable regex per recipe.
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
@@ -45,9 +50,11 @@ RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 def device_name() -> str:
     """The accelerator, its count, the host, and the host's load (other processes skew CPU timings)."""
     d = jax.devices()[0]
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()} ({platform.node()}, "
-            f"{os.cpu_count()} CPUs{load})")
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (
+        f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()} ({platform.node()}, "
+        f"{os.cpu_count()} CPUs{load})"
+    )
 
 
 # --- The step ------------------------------------------------------------------------------------------------
@@ -58,8 +65,9 @@ chunked_loss = losses.loss_fn  # The trainer's loss: logits chunk by chunk, text
 def full_loss(params, batch, rng, *, model):
     """The "before": all text logits [B, L, V] in float32 at once, then the same cross-entropy."""
     text = batch["text"]
-    logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], batch["mask_ar"][:, :-1],
-                            train=True, rngs={"dropout": rng})
+    logits, _ = model.apply(
+        {"params": params}, batch["image"], text[:, :-1], batch["mask_ar"][:, :-1], train=True, rngs={"dropout": rng}
+    )
     mask = batch["mask_loss"][:, 1:] * batch["_mask"][:, None].astype(jnp.int32)
     return optim.softmax_xent(logits.astype(jnp.float32), text[:, 1:], mask)
 
@@ -69,8 +77,7 @@ def train_step(state, batch, *, loss, tx, trainable):
     value, grads = jax.value_and_grad(loss)(state["params"], batch, jax.random.PRNGKey(0))
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"],
-                          trainable)
+    params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"], trainable)
     return {"params": params, "opt": opt}, value
 
 
@@ -88,9 +95,13 @@ def make_batch(b: int, res: int, text_len: int, loss_tokens: int, vocab: int, se
     """A numpy batch in the trainer's layout: text [B, L + 1], prefix of L + 1 - loss_tokens tokens, then loss."""
     rng = np.random.default_rng(seed)
     suffix = np.array([0] * (text_len + 1 - loss_tokens) + [1] * loss_tokens, np.int32)
-    return dict(image=rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
-                text=rng.integers(3, vocab, (b, text_len + 1)).astype(np.int32),
-                mask_ar=np.tile(suffix, (b, 1)), mask_loss=np.tile(suffix, (b, 1)), _mask=np.ones((b,), bool))
+    return dict(
+        image=rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
+        text=rng.integers(3, vocab, (b, text_len + 1)).astype(np.int32),
+        mask_ar=np.tile(suffix, (b, 1)),
+        mask_loss=np.tile(suffix, (b, 1)),
+        _mask=np.ones((b,), bool),
+    )
 
 
 def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, loss_tokens, scan=True):
@@ -112,21 +123,26 @@ def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, l
         p = model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
         p = jax.tree.map(lambda x: x.astype(dtype), p)
         return {"params": p, "opt": tx.init(p)}
+
     vocab = shapes["llm"]["embedder"]["input_embedding"].shape[0]
     batch = make_batch(batch_size, res, text_len, loss_tokens, min(vocab, 1600))
     return step, jax.eval_shape(init), init, batch, cfg, res
 
 
 def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
-    step, abstract, init, batch, cfg, res = build(args.preset, args.dtype, remat, attn, recipe, loss_name,
-                                                  args.batch, args.text_len, args.loss_tokens)
+    step, abstract, init, batch, cfg, res = build(
+        args.preset, args.dtype, remat, attn, recipe, loss_name, args.batch, args.text_len, args.loss_tokens
+    )
     batch = jax.device_put(batch)
     t0 = time.perf_counter()
     compiled = step.lower(abstract, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                 + mem.temp_size_in_bytes) if mem is not None else None
+    xla_bytes = (
+        (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+        if mem is not None
+        else None
+    )
     state = init()
     state, loss = compiled(state, batch)  # Warm-up.
     jax.block_until_ready(loss)
@@ -139,21 +155,31 @@ def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
     ex_s = args.batch / dt
     useful = flops.train_flops_per_example(cfg, res, args.text_len, args.loss_tokens, RECIPES[recipe])
     n_tokens = flops.image_tokens(cfg, res) + args.text_len
-    return dict(examples_per_s=ex_s, tokens_per_s=ex_s * n_tokens, mfu=flops.mfu(useful, ex_s),
-                compile_s=compile_s, xla_gib=xla_bytes / 2**30 if xla_bytes is not None else None,
-                peak_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-                loss=float(loss), flops=useful, cfg=cfg, res=res)
+    return dict(
+        examples_per_s=ex_s,
+        tokens_per_s=ex_s * n_tokens,
+        mfu=flops.mfu(useful, ex_s),
+        compile_s=compile_s,
+        xla_gib=xla_bytes / 2**30 if xla_bytes is not None else None,
+        peak_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+        loss=float(loss),
+        flops=useful,
+        cfg=cfg,
+        res=res,
+    )
 
 
 def bench_hf(args, recipe, cfg, res) -> dict:
     """The same model, batch, sequence and trainable set through transformers (SDPA) + torch AdamW."""
     import torch
 
-    from paligemma_ft import hf
+    from paligemma_ft.checkpoints import hf
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    _, _, init, batch, _, _ = build(args.preset, "float32", None, "einsum", recipe, "chunked", args.batch,
-                                    args.text_len, args.loss_tokens)
+    _, _, init, batch, _, _ = build(
+        args.preset, "float32", None, "einsum", recipe, "chunked", args.batch, args.text_len, args.loss_tokens
+    )
     host = jax.device_get(jax.jit(lambda: init()["params"])())
     model = hf.to_hf_model(host, cfg, image_size=res, attn_implementation="sdpa").to(device, tdtype)
     del host
@@ -169,20 +195,24 @@ def bench_hf(args, recipe, cfg, res) -> dict:
     image_id = hf.to_hf_config(cfg, image_size=res).image_token_index  # The <image> placeholder id.
     text = torch.from_numpy(batch["text"][:, :-1].astype(np.int64))
     ids = torch.cat([torch.full((args.batch, n_img), image_id), text], 1).to(device)
-    ttype = torch.cat([torch.zeros((args.batch, n_img), dtype=torch.int64),
-                       torch.from_numpy(batch["mask_ar"][:, :-1].astype(np.int64))], 1).to(device)
+    ttype = torch.cat(
+        [
+            torch.zeros((args.batch, n_img), dtype=torch.int64),
+            torch.from_numpy(batch["mask_ar"][:, :-1].astype(np.int64)),
+        ],
+        1,
+    ).to(device)
     # HF shifts labels itself: label at position i is the token at i (predicted from i - 1).
     labels = torch.where(ttype.bool(), ids, torch.full_like(ids, -100))
     pix = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).to(device, tdtype)
-    kw = dict(input_ids=ids, pixel_values=pix, token_type_ids=ttype, attention_mask=torch.ones_like(ids),
-              labels=labels)
+    kw = dict(input_ids=ids, pixel_values=pix, token_type_ids=ttype, attention_mask=torch.ones_like(ids), labels=labels)
 
     def one():
-        out = model(**kw)
+        out = model(**kw)  # noqa: F821 - bench_hf deletes it after the timing loop.
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.step()  # noqa: F821
+        opt.zero_grad(set_to_none=True)  # noqa: F821
         return out.loss
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -221,29 +251,37 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
     args.loss_tokens = args.loss_tokens or max(1, args.text_len - 4)
-    head = ("| recipe | remat | attn | loss | examples/s | tokens/s | MFU | compile s | XLA GiB | peak GiB | "
-            "GFLOP/example |" + (" HF examples/s | HF peak GiB | ratio |" if args.hf else ""))
+    head = (
+        "| recipe | remat | attn | loss | examples/s | tokens/s | MFU | compile s | XLA GiB | peak GiB | "
+        "GFLOP/example |" + (" HF examples/s | HF peak GiB | ratio |" if args.hf else "")
+    )
     rows = []
     print(head, flush=True)
     for recipe, remat, attn, loss in itertools.product(args.recipes, args.remat, args.attn, args.loss):
         r = bench_jax(args, recipe, remat, attn, loss)
-        row = (f"| {recipe} | {remat or 'preset'} | {attn} | {loss} | {r['examples_per_s']:.2f} | "
-               f"{r['tokens_per_s']:.0f} | {_fmt(r['mfu'], '.1%')} | {r['compile_s']:.1f} | "
-               f"{_fmt(r['xla_gib'], '.3f')} | {_fmt(r['peak_gib'], '.2f')} | {r['flops'] / 1e9:.4g} |")
+        row = (
+            f"| {recipe} | {remat or 'preset'} | {attn} | {loss} | {r['examples_per_s']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {_fmt(r['mfu'], '.1%')} | {r['compile_s']:.1f} | "
+            f"{_fmt(r['xla_gib'], '.3f')} | {_fmt(r['peak_gib'], '.2f')} | {r['flops'] / 1e9:.4g} |"
+        )
         if args.hf:
             h = bench_hf(args, recipe, r["cfg"], r["res"])
-            row += f" {h['examples_per_s']:.2f} | {_fmt(h['peak_gib'], '.2f')} | " \
-                   f"{r['examples_per_s'] / h['examples_per_s']:.2f}x |"
+            row += (
+                f" {h['examples_per_s']:.2f} | {_fmt(h['peak_gib'], '.2f')} | "
+                f"{r['examples_per_s'] / h['examples_per_s']:.2f}x |"
+            )
         print(row, flush=True)
         rows.append(row)
     sep = "|" + "---|" * head.count(" |")
-    text = (f"\n## Training throughput ({datetime.date.today()}, `python bench/bench_train.py "
-            f"{' '.join(sys.argv[1:] if argv is None else argv)}`)\n\nDevice: {device_name()}; {args.preset}, batch "
-            f"{args.batch}, text {args.text_len} tokens ({args.loss_tokens} with loss), {args.dtype} parameters and "
-            f"compute, Adam, random weights, {args.steps} timed steps after one warm-up. MFU: useful FLOPs "
-            "(`paligemma_ft.flops`) over the chip's dense bf16 peak (n/a on CPU). XLA GiB: arguments + outputs - "
-            "donated + temporaries of the compiled step; peak GiB: the device allocator's peak so far (not on CPU)."
-            f"\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n")
+    text = (
+        f"\n## Training throughput ({datetime.date.today()}, `python bench/bench_train.py "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`)\n\nDevice: {device_name()}; {args.preset}, batch "
+        f"{args.batch}, text {args.text_len} tokens ({args.loss_tokens} with loss), {args.dtype} parameters and "
+        f"compute, Adam, random weights, {args.steps} timed steps after one warm-up. MFU: useful FLOPs "
+        "(`paligemma_ft.flops`) over the chip's dense bf16 peak (n/a on CPU). XLA GiB: arguments + outputs - "
+        "donated + temporaries of the compiled step; peak GiB: the device allocator's peak so far (not on CPU)."
+        f"\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n"
+    )
     print(text)
     if args.results:
         with open(args.results, "a") as f:

@@ -8,6 +8,7 @@ that allocator fragmentation is not counted. What remains grows with the number 
 
 Usage: python bench/orbax_save_memory.py [--arrays 100] [--size 1000] [--saves 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import importlib.metadata  # noqa: PLC0415 - after argument parsing: `--help` stays instant.
 
-    import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     trim(0)
     base = rss_mib()
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("jax", "orbax-checkpoint", "tensorstore"))
-    print(f"{versions}; {args.arrays} arrays x {args.size} float32; baseline {base:.0f} MiB after "
-          f"{args.warmup} saves")
+    print(f"{versions}; {args.arrays} arrays x {args.size} float32; baseline {base:.0f} MiB after {args.warmup} saves")
     every = max(args.saves // 4, 1)
     for n in range(1, args.saves + 1):
         save(args.warmup + n)

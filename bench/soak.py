@@ -12,6 +12,7 @@ the samples of an earlier run without training.
 
 Usage: python bench/soak.py [--steps 2000] [--ckpt-every 200] [--eval-every 250] [--workdir DIR] [--no-write]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ def rss_mib() -> float:
     except OSError:
         pass
     import psutil  # noqa: PLC0415 - only where /proc is missing.
+
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -79,15 +81,28 @@ def soak_config(steps: int, ckpt_every: int, eval_every: int):
     import ml_collections  # noqa: PLC0415
 
     from paligemma_ft.config import load_config  # noqa: PLC0415
+
     data = "{'source': 'shapes', 'n': 512, 'seed': 0, 'task': 'caption', 'image_size': 32}"
-    evals = ("{'val': {'type': 'caption', 'batch_size': 16, 'max_decode_len': 12, 'bootstrap': 0, "
-             f"'log_steps': {eval_every}, 'data': {{'source': 'shapes', 'n': 32, 'seed': 0, 'task': 'caption', "
-             "'image_size': 32, 'offset': 100000}}}")
-    c = load_config(str(ROOT / "configs" / "demo.py"), [
-        "--config.model_init=", "--config.model_name_or_preset=tiny_pg1", "--config.input.res=32",
-        f"--config.input.data={data}", "--config.input.text_len=24", "--config.input.batch_size=8",
-        f"--config.total_steps={steps}", f"--config.ckpt_steps={ckpt_every}", "--config.keep_ckpts=2",
-        f"--config.evals={evals}"]).to_dict()
+    evals = (
+        "{'val': {'type': 'caption', 'batch_size': 16, 'max_decode_len': 12, 'bootstrap': 0, "
+        f"'log_steps': {eval_every}, 'data': {{'source': 'shapes', 'n': 32, 'seed': 0, 'task': 'caption', "
+        "'image_size': 32, 'offset': 100000}}}"
+    )
+    c = load_config(
+        str(ROOT / "configs" / "demo.py"),
+        [
+            "--config.model_init=",
+            "--config.model_name_or_preset=tiny_pg1",
+            "--config.input.res=32",
+            f"--config.input.data={data}",
+            "--config.input.text_len=24",
+            "--config.input.batch_size=8",
+            f"--config.total_steps={steps}",
+            f"--config.ckpt_steps={ckpt_every}",
+            "--config.keep_ckpts=2",
+            f"--config.evals={evals}",
+        ],
+    ).to_dict()
     c["quiet"] = True
     return ml_collections.ConfigDict(c)
 
@@ -112,18 +127,29 @@ def summarize(samples: list[tuple[float, int, float]], steps: int, warmup: int, 
     first, last = y[x < warmup + span / 4], y[x >= steps - span / 4]
     fit = np.polyfit(x, y, 1)
     all_rss = np.array([r for _, _, r in samples])
-    return {"samples": len(samples), "start_mib": float(all_rss[0]), "peak_mib": float(all_rss.max()),
-            "peak_after_warmup_mib": float(max(r for _, r in after)),
-            "first_quarter_baseline_mib": float(np.median(first)), "last_quarter_baseline_mib": float(np.median(last)),
-            "growth_mib": float(np.median(last) - np.median(first)), "slope_mib_per_1000_steps": float(fit[0] * 1000),
-            "noise_mib": float(np.std(y - np.polyval(fit, x))), "warmup_steps": warmup, "window_steps": window}
+    return {
+        "samples": len(samples),
+        "start_mib": float(all_rss[0]),
+        "peak_mib": float(all_rss.max()),
+        "peak_after_warmup_mib": float(max(r for _, r in after)),
+        "first_quarter_baseline_mib": float(np.median(first)),
+        "last_quarter_baseline_mib": float(np.median(last)),
+        "growth_mib": float(np.median(last) - np.median(first)),
+        "slope_mib_per_1000_steps": float(fit[0] * 1000),
+        "noise_mib": float(np.std(y - np.polyval(fit, x))),
+        "warmup_steps": warmup,
+        "window_steps": window,
+    }
 
 
 def machine() -> str:
     cpu = platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
@@ -138,10 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--workdir", type=pathlib.Path, default=None, help="default: a temporary folder")
     parser.add_argument("--window", type=int, default=100, help="steps per baseline window")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="steps left out at the start (default: 2 x the longer of the two intervals)")
-    parser.add_argument("--from-csv", type=pathlib.Path, default=None,
-                        help="only summarize the rss.csv of an earlier soak run (no training)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="steps left out at the start (default: 2 x the longer of the two intervals)",
+    )
+    parser.add_argument(
+        "--from-csv",
+        type=pathlib.Path,
+        default=None,
+        help="only summarize the rss.csv of an earlier soak run (no training)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else 2 * max(args.ckpt_every, args.eval_every)
@@ -151,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(summarize(samples, args.steps, warmup, args.window), indent=2))
         return
 
-    from paligemma_ft import train  # noqa: PLC0415 - after argument parsing: `--help` stays instant.
     import jax  # noqa: PLC0415
+
+    from paligemma_ft.training import loop as train  # noqa: PLC0415 - after argument parsing: `--help` stays instant.
 
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="soak_"))
     config = soak_config(args.steps, args.ckpt_every, args.eval_every)
@@ -166,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - t0
         sampler.stop.set()
         sampler.join()
-        (workdir / "rss.csv").write_text("seconds,step,rss_mib\n" + "".join(
-            f"{t:.1f},{s},{r:.1f}\n" for t, s, r in sampler.samples))
+        (workdir / "rss.csv").write_text(
+            "seconds,step,rss_mib\n" + "".join(f"{t:.1f},{s},{r:.1f}\n" for t, s, r in sampler.samples)
+        )
     summary = summarize(sampler.samples, args.steps, warmup, args.window)
     summary.update(seconds=seconds, load_before=load_before, load_after=os.getloadavg()[0])
     print(json.dumps(summary, indent=2))
@@ -191,7 +227,8 @@ def write_results(s: dict, args: argparse.Namespace, device: str) -> None:
         f"{s['growth_mib']:+.1f} MiB | {s['slope_mib_per_1000_steps']:+.1f} | {s['noise_mib']:.1f} MiB |\n\n"
         f"Warm-up: the first {s['warmup_steps']} steps (compilation, first checkpoints and evaluations) are left "
         f"out; the baseline of each {s['window_steps']}-step window is its smallest sample (evaluations and "
-        "checkpoints allocate for a moment).\n")
+        "checkpoints allocate for a moment).\n"
+    )
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write(text)
     print(f"Appended to {RESULTS}", file=sys.stderr)

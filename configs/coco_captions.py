@@ -18,6 +18,7 @@ beams for evaluation). It trains every parameter, which needs accelerator memory
 slice or several large GPUs); on one GPU, freeze the image encoder (`schedule`) or lower `input.batch_size`.
 `--config.data_dir` is required: without it the run stops when it opens the data, naming the missing path.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -40,8 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Input pipeline -------------------------------------------------------------------------------------
     c.input = dict(
-        data=dict(source="coco", annotations=data_dir + "/annotations/captions_train2017.json",
-                  image_dir=data_dir + "/train2017"),
+        data=dict(
+            source="coco",
+            annotations=data_dir + "/annotations/captions_train2017.json",
+            image_dir=data_dir + "/train2017",
+        ),
         prefix="caption en",  # PaliGemma's captioning prompt.
         lowercase=False,  # Keep COCO's casing (the CIDEr tokenizer lower-cases anyway).
         res=224,  # Image side in pixels; must match the model.
@@ -76,8 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals = dict(
         val=dict(
             type="coco_caption",  # big_vision's name; CIDEr (the metric COCO reports), BLEU-1..4, ROUGE-L.
-            data=dict(source="coco", annotations=data_dir + "/annotations/captions_val2017.json",
-                      image_dir=data_dir + "/val2017"),
+            data=dict(
+                source="coco",
+                annotations=data_dir + "/annotations/captions_val2017.json",
+                image_dir=data_dir + "/val2017",
+            ),
             batch_size=64,  # Images decoded at once.
             max_decode_len=32,  # Caption tokens.
             sampler="beam(2)",  # big_vision's cococap decodes with 2 beams.

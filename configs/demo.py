@@ -10,6 +10,7 @@ top left and a small blue square in the bottom right": sizes and positions it wa
 generated scenes, and scores CIDEr, BLEU and ROUGE-L on 128 held-out scenes before and after. Every field can be
 overridden, e.g. `--config.total_steps=50` or `--config.input.batch_size=8`.
 """
+
 import ml_collections
 
 
@@ -53,7 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Caption metrics on 128 held-out scenes at step 0, step 150 and the end (examples 100 000+ of seed 0).
     c.evals = dict(
-        val=dict(type="caption", batch_size=64, max_decode_len=40, log_steps=150, bootstrap=0,
-                 data=dict(source="shapes", n=128, seed=0, task="long_caption", image_size=64, offset=100_000)),
+        val=dict(
+            type="caption",
+            batch_size=64,
+            max_decode_len=40,
+            log_steps=150,
+            bootstrap=0,
+            data=dict(source="shapes", n=128, seed=0, task="long_caption", image_size=64, offset=100_000),
+        ),
     )
     return c

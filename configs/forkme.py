@@ -24,6 +24,7 @@ Defaults follow big_vision's `transfers/forkme.py` template (PaliGemma 2 3B, 224
 text length 128); set `total_steps` from your data size. `--config.data_dir` is required: without it the run
 stops when it opens the data, naming `input.data.path`.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -89,11 +90,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- EDIT: evaluation on val.jsonl (at step 0 and at the end; `log_steps` / `log_percent` add more) -----
     c.evals = dict(
         # Teacher-forced loss and perplexity: works for every task.
-        val_loss=dict(type="perplexity", data=dict(source="jsonl", path=val_path), batch_size=8,
-                      log_percent=0.1),  # Also every 10 % of the run (cheap: no decoding).
+        val_loss=dict(
+            type="perplexity", data=dict(source="jsonl", path=val_path), batch_size=8, log_percent=0.1
+        ),  # Also every 10 % of the run (cheap: no decoding).
         # Decoded predictions scored as captions (CIDEr, BLEU, ROUGE-L), with a predictions JSONL and an HTML
         # gallery in workdir/eval. For question answering use type="vqa"; for "detect ..." use type="detection".
-        val=dict(type="caption", data=dict(source="jsonl", path=val_path), batch_size=8, max_decode_len=64,
-                 sampler="greedy", bootstrap=1000),
+        val=dict(
+            type="caption",
+            data=dict(source="jsonl", path=val_path),
+            batch_size=8,
+            max_decode_len=64,
+            sampler="greedy",
+            bootstrap=1000,
+        ),
     )
     return c

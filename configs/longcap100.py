@@ -26,6 +26,7 @@ To try the config on a laptop with the shipped demo model instead of the 3B one:
     --config.model_init=builtin:demo --config.tokenizer=builtin:tiny --config.model_name_or_preset="" \\
     --config.input.res=64
 """
+
 import ml_collections
 from ml_collections import config_dict
 

@@ -21,6 +21,7 @@ Metrics (type "vqa", big_vision's `transfers/vqa`): exact match against the firs
 configs (Adam b2 0.999, lr 1e-5, gradient clipping 1.0, cosine with 5 % warmup, text length 32); batch 64 and
 `total_steps` are a starting point to set from your data size.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -47,9 +48,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.val_split = "validation"
         c.fields = dict(image="image", prefix="question", suffix="answers")  # Feature names ("/" descends).
         train_data, val_data = (
-            dict(source="tfds", name=c.get_ref("tfds_name"), split=c.get_ref(split), data_dir=c.get_ref("data_dir"),
-                 fields=c.get_ref("fields"))
-            for split in ("train_split", "val_split"))
+            dict(
+                source="tfds",
+                name=c.get_ref("tfds_name"),
+                split=c.get_ref(split),
+                data_dir=c.get_ref("data_dir"),
+                fields=c.get_ref("fields"),
+            )
+            for split in ("train_split", "val_split")
+        )
 
     # --- Model ----------------------------------------------------------------------------------------------
     c.model_name_or_preset = "pg2_3b_224"  # Architecture (paligemma_ft.model.presets).

@@ -9,6 +9,7 @@ The loaded config is locked before overrides are applied, so a typo in an overri
 silently adding a field that nothing reads. Override values are Python literals read with `ast.literal_eval`
 (never `eval`); anything that is not a literal stays a string.
 """
+
 from __future__ import annotations
 
 import ast
@@ -73,7 +74,7 @@ def _close_matches(word: str, keys: list[str]) -> str:
 def _split_override(item: str) -> tuple[str, str]:
     """`--config.a.b=v`, `config.a.b=v` or `a.b=v` -> ("a.b", "v")."""
     body = item[2:] if item.startswith("--") else item
-    body = body[len("config."):] if body.startswith("config.") else body
+    body = body[len("config.") :] if body.startswith("config.") else body
     key, sep, raw = body.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r}: expected --config.KEY=VALUE, e.g. --config.total_steps=100")
@@ -100,13 +101,17 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     node, walked = config, []
     for depth, part in enumerate([*parents, leaf]):
         if not isinstance(node, (ml_collections.ConfigDict, dict)):
-            raise ValueError(f"override {item!r}: config.{'.'.join(walked)} is a {type(node).__name__}, "
-                             f"not a group of fields, so it has no field {part!r}")
+            raise ValueError(
+                f"override {item!r}: config.{'.'.join(walked)} is a {type(node).__name__}, "
+                f"not a group of fields, so it has no field {part!r}"
+            )
         if part not in node:
             where = "config." + ".".join(walked) if walked else "the config"
             keys = sorted(str(k) for k in node.keys())
-            raise ValueError(f"override {item!r}: unknown key config.{key} ({part!r} is not in {where}). "
-                             f"{_close_matches(part, keys)}Known keys there: {', '.join(keys)}")
+            raise ValueError(
+                f"override {item!r}: unknown key config.{key} ({part!r} is not in {where}). "
+                f"{_close_matches(part, keys)}Known keys there: {', '.join(keys)}"
+            )
         walked.append(part)
         if depth < len(parents):
             node = node[part]
@@ -114,8 +119,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     try:
         node[leaf] = value
     except TypeError as e:  # ConfigDict refuses e.g. 0.5 for an int field.
-        raise ValueError(f"override {item!r}: config.{key} is a {type(node[leaf]).__name__}, "
-                         f"got {value!r} ({e})") from None
+        raise ValueError(
+            f"override {item!r}: config.{key} is a {type(node[leaf]).__name__}, got {value!r} ({e})"
+        ) from None
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -141,8 +147,10 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     if isinstance(config, dict):
         config = ml_collections.ConfigDict(config)
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"config file {file}: get_config() returned a {type(config).__name__}, "
-                         "expected an ml_collections.ConfigDict")
+        raise ValueError(
+            f"config file {file}: get_config() returned a {type(config).__name__}, "
+            "expected an ml_collections.ConfigDict"
+        )
     config.lock()
     for item in overrides:
         apply_override(config, item)

@@ -11,11 +11,13 @@ token), compiled once per batch shape and option set, and sampling is seeded by 
 
 Axes: B batch, L prompt text length, P prompt length incl. image tokens, M max_decode_len, V vocab, K beams.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +34,11 @@ TRACE_COUNTS: dict[str, int] = {}
 
 # --- Samplers --------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """A parsed sampler spec: greedy, temperature(t), top_k(k, t=1), nucleus(p, t=1) (alias top_p), beam(n, alpha=0)."""
+
     kind: str
     temperature: float = 1.0
     k: int = 0
@@ -53,8 +57,9 @@ def parse_sampler(spec: str | Sampler) -> Sampler:
         return spec
     m = _SPEC.match(spec or "")
     if not m:
-        raise ValueError(f"Cannot parse sampler {spec!r}; e.g. 'greedy', 'temperature(0.7)', 'top_k(40)', "
-                         "'nucleus(0.9)', 'beam(3)'.")
+        raise ValueError(
+            f"Cannot parse sampler {spec!r}; e.g. 'greedy', 'temperature(0.7)', 'top_k(40)', 'nucleus(0.9)', 'beam(3)'."
+        )
     name, argstr = m.group(1), (m.group(2) or "").strip()
     pos, kw = [], {}
     for part in filter(None, (a.strip() for a in argstr.split(","))):
@@ -78,8 +83,11 @@ def parse_sampler(spec: str | Sampler) -> Sampler:
     if name in ("nucleus", "top_p"):
         return Sampler("nucleus", p=kw.get("p", first if first is not None else 1.0), temperature=t)
     if name == "beam":
-        return Sampler("beam", beam_size=int(kw.get("n", first or 1)),
-                       length_penalty=kw.get("alpha", pos[1] if len(pos) > 1 else 0.0))
+        return Sampler(
+            "beam",
+            beam_size=int(kw.get("n", first or 1)),
+            length_penalty=kw.get("alpha", pos[1] if len(pos) > 1 else 0.0),
+        )
     raise ValueError(f"Unknown sampler {name!r}: use greedy, temperature, top_k, nucleus (top_p) or beam.")
 
 
@@ -105,6 +113,7 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, sampler: Sampler) -> jax.Ar
 
 # --- The decode functions ---------------------------------------------------------------------------------------
 
+
 def _with_cache_dtype(model: Model, cache_dtype: str | None) -> Model:
     llm = dict(model.llm or {})
     llm["cache_dtype"] = cache_dtype
@@ -113,18 +122,30 @@ def _with_cache_dtype(model: Model, cache_dtype: str | None) -> Model:
 
 def _prefill(model: Model, params: PyTree, batch: Mapping[str, jax.Array], max_decode_len: int):
     (x, input_mask, mask_ar), _ = model.apply(
-        {"params": params}, batch["image"], batch["text"], input_mask=batch["mask_input"],
-        mask_ar=batch["mask_ar"], method=model.embed_image_and_text)
+        {"params": params},
+        batch["image"],
+        batch["text"],
+        input_mask=batch["mask_input"],
+        mask_ar=batch["mask_ar"],
+        method=model.embed_image_and_text,
+    )
     logits, variables = model.apply(
-        {"params": params}, x, input_mask, mask_ar, cache_size=x.shape[1] + max_decode_len,
-        method=model.prefill_cache, mutable=("cache",))
+        {"params": params},
+        x,
+        input_mask,
+        mask_ar,
+        cache_size=x.shape[1] + max_decode_len,
+        method=model.prefill_cache,
+        mutable=("cache",),
+    )
     return logits[:, 0], variables["cache"]
 
 
 def _extend(model: Model, params: PyTree, cache: PyTree, tokens: jax.Array):
     x, _ = model.apply({"params": params}, tokens[:, None], method=model.embed_text)
-    logits, variables = model.apply({"params": params, "cache": cache}, x, method=model.extend_cache,
-                                    mutable=("cache",))
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, x, method=model.extend_cache, mutable=("cache",)
+    )
     return logits[:, 0], variables["cache"]
 
 
@@ -154,8 +175,14 @@ def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_toke
         logits, cache = _extend(model, params, cache, tok)
         return i + 1, tokens, logp, done, logits, cache
 
-    init = (jnp.int32(0), jnp.zeros((b, max_decode_len), jnp.int32), jnp.zeros((b, max_decode_len), jnp.float32),
-            jnp.logical_not(valid), logits, cache)
+    init = (
+        jnp.int32(0),
+        jnp.zeros((b, max_decode_len), jnp.int32),
+        jnp.zeros((b, max_decode_len), jnp.float32),
+        jnp.logical_not(valid),
+        logits,
+        cache,
+    )
     _, tokens, logp, _, _, _ = jax.lax.while_loop(cond, body, init)
     return tokens, logp
 
@@ -215,7 +242,7 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
     state = (jnp.int32(0), live_seq, live_score, fin_seq, fin_score, logits, cache)
     _, live_seq, live_score, fin_seq, fin_score, _, _ = jax.lax.while_loop(cond, body, state)
     # A row with no finished hypothesis (none ended within max_decode_len) falls back to its live beams.
-    none_finished = (fin_score[:, :1] <= _NEG_INF / 2)
+    none_finished = fin_score[:, :1] <= _NEG_INF / 2
     seqs = jnp.where(none_finished[:, :, None], live_seq, fin_seq)
     scores = jnp.where(none_finished, live_score, fin_score)
     order = jnp.argsort(-scores, axis=-1)  # Sorted best first.
@@ -240,15 +267,25 @@ def _get_fn(model: Model, max_decode_len: int, sampler: Sampler, eos_token: int)
 
         def fn(params, batch, rng):
             TRACE_COUNTS[key] = TRACE_COUNTS.get(key, 0) + 1  # Runs once per trace, i.e. per compilation.
-            return loop(model, params, batch, rng, max_decode_len=max_decode_len, sampler=sampler,
-                        eos_token=eos_token)
+            return loop(model, params, batch, rng, max_decode_len=max_decode_len, sampler=sampler, eos_token=eos_token)
+
         _COMPILED[key] = _Compiled(jax.jit(fn), key)
     return _COMPILED[key].fn
 
 
-def decode(model: Model, params: PyTree, batch: Mapping[str, Any], *, max_decode_len: int,
-           sampler: str | Sampler = "greedy", eos_token: int = 1, cache_dtype: str | None = "bfloat16",
-           return_logp: bool = False, rng: jax.Array | int | None = None, return_beams: bool = False):
+def decode(
+    model: Model,
+    params: PyTree,
+    batch: Mapping[str, Any],
+    *,
+    max_decode_len: int,
+    sampler: str | Sampler = "greedy",
+    eos_token: int = 1,
+    cache_dtype: str | None = "bfloat16",
+    return_logp: bool = False,
+    rng: jax.Array | int | None = None,
+    return_beams: bool = False,
+):
     """Decodes up to `max_decode_len` tokens per row.
 
     Args:
@@ -286,8 +323,13 @@ def decode(model: Model, params: PyTree, batch: Mapping[str, Any], *, max_decode
     return (tokens, logp) if return_logp else tokens
 
 
-def trace_count(model: Model, max_decode_len: int, sampler: str | Sampler = "greedy", eos_token: int = 1,
-                cache_dtype: str | None = "bfloat16") -> int:
+def trace_count(
+    model: Model,
+    max_decode_len: int,
+    sampler: str | Sampler = "greedy",
+    eos_token: int = 1,
+    cache_dtype: str | None = "bfloat16",
+) -> int:
     """How many times the decode function for these options was traced (compiled)."""
     key = f"{_with_cache_dtype(model, cache_dtype)!r}|{max_decode_len}|{parse_sampler(sampler)}|{eos_token}"
     return TRACE_COUNTS.get(key, 0)

@@ -12,13 +12,14 @@ Counting rules (the ones the MFU figure uses, written down so that numbers from 
   trainable parameter therefore costs its forward pass alone; a frozen layer above a trainable one costs forward
   plus the activation gradient. Activation-activation products (scores, values) follow the same rule per operand.
 * A trainable set is `True`/`False`/`None` (all/none/all), a regex (full match), a predicate over names, or a
-  boolean pytree like the parameters (what `paligemma_ft.optim.trainable_mask` returns). Names are big_vision's
+  boolean pytree like the parameters (what `paligemma_ft.training.optim.trainable_mask` returns). Names are big_vision's
   (`img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel`, `llm/layers/attn/q_einsum/w`; unscanned layouts
   have `encoderblock_{i}` and `layers/{i}`).
 
 Axes: P image tokens, L text tokens, T = P + L, D LLM width, Dv ViT width, F / Fv MLP dims, N heads, K kv heads,
 H head dim, V vocab, S keys attended when decoding.
 """
+
 from __future__ import annotations
 
 import collections
@@ -54,6 +55,7 @@ _DEVICES: list[tuple[str, float, float, float]] = [
 def _device_kind(device: Any) -> str:
     if device is None:
         import jax  # noqa: PLC0415 - only when asked about the local device.
+
         device = jax.devices()[0]
     return (device if isinstance(device, str) else getattr(device, "device_kind", str(device))).lower()
 
@@ -83,8 +85,9 @@ def device_memory(device: Any = None) -> float | None:
     return row[3] if row else None
 
 
-def mfu(flops_per_example: float, examples_per_sec: float, device: Any = None, num_devices: int | None = None
-        ) -> float | None:
+def mfu(
+    flops_per_example: float, examples_per_sec: float, device: Any = None, num_devices: int | None = None
+) -> float | None:
     """Model FLOPs utilization in [0, 1]: useful FLOP/s over the peak of all `num_devices` chips.
 
     Args:
@@ -100,11 +103,13 @@ def mfu(flops_per_example: float, examples_per_sec: float, device: Any = None, n
         return None
     if num_devices is None:
         import jax  # noqa: PLC0415
+
         num_devices = jax.device_count()
     return flops_per_example * examples_per_sec / (peak * num_devices)
 
 
 # --- Trainable sets ----------------------------------------------------------------------------------------------
+
 
 def as_predicate(trainable: Trainable) -> Callable[[str], bool]:
     """Any accepted trainable-set form as `name -> bool` (see the module docstring).
@@ -126,13 +131,17 @@ def as_predicate(trainable: Trainable) -> Callable[[str], bool]:
 
     def lookup(name: str) -> bool:
         if name not in table:
-            raise ValueError(f"The trainable tree has no parameter {name!r} (is it for another model, or the "
-                             f"other scan layout?); it holds e.g. {sorted(table)[:3]}.")
+            raise ValueError(
+                f"The trainable tree has no parameter {name!r} (is it for another model, or the "
+                f"other scan layout?); it holds e.g. {sorted(table)[:3]}."
+            )
         return table[name]
+
     return lookup
 
 
 # --- The walk over the model -----------------------------------------------------------------------------------
+
 
 class _Count:
     """Walks the model's products in forward order, tracking which activations need gradients."""
@@ -147,8 +156,9 @@ class _Count:
         self.params[name] += numel
         return self.is_trainable(name)
 
-    def dense(self, part: str, live: bool, weight: str, m: int, k: int, n: int, bias: str | None = None,
-              tied: bool = False) -> bool:
+    def dense(
+        self, part: str, live: bool, weight: str, m: int, k: int, n: int, bias: str | None = None, tied: bool = False
+    ) -> bool:
         """y[m, n] = x[m, k] · W[k, n] (+ b); returns whether y depends on a trainable parameter.
 
         `tied`: W was registered already (the output layer reuses the input embedding)."""
@@ -189,7 +199,9 @@ def _vit(c: _Count, img: Mapping[str, Any], res: int, llm_width: int, part: str 
         b = "img/Transformer/encoderblock/" if img.get("scan") else f"img/Transformer/encoderblock_{i}/"
         y = c.norm(live, (b + "LayerNorm_0/scale", dv), (b + "LayerNorm_0/bias", dv))
         a = b + "MultiHeadDotProductAttention_0/"
-        q, k, v = (c.dense(part, y, f"{a}{n}/kernel", p, dv, dv, bias=f"{a}{n}/bias") for n in ("query", "key", "value"))
+        q, k, v = (
+            c.dense(part, y, f"{a}{n}/kernel", p, dv, dv, bias=f"{a}{n}/bias") for n in ("query", "key", "value")
+        )
         probs = c.product(part, q, k, 2.0 * p * p * dv)
         att = c.product(part, probs, v, 2.0 * p * p * dv)
         live |= c.dense(part, att, a + "out/kernel", p, dv, dv, bias=a + "out/bias")
@@ -242,8 +254,9 @@ def image_tokens(model_cfg: Mapping[str, Any], res: int) -> int:
     return _image_tokens(_resolve(model_cfg)[0], res)
 
 
-def _walk_train(model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None,
-                trainable: Trainable) -> _Count:
+def _walk_train(
+    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None, trainable: Trainable
+) -> _Count:
     img, llm = _resolve(model_cfg)
     loss_tokens = text_len if loss_tokens is None else int(loss_tokens)
     if not 0 <= loss_tokens <= text_len:
@@ -257,8 +270,9 @@ def _walk_train(model_cfg: Mapping[str, Any], res: int, text_len: int, loss_toke
     return c
 
 
-def train_flops_breakdown(model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None,
-                          trainable: Trainable = True) -> dict[str, float]:
+def train_flops_breakdown(
+    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None, trainable: Trainable = True
+) -> dict[str, float]:
     """FLOPs of one training example by part and pass.
 
     Args:
@@ -274,14 +288,16 @@ def train_flops_breakdown(model_cfg: Mapping[str, Any], res: int, text_len: int,
     return dict(_walk_train(model_cfg, res, text_len, loss_tokens, trainable).flops)
 
 
-def train_flops_per_example(model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None,
-                            trainable: Trainable = True) -> float:
+def train_flops_per_example(
+    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None, trainable: Trainable = True
+) -> float:
     """Useful FLOPs of one training example: forward plus the backward products the trainable set needs."""
     return float(sum(train_flops_breakdown(model_cfg, res, text_len, loss_tokens, trainable).values()))
 
 
-def forward_flops_per_example(model_cfg: Mapping[str, Any], res: int, text_len: int,
-                              loss_tokens: int | None = None) -> float:
+def forward_flops_per_example(
+    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None
+) -> float:
     """FLOPs of one teacher-forced forward pass (evaluation losses): the training count with nothing trainable."""
     return train_flops_per_example(model_cfg, res, text_len, loss_tokens, trainable=False)
 
@@ -304,6 +320,7 @@ def parameter_names(model_cfg: Mapping[str, Any], res: int) -> dict[str, int]:
 
 # --- Decoding -------------------------------------------------------------------------------------------------
 
+
 def prefill_flops(model_cfg: Mapping[str, Any], res: int, prompt_len: int) -> float:
     """FLOPs of the prefill of one example: the ViT, the LLM over P + prompt_len tokens, one logits row."""
     _, llm = _resolve(model_cfg)
@@ -320,24 +337,33 @@ def decode_flops_per_token(model_cfg: Mapping[str, Any], context_len: int) -> fl
     _llm_layers(c, llm, False, 1)
     attn_1x1 = 2 * 2.0 * n * h * llm["depth"]
     # ... plus attention over the context, plus the full vocabulary projection.
-    return c.flops["llm/forward"] - attn_1x1 + 2 * 2.0 * context_len * n * h * llm["depth"] + 2.0 * d * llm["vocab_size"]
+    return (
+        c.flops["llm/forward"] - attn_1x1 + 2 * 2.0 * context_len * n * h * llm["depth"] + 2.0 * d * llm["vocab_size"]
+    )
 
 
 def _itemsize(dtype: Any) -> int:
-    import numpy as np  # noqa: PLC0415
     import ml_dtypes  # noqa: F401, PLC0415 - registers bfloat16 with numpy.
+    import numpy as np  # noqa: PLC0415
+
     return np.dtype(dtype).itemsize
 
 
-def kv_cache_bytes(model_cfg: Mapping[str, Any], context_len: int, batch: int = 1,
-                   cache_dtype: Any = "bfloat16") -> float:
+def kv_cache_bytes(
+    model_cfg: Mapping[str, Any], context_len: int, batch: int = 1, cache_dtype: Any = "bfloat16"
+) -> float:
     """Bytes of the K and V caches holding `context_len` positions for `batch` rows."""
     _, llm = _resolve(model_cfg)
     return 2.0 * llm["depth"] * batch * context_len * llm["num_kv_heads"] * llm["head_dim"] * _itemsize(cache_dtype)
 
 
-def decode_bytes_per_step(model_cfg: Mapping[str, Any], context_len: int, batch: int = 1,
-                          param_dtype: Any = "bfloat16", cache_dtype: Any = "bfloat16") -> float:
+def decode_bytes_per_step(
+    model_cfg: Mapping[str, Any],
+    context_len: int,
+    batch: int = 1,
+    param_dtype: Any = "bfloat16",
+    cache_dtype: Any = "bfloat16",
+) -> float:
     """Bytes read from memory by one decode step: every LLM parameter once (the embedding table is read whole
     by the logits) plus the K/V cache of `context_len` positions for each of `batch` rows. The ViT is not read."""
     llm_params = param_counts(model_cfg, _min_res(model_cfg))["llm"]  # The LLM's size does not depend on res.
@@ -349,8 +375,14 @@ def _min_res(model_cfg: Mapping[str, Any]) -> int:
     return int(math.lcm(*img["patch_size"]))
 
 
-def decode_bandwidth_limit(model_cfg: Mapping[str, Any], context_len: int, batch: int = 1, device: Any = None,
-                           param_dtype: Any = "bfloat16", cache_dtype: Any = "bfloat16") -> float | None:
+def decode_bandwidth_limit(
+    model_cfg: Mapping[str, Any],
+    context_len: int,
+    batch: int = 1,
+    device: Any = None,
+    param_dtype: Any = "bfloat16",
+    cache_dtype: Any = "bfloat16",
+) -> float | None:
     """Upper bound on decoded tokens/s (all rows together) set by memory bandwidth; None for CPUs."""
     bw = peak_bandwidth(device)
     if bw is None:
@@ -359,6 +391,7 @@ def decode_bandwidth_limit(model_cfg: Mapping[str, Any], context_len: int, batch
 
 
 # --- Counting a traced function (an independent check of the arithmetic above) -------------------------------
+
 
 def _sub_jaxprs(params: Mapping[str, Any]):
     for value in params.values():

@@ -7,11 +7,13 @@ notebook and the trainer's evaluations share.
 
 Checkpoint specs (`model_init` in configs):
   `builtin:NAME`     a model shipped in the package (`builtin:demo`, `paligemma_ft/assets/demo.npz`)
-  `kaggle:HANDLE`    a released checkpoint, fetched with kagglehub or read from its cache (`paligemma_ft.kaggle`)
+  `kaggle:HANDLE`    a released checkpoint, fetched with kagglehub or read from its cache
+                     (`paligemma_ft.checkpoints.kaggle`)
   `DIR`              another run's workdir: its exported `DIR/params.npz`
   `FILE.npz[:sub]`   a big_vision `.npz`, optionally one subtree (`:img`, `:llm`)
 The architecture comes from a preset name when given, otherwise it is inferred from the parameter shapes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma_ft import checkpoint as ckpt_lib
 from paligemma_ft import decode as decode_lib
 from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.data import transforms
 from paligemma_ft.model import Model, get_preset, infer_config_from_shapes
 
@@ -45,19 +47,24 @@ def resolve_checkpoint(spec: str) -> str:
         name = spec.removeprefix("builtin:")
         path = str(importlib.resources.files("paligemma_ft") / "assets" / f"{name}.npz")
         if name not in BUILTIN_MODELS or not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint {spec!r}: no such builtin model (known: "
-                                    f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}); looked for {path}")
+            raise FileNotFoundError(
+                f"checkpoint {spec!r}: no such builtin model (known: "
+                f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}); looked for {path}"
+            )
         return path
     if spec.startswith("kaggle:"):
-        from paligemma_ft import kaggle  # noqa: PLC0415 - kagglehub is imported only when needed.
+        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - kagglehub is imported only when needed.
+
         return str(kaggle.resolve_model_init(spec))
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         export = os.path.join(path, "params.npz")
         if not os.path.exists(export):
-            raise FileNotFoundError(f"checkpoint {spec!r} is a folder without params.npz; a run writes it at the "
-                                    "end of training (its orbax checkpoints in checkpoints/ are resumed by "
-                                    "`paligemma-ft train`, not read here)")
+            raise FileNotFoundError(
+                f"checkpoint {spec!r} is a folder without params.npz; a run writes it at the "
+                "end of training (its orbax checkpoints in checkpoints/ are resumed by "
+                "`paligemma-ft train`, not read here)"
+            )
         return export
     if not os.path.exists(ckpt_lib.split_selector(path)[0]):
         raise FileNotFoundError(f"checkpoint {spec!r}: {ckpt_lib.split_selector(path)[0]} does not exist")
@@ -70,16 +77,19 @@ def _plain(tree: Any) -> dict:
     return tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)
 
 
-def model_config(preset: str | None, path: str | None, overrides: Mapping[str, Any] | None = None
-                 ) -> tuple[dict[str, Any], int | None]:
+def model_config(
+    preset: str | None, path: str | None, overrides: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], int | None]:
     """`(Model kwargs, resolution)` from a preset name, else the checkpoint's shapes; `overrides` per tower."""
     if preset:
         cfg, res = get_preset(preset)
     elif path is not None:
         cfg, res = infer_config_from_shapes(ckpt_lib.names_and_shapes(ckpt_lib.load_params(path)))
     else:
-        raise ValueError("the model is undefined: set config.model_name_or_preset (e.g. 'tiny_pg1') or "
-                         "config.model_init (a checkpoint whose shapes define the model)")
+        raise ValueError(
+            "the model is undefined: set config.model_name_or_preset (e.g. 'tiny_pg1') or "
+            "config.model_init (a checkpoint whose shapes define the model)"
+        )
     extra = _plain(overrides)
     unknown = set(extra) - {"img", "llm"}
     if unknown:
@@ -97,8 +107,9 @@ def init_shapes(model: Model, res: int, text_len: int) -> PyTree:
 def _per_example_loss(model: Model, params: PyTree, batch: dict) -> jax.Array:
     """f32[B]: mean next-token loss over `mask_loss[:, 1:]` positions of each row."""
     text = batch["text"]
-    pre_logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], batch["mask_ar"][:, :-1],
-                                method=model.prelogits)
+    pre_logits, _ = model.apply(
+        {"params": params}, batch["image"], text[:, :-1], batch["mask_ar"][:, :-1], method=model.prelogits
+    )
     logits = model.apply({"params": params}, pre_logits, method=model.compute_logits)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, text[:, 1:, None], axis=-1)[..., 0]
@@ -121,7 +132,7 @@ def _loss_fn(model: Model) -> Any:
 def until_eos(row: Sequence[int], eos: int = 1) -> list[int]:
     """The tokens of one decoded row before its first EOS."""
     row = [int(t) for t in row]
-    return row[:row.index(eos)] if eos in row else row
+    return row[: row.index(eos)] if eos in row else row
 
 
 class Predictor:
@@ -132,22 +143,38 @@ class Predictor:
       res: the image side the model expects; `prompt_len`: prompt tokens for `predict_images`.
     """
 
-    def __init__(self, model: Model, params: PyTree, tok: tokenizer_lib.Tokenizer, *, res: int,
-                 max_decode_len: int = 32, sampler: str = "greedy", prompt_len: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        model: Model,
+        params: PyTree,
+        tok: tokenizer_lib.Tokenizer,
+        *,
+        res: int,
+        max_decode_len: int = 32,
+        sampler: str = "greedy",
+        prompt_len: int = 32,
+        seed: int = 0,
+    ):
         self.model, self.params, self.tok, self.res = model, params, tok, int(res)
         self.max_decode_len, self.sampler, self.prompt_len = int(max_decode_len), sampler, int(prompt_len)
         self._rng = jax.random.PRNGKey(seed)
 
-    def generate(self, batch: Mapping[str, Any], *, max_decode_len: int | None = None,
-                 sampler: str | None = None) -> list[str]:
+    def generate(
+        self, batch: Mapping[str, Any], *, max_decode_len: int | None = None, sampler: str | None = None
+    ) -> list[str]:
         """One string per row of `batch` (`image f32[B, R, R, 3]`, `text, mask_ar, mask_input i32[B, L]`, optional
         `_mask bool[B]`: padding rows, False, do not keep the decode loop running)."""
         keys = ("image", "text", "mask_ar", "mask_input", "_mask")
         arrays = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
         self._rng, rng = jax.random.split(self._rng)
-        tokens = decode_lib.decode(self.model, self.params, arrays, rng=rng,
-                                   max_decode_len=max_decode_len or self.max_decode_len,
-                                   sampler=sampler or self.sampler)
+        tokens = decode_lib.decode(
+            self.model,
+            self.params,
+            arrays,
+            rng=rng,
+            max_decode_len=max_decode_len or self.max_decode_len,
+            sampler=sampler or self.sampler,
+        )
         return [self.tok.decode(until_eos(row)) for row in np.asarray(tokens)]
 
     def losses(self, batch: Mapping[str, Any]) -> np.ndarray:
@@ -177,9 +204,15 @@ class Predictor:
         return self.generate(self.prompt_batch(images, prompt), **decode_kw)
 
 
-def load_predictor(checkpoint: str = "builtin:demo", tokenizer: str | None = None, *, preset: str | None = None,
-                   model_overrides: Mapping[str, Any] | None = None, res: int | None = None,
-                   **kwargs: Any) -> Predictor:
+def load_predictor(
+    checkpoint: str = "builtin:demo",
+    tokenizer: str | None = None,
+    *,
+    preset: str | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    res: int | None = None,
+    **kwargs: Any,
+) -> Predictor:
     """A `Predictor` for a checkpoint spec (see the module docstring) on the default device.
 
     Args:
@@ -195,8 +228,10 @@ def load_predictor(checkpoint: str = "builtin:demo", tokenizer: str | None = Non
     path = resolve_checkpoint(checkpoint)
     if tokenizer is None:
         if not checkpoint.startswith("builtin:"):
-            raise ValueError(f"checkpoint {checkpoint!r} needs a tokenizer: pass a SentencePiece .model path "
-                             "(paligemma_tokenizer.model) or builtin:tiny")
+            raise ValueError(
+                f"checkpoint {checkpoint!r} needs a tokenizer: pass a SentencePiece .model path "
+                "(paligemma_tokenizer.model) or builtin:tiny"
+            )
         tokenizer = "builtin:tiny"
     tok = tokenizer_lib.Tokenizer.from_spec(tokenizer)
     cfg, ckpt_res = model_config(preset, path, model_overrides)

@@ -12,6 +12,7 @@
   Tactic strings are parsed as literals with `ast`, never evaluated.
 * Batches go over the data axes: `("data", "fsdp")` when both exist, so FSDP devices also split the batch.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,6 +40,7 @@ DEFAULT_BATCH_AXES = ("data", "fsdp")
 
 # --- Mesh ----------------------------------------------------------------------------------------------------
 
+
 def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
     """Builds a `Mesh` from `[(axis_name, size), ...]`; one size may be -1 (whatever devices remain).
 
@@ -60,16 +62,21 @@ def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"config.mesh {list(mesh_cfg)} cannot be laid over {len(devices)} devices: "
-                             f"{len(devices)} is not divisible by {known}.")
+            raise ValueError(
+                f"config.mesh {list(mesh_cfg)} cannot be laid over {len(devices)} devices: "
+                f"{len(devices)} is not divisible by {known}."
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"config.mesh {list(mesh_cfg)} needs {math.prod(sizes)} devices but there are "
-                         f"{len(devices)}; use -1 for one axis to fill the rest.")
+        raise ValueError(
+            f"config.mesh {list(mesh_cfg)} needs {math.prod(sizes)} devices but there are "
+            f"{len(devices)}; use -1 for one axis to fill the rest."
+        )
     return Mesh(mesh_utils.create_device_mesh(sizes, devices=devices), tuple(names))
 
 
 # --- Tactics -------------------------------------------------------------------------------------------------
+
 
 def _axes(axis: Any) -> tuple[str, ...]:
     return (axis,) if isinstance(axis, str) else tuple(axis)
@@ -78,8 +85,9 @@ def _axes(axis: Any) -> tuple[str, ...]:
 def _axis_size(mesh: Mesh, axis: Any, rule: str) -> int:
     for a in _axes(axis):
         if a not in mesh.shape:
-            raise ValueError(f"Sharding tactic {rule!r} names mesh axis {a!r}, but the mesh has "
-                             f"{tuple(mesh.axis_names)}.")
+            raise ValueError(
+                f"Sharding tactic {rule!r} names mesh axis {a!r}, but the mesh has {tuple(mesh.axis_names)}."
+            )
     return math.prod(mesh.shape[a] for a in _axes(axis))
 
 
@@ -107,10 +115,10 @@ def _fsdp(axis: Any = "data", min_size_mb: float = 4, *, min_size_to_shard_mb: f
         # Largest dimension first; among equal sizes the later dimension (as big_vision's reversed argsort).
         for i in sorted(range(len(shape)), key=lambda i: (shape[i], i), reverse=True):
             if spec[i] is None and shape[i] % size == 0:
-                return spec[:i] + (axis,) + spec[i + 1:]
-        log.info("fsdp: no free dimension of %s %s is divisible by %s=%d; left as %s.", name, shape, axis, size,
-                 spec)
+                return spec[:i] + (axis,) + spec[i + 1 :]
+        log.info("fsdp: no free dimension of %s %s is divisible by %s=%d; left as %s.", name, shape, axis, size, spec)
         return spec
+
     return op
 
 
@@ -128,9 +136,11 @@ def _shard_dim(axis: Any, dim: int) -> Op:
         if _used_axes(spec) & set(_axes(axis)):
             raise ValueError(f"{rule}: parameter {name!r} already uses mesh axis {axis!r} (spec {spec}).")
         if shape[d] % size:
-            raise ValueError(f"{rule}: dim {d} of parameter {name!r} (shape {shape}) is not divisible by the "
-                             f"axis size {size}.")
-        return spec[:d] + (axis,) + spec[d + 1:]
+            raise ValueError(
+                f"{rule}: dim {d} of parameter {name!r} (shape {shape}) is not divisible by the axis size {size}."
+            )
+        return spec[:d] + (axis,) + spec[d + 1 :]
+
     return op
 
 
@@ -186,8 +196,10 @@ def _apply(ops: Sequence[Op], shape: tuple[int, ...], itemsize: int, mesh: Mesh,
 def _matched_tactics(params: PyTree, strategy: Sequence[tuple[str, str]]) -> dict[str, list[Op]]:
     """name -> ops of the first matching rule (each tactic string parsed once)."""
     parsed = [(pattern, parse_tactic(tactic)) for pattern, tactic in strategy]
-    return {name: match_first(parsed, name, what="sharding (config.sharding_strategy)")
-            for name, _ in tree_flatten_with_names(params)}
+    return {
+        name: match_first(parsed, name, what="sharding (config.sharding_strategy)")
+        for name, _ in tree_flatten_with_names(params)
+    }
 
 
 def infer_sharding(params: PyTree, strategy: Sequence[tuple[str, str]], mesh: Mesh) -> PyTree:
@@ -198,12 +210,14 @@ def infer_sharding(params: PyTree, strategy: Sequence[tuple[str, str]], mesh: Me
     """
     tactics = _matched_tactics(params, strategy)
     return tree_map_with_names(
-        lambda name, x: NamedSharding(mesh, _apply(tactics[name], tuple(x.shape), np.dtype(x.dtype).itemsize,
-                                                   mesh, name)), params)
+        lambda name, x: NamedSharding(
+            mesh, _apply(tactics[name], tuple(x.shape), np.dtype(x.dtype).itemsize, mesh, name)
+        ),
+        params,
+    )
 
 
-def opt_state_sharding(opt_state: PyTree, params: PyTree, strategy: Sequence[tuple[str, str]], mesh: Mesh
-                       ) -> PyTree:
+def opt_state_sharding(opt_state: PyTree, params: PyTree, strategy: Sequence[tuple[str, str]], mesh: Mesh) -> PyTree:
     """Shardings for an optimizer state (arrays or shapes) that follow the parameters'.
 
     A state leaf whose name ends with a parameter's name (e.g. `1/inner_state/0/mu/llm/.../w`) takes that
@@ -222,15 +236,18 @@ def opt_state_sharding(opt_state: PyTree, params: PyTree, strategy: Sequence[tup
                 if tuple(x.shape) == shapes[pname]:
                     return param_shardings[pname]
                 try:
-                    return NamedSharding(mesh, _apply(tactics[pname], tuple(x.shape), np.dtype(x.dtype).itemsize,
-                                                      mesh, name))
+                    return NamedSharding(
+                        mesh, _apply(tactics[pname], tuple(x.shape), np.dtype(x.dtype).itemsize, mesh, name)
+                    )
                 except ValueError:
                     break  # e.g. shard_dim on a factored leaf with fewer dims: replicate it.
         return NamedSharding(mesh, PartitionSpec())
+
     return tree_map_with_names(place, opt_state)
 
 
 # --- Batches -------------------------------------------------------------------------------------------------
+
 
 def batch_axes(mesh: Mesh, data_axes: Sequence[str] | None = None) -> tuple[str, ...]:
     """The mesh axes that split the batch: `data_axes` (default ("data", "fsdp")) present in the mesh, in mesh
@@ -258,12 +275,15 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, data_axes: Sequence[str
     shards = math.prod(mesh.shape[a] for a in axes)
     procs = jax.process_count()
     if global_batch % shards or global_batch % procs:
-        raise ValueError(f"input.batch_size={global_batch} must be divisible by the {shards} batch shards of mesh "
-                         f"{dict(mesh.shape)} (axes {axes}) and by the {procs} processes; try "
-                         f"{math.lcm(shards, procs) * max(1, -(-global_batch // math.lcm(shards, procs)))}.")
+        raise ValueError(
+            f"input.batch_size={global_batch} must be divisible by the {shards} batch shards of mesh "
+            f"{dict(mesh.shape)} (axes {axes}) and by the {procs} processes; try "
+            f"{math.lcm(shards, procs) * max(1, -(-global_batch // math.lcm(shards, procs)))}."
+        )
 
 
 # --- Multi-host ----------------------------------------------------------------------------------------------
+
 
 def _multi_host_env() -> str | None:
     """The environment variable that says this process is one of several, if any."""

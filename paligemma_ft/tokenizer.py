@@ -18,6 +18,7 @@ keeps `mask_ar` 1, as big_vision's `tolen`, so pads never join the prefix. Too-l
 end (an over-long suffix loses its EOS) and the builders return a `truncated` flag; callers count the flags and
 report how many examples were cut, since silently truncated targets teach the model never to stop.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -71,8 +72,9 @@ class Tokenizer:
         if spec.startswith("builtin:"):
             key = spec.removeprefix("builtin:")
             if key not in BUILTIN:
-                raise ValueError(f"Unknown tokenizer {spec!r}: builtin tokenizers are "
-                                 f"{', '.join('builtin:' + k for k in BUILTIN)}.")
+                raise ValueError(
+                    f"Unknown tokenizer {spec!r}: builtin tokenizers are {', '.join('builtin:' + k for k in BUILTIN)}."
+                )
             data = (importlib.resources.files("paligemma_ft") / "assets" / BUILTIN[key]).read_bytes()
             return cls(data, name=spec)
         return cls(os.path.expanduser(spec))
@@ -149,7 +151,7 @@ class Tokenizer:
         """
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if stop_at_eos and self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
+            ids = ids[: ids.index(self.eos_id)]
         ids = [i for i in ids if i != self.pad_id]
         self._check_ids(ids)
         return self._sp.DecodeIds(ids)
@@ -170,20 +172,26 @@ class Tokenizer:
             raise ValueError(f"{kind} index {n} is outside [0, {count}).")
         i = self._piece_id(piece)
         if i is None:
-            raise ValueError(f"Tokenizer {self.name} has no piece {piece}; PaliGemma's tokenizer (and builtin:tiny) "
-                             f"append <loc0000>..<loc1023> and <seg000>..<seg127>.")
+            raise ValueError(
+                f"Tokenizer {self.name} has no piece {piece}; PaliGemma's tokenizer (and builtin:tiny) "
+                f"append <loc0000>..<loc1023> and <seg000>..<seg127>."
+            )
         return i
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"Token id {bad[0]} is outside the vocabulary of tokenizer {self.name} "
-                             f"(size {self.vocab_size}); does the model's vocabulary match the tokenizer?")
+            raise ValueError(
+                f"Token id {bad[0]} is outside the vocabulary of tokenizer {self.name} "
+                f"(size {self.vocab_size}); does the model's vocabulary match the tokenizer?"
+            )
 
 
 def _missing_message(path: str) -> str:
-    return (f"Tokenizer file {path!r} not found. Give the path of a SentencePiece .model file (e.g. PaliGemma's "
-            f"paligemma_tokenizer.model) or one of: {', '.join('builtin:' + k for k in BUILTIN)}.")
+    return (
+        f"Tokenizer file {path!r} not found. Give the path of a SentencePiece .model file (e.g. PaliGemma's "
+        f"paligemma_tokenizer.model) or one of: {', '.join('builtin:' + k for k in BUILTIN)}."
+    )
 
 
 def _load(data: bytes, name: str) -> spm.SentencePieceProcessor:
@@ -210,17 +218,24 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, *, source: str) -> 
       UserWarning: the tokenizer is smaller; it works, but the model can emit ids the tokenizer cannot decode.
     """
     if tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"Tokenizer {tokenizer.name} has {tokenizer.vocab_size} pieces but the model from {source} "
-                         f"embeds only {model_vocab_size}; ids >= {model_vocab_size} would index out of range. "
-                         "Use the tokenizer the model was trained with (or extend the model's vocabulary).")
+        raise ValueError(
+            f"Tokenizer {tokenizer.name} has {tokenizer.vocab_size} pieces but the model from {source} "
+            f"embeds only {model_vocab_size}; ids >= {model_vocab_size} would index out of range. "
+            "Use the tokenizer the model was trained with (or extend the model's vocabulary)."
+        )
     if tokenizer.vocab_size < model_vocab_size:
-        warnings.warn(f"Tokenizer {tokenizer.name} has {tokenizer.vocab_size} pieces, fewer than the "
-                      f"{model_vocab_size} embeddings of the model from {source}; generated ids above "
-                      f"{tokenizer.vocab_size - 1} cannot be decoded.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"Tokenizer {tokenizer.name} has {tokenizer.vocab_size} pieces, fewer than the "
+            f"{model_vocab_size} embeddings of the model from {source}; generated ids above "
+            f"{tokenizer.vocab_size - 1} cannot be decoded.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
-def _to_length(parts: Sequence[tuple[list[int], Mapping[str, int]]], length: int,
-               pad: Mapping[str, int]) -> tuple[Example, bool]:
+def _to_length(
+    parts: Sequence[tuple[list[int], Mapping[str, int]]], length: int, pad: Mapping[str, int]
+) -> tuple[Example, bool]:
     """Concatenates `(ids, {mask: value})` parts, then cuts or pads to `length` (big_vision `masked_concat`+`tolen`).
 
     Returns:
@@ -234,8 +249,9 @@ def _to_length(parts: Sequence[tuple[list[int], Mapping[str, int]]], length: int
         for key, value in masks.items():
             arrays[key] += [value] * len(ids)
     total = len(arrays["text"])
-    out = {key: np.asarray((values + [pad[key]] * (length - total))[:length], np.int32)
-           for key, values in arrays.items()}
+    out = {
+        key: np.asarray((values + [pad[key]] * (length - total))[:length], np.int32) for key, values in arrays.items()
+    }
     return out, total > length
 
 
@@ -259,9 +275,11 @@ def make_train_example(tok: Tokenizer, prefix: str, suffix: str, length: int) ->
       (`{"text", "mask_ar", "mask_loss"}` each int32[length], `truncated`): `truncated` is True when the
       sequence was longer than `length` and was cut (an over-long suffix then loses its EOS).
     """
-    parts = [(tok.encode(prefix, add_bos=True), {"mask_ar": 0, "mask_loss": 0}),
-             (tok.sep_ids, {"mask_ar": 0, "mask_loss": 0}),
-             (tok.encode(suffix, add_eos=True), {"mask_ar": 1, "mask_loss": 1})]
+    parts = [
+        (tok.encode(prefix, add_bos=True), {"mask_ar": 0, "mask_loss": 0}),
+        (tok.sep_ids, {"mask_ar": 0, "mask_loss": 0}),
+        (tok.encode(suffix, add_eos=True), {"mask_ar": 1, "mask_loss": 1}),
+    ]
     return _to_length(parts, length, pad={"text": 0, "mask_ar": 1, "mask_loss": 0})
 
 
@@ -283,9 +301,11 @@ def make_prompt(tok: Tokenizer, prefix: str, length: int, suffix: str = "") -> t
     Returns:
       (`{"text", "mask_ar", "mask_input"}` each int32[length], `truncated`).
     """
-    parts = [(tok.encode(prefix, add_bos=True), {"mask_ar": 0, "mask_input": 1}),
-             (tok.sep_ids, {"mask_ar": 0, "mask_input": 1}),
-             (tok.encode(suffix), {"mask_ar": 1, "mask_input": 1})]
+    parts = [
+        (tok.encode(prefix, add_bos=True), {"mask_ar": 0, "mask_input": 1}),
+        (tok.sep_ids, {"mask_ar": 0, "mask_input": 1}),
+        (tok.encode(suffix), {"mask_ar": 1, "mask_input": 1}),
+    ]
     return _to_length(parts, length, pad={"text": 0, "mask_ar": 1, "mask_input": 0})
 
 
@@ -303,6 +323,8 @@ def stack(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
             raise ValueError(f"Example {index} has keys {sorted(example)}, expected {keys}.")
         for key in keys:
             if np.shape(example[key]) != np.shape(examples[0][key]):
-                raise ValueError(f"Example {index} key {key!r} has shape {np.shape(example[key])}, "
-                                 f"expected {np.shape(examples[0][key])}.")
+                raise ValueError(
+                    f"Example {index} key {key!r} has shape {np.shape(example[key])}, "
+                    f"expected {np.shape(examples[0][key])}."
+                )
     return {key: np.stack([np.asarray(example[key]) for example in examples]) for key in keys}

@@ -6,6 +6,7 @@ Every parameter has one name: the keys of its path through the tree joined with 
 become decimal strings (`llm/layers/0/...` in the non-scan layout). Rules that pick a sharding, a trainable set
 or a weight-decay mask are `(regex, value)` pairs matched against these names with `match_first`.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,10 @@ def _key_to_str(entry: Any) -> str:
         part = str(entry)
     # A `/` inside a key would make the joined name ambiguous and `recover_tree` would build another tree.
     if "/" in part or not part:
-        raise ValueError(f"Tree key {part!r} cannot be part of a '/'-joined parameter name "
-                         "(keys must be non-empty and contain no '/').")
+        raise ValueError(
+            f"Tree key {part!r} cannot be part of a '/'-joined parameter name "
+            "(keys must be non-empty and contain no '/')."
+        )
     return part
 
 
@@ -43,8 +46,7 @@ def path_to_name(path: Sequence[Any]) -> str:
     return "/".join(_key_to_str(entry) for entry in path)
 
 
-def tree_flatten_with_names(tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None
-                            ) -> list[tuple[str, Any]]:
+def tree_flatten_with_names(tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
     """Flattens `tree` into `(name, leaf)` pairs in `jax.tree.leaves` order (dict keys sorted).
 
     Args:
@@ -79,7 +81,7 @@ def recover_tree(names: Iterable[str], leaves: Iterable[Any]) -> dict[str, Any]:
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"Parameter name {name!r} clashes with the leaf {'/'.join(parts[:depth + 1])!r}.")
+                raise ValueError(f"Parameter name {name!r} clashes with the leaf {'/'.join(parts[: depth + 1])!r}.")
             node = child
         if parts[-1] in node:
             what = "appears twice" if not isinstance(node[parts[-1]], dict) else "is also a sub-tree"
@@ -88,14 +90,16 @@ def recover_tree(names: Iterable[str], leaves: Iterable[Any]) -> dict[str, Any]:
     return tree
 
 
-def tree_map_with_names(fn: Callable[..., Any], tree: PyTree, *rest: PyTree,
-                        is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+def tree_map_with_names(
+    fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[Any], bool] | None = None
+) -> PyTree:
     """Like `jax.tree.map`, but `fn(name, leaf, *rest_leaves)` also receives the leaf's `/`-joined name.
 
     Example: `tree_map_with_names(lambda n, x: n.endswith("/kernel"), params)` is a weight-decay mask.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf, *others: fn(path_to_name(path), leaf, *others), tree, *rest, is_leaf=is_leaf)
+        lambda path, leaf, *others: fn(path_to_name(path), leaf, *others), tree, *rest, is_leaf=is_leaf
+    )
 
 
 def match_first(rules: Sequence[tuple[str, T]], name: str, *, what: str) -> T:
@@ -117,11 +121,12 @@ def match_first(rules: Sequence[tuple[str, T]], name: str, *, what: str) -> T:
         except re.error as e:
             raise ValueError(f"Invalid {what} rule regex {pattern!r}: {e}") from e
     patterns = [pattern for pattern, _ in rules]
-    raise ValueError(f"No {what} rule matches parameter {name!r}; patterns tried (full match, in order): "
-                     f"{patterns}. Add a rule for it, e.g. a final ('.*', ...) catch-all.")
+    raise ValueError(
+        f"No {what} rule matches parameter {name!r}; patterns tried (full match, in order): "
+        f"{patterns}. Add a rule for it, e.g. a final ('.*', ...) catch-all."
+    )
 
 
 def names_and_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     """`{name: shape}` for every leaf that has a `.shape` (arrays, `jax.ShapeDtypeStruct`)."""
     return {name: tuple(leaf.shape) for name, leaf in tree_flatten_with_names(tree) if hasattr(leaf, "shape")}
-

@@ -13,6 +13,7 @@ same Pillow). The expected outcome of each case is asserted in `tests/test_bad_i
 
 Usage: `python scripts/make_bad_corpus.py [--out DIR]` (default: tests/data/bad next to this script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,23 +59,25 @@ def png_with_wrong_crc() -> bytes:
     data = bytearray(_encode(Image.new("RGB", (8, 8), (200, 30, 40)), "PNG"))
     pos = 8  # After the signature: walk the chunks to IDAT.
     while True:
-        length = struct.unpack(">I", data[pos:pos + 4])[0]
-        if data[pos + 4:pos + 8] == b"IDAT":
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        if data[pos + 4 : pos + 8] == b"IDAT":
             data[pos + 8 + length] ^= 0xFF  # First byte of the CRC.
             return bytes(data)
         pos += 12 + length
 
 
 def _animated_gif() -> bytes:
-    frames = [Image.new("RGB", (8, 8), c).convert("P", palette=Image.Palette.ADAPTIVE)
-              for c in ((200, 30, 40), (20, 40, 220), (30, 200, 40))]
+    frames = [
+        Image.new("RGB", (8, 8), c).convert("P", palette=Image.Palette.ADAPTIVE)
+        for c in ((200, 30, 40), (20, 40, 220), (30, 200, 40))
+    ]
     out = io.BytesIO()
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     return out.getvalue()
 
 
 def _gray16() -> bytes:
-    values = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535.
+    values = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369  # 0 .. 65535.
     return _encode(Image.fromarray(values), "PNG")
 
 
@@ -118,8 +121,12 @@ CASES: dict[str, bytes] = {
     "wrong_type_suffix": _line({"image": "images/good.jpg", "suffix": 42}),
     "wrong_type_prefix": _line({"image": "images/good.jpg", "prefix": ["caption", "en"], "suffix": "x"}),
     "wrong_type_image": _line({"image": 7, "suffix": "an image that is a number"}),
-    "long_caption": _line({"image": "images/good.jpg",
-                           "suffix": ("a very long caption " * (LONG_CAPTION_CHARS // 20))[:LONG_CAPTION_CHARS]}),
+    "long_caption": _line(
+        {
+            "image": "images/good.jpg",
+            "suffix": ("a very long caption " * (LONG_CAPTION_CHARS // 20))[:LONG_CAPTION_CHARS],
+        }
+    ),
     "path_escape": _line({"image": "../outside/secret.png", "suffix": "a file outside the dataset folder"}),
 }
 
@@ -145,7 +152,7 @@ def write_corpus(out: pathlib.Path) -> list[pathlib.Path]:
     written.append(secret)
     good = good_lines()
     for case, line in CASES.items():
-        lines = good[:CASE_LINE - 1] + [line] + good[CASE_LINE - 1:]
+        lines = good[: CASE_LINE - 1] + [line] + good[CASE_LINE - 1 :]
         path = out / "dataset" / f"{case}.jsonl"
         path.write_bytes(b"\n".join(lines) + b"\n")
         written.append(path)

@@ -13,6 +13,7 @@ Byte fallback makes any text encodable (unseen characters become their UTF-8 byt
 
 Usage: `python scripts/make_tiny_tokenizer.py [--out PATH]`. Running it twice writes identical bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,45 @@ DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "paligemma_ft" / "as
 
 COLOURS = "red green blue yellow purple orange white black gray pink brown cyan".split()
 SHAPES = "circle square triangle star rectangle ellipse cross diamond".split()
-POSITIONS = ["top", "bottom", "left", "right", "center", "middle", "upper", "lower", "corner",
-             "top left", "top right", "bottom left", "bottom right", "upper left", "lower right"]
+POSITIONS = [
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "center",
+    "middle",
+    "upper",
+    "lower",
+    "corner",
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+    "upper left",
+    "lower right",
+]
 SIZES = "big small large tiny".split()
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                "sixteen seventeen eighteen nineteen twenty").split()
-PROMPTS = ["caption en", "describe en", "answer en how many", "detect", "question en", "ocr", "cap en",
-           "segment", "answer en what color is the", "answer en where is the"]
-COMMON = ("a an the of on in and there is are with image picture photo background shape shapes color colour "
-          "what where which how many count number it this that some no yes to at by for from near next "
-          "above below under over beside between object objects drawn plain").split()
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+).split()
+PROMPTS = [
+    "caption en",
+    "describe en",
+    "answer en how many",
+    "detect",
+    "question en",
+    "ocr",
+    "cap en",
+    "segment",
+    "answer en what color is the",
+    "answer en where is the",
+]
+COMMON = (
+    "a an the of on in and there is are with image picture photo background shape shapes color colour "
+    "what where which how many count number it this that some no yes to at by for from near next "
+    "above below under over beside between object objects drawn plain"
+).split()
 
 
 def _plural(shape: str) -> str:
@@ -84,14 +114,27 @@ def _train_base() -> model_pb2.ModelProto:
     """Trains the `BASE_VOCAB`-piece BPE model (special ids as PaliGemma: pad 0, eos 1, bos 2, unk 3)."""
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=corpus(), model_writer=buffer, model_type="bpe", vocab_size=BASE_VOCAB,
+        sentence_iterator=corpus(),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=BASE_VOCAB,
         hard_vocab_limit=True,  # Exactly BASE_VOCAB, so the extra pieces land where the presets expect.
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, split_digits=True, character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
         # Like Gemma: text is kept as written (no NFKC, no dummy prefix, whitespace kept), "\n" is a piece.
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_by_whitespace=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
         num_threads=1,  # One thread: the merge order then cannot depend on scheduling.
-        minloglevel=2)
+        minloglevel=2,
+    )
     proto = model_pb2.ModelProto()
     proto.ParseFromString(buffer.getvalue())
     return proto

@@ -4,6 +4,7 @@ The suite is dominated by XLA compile time on CPU, so LLVM's optimization level 
 are off (compiles ~2.5x faster). Results stay float32-exact where tests compare two computations, since both run
 under the same flags; benchmarks never run with these flags.
 """
+
 import os
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

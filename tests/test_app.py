@@ -4,6 +4,7 @@ command, and a screenshot of the served page through headless Chromium (skipped 
 AppTest runs the page in this process: uploads go through `at.file_uploader[0].upload(...)` (supported by the
 installed Streamlit), the sample picker through the radio and select box.
 """
+
 import os
 import shutil
 import socket
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_ft import app, app_logic, cli
-from paligemma_ft import checkpoint as ckpt_lib
+from paligemma_ft.checkpoints import npz as ckpt_lib
+from paligemma_ft.commands import app, app_logic, cli
 from paligemma_ft.data import shapes
 
 st_testing = pytest.importorskip("streamlit.testing.v1", reason="the app tests need streamlit (the test extra)")
@@ -32,8 +33,10 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def huge_png_header(width: int = 20_000, height: int = 20_000) -> bytes:
     """A tiny file whose PNG header claims `width x height` pixels (a decompression bomb in miniature)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -120,7 +123,7 @@ def test_detection_boxes_are_parsed_and_drawn():
     assert drawn.shape == image.shape
     # The outline sits on the box's edges: the left edge column is drawn, the box's centre stays white.
     x0, y0, y1 = round(box.x0 * 200), round(box.y0 * 100), round(box.y1 * 100)
-    assert (drawn[y0 + 5:y1 - 5, x0] != 255).any(axis=-1).all()
+    assert (drawn[y0 + 5 : y1 - 5, x0] != 255).any(axis=-1).all()
     assert (drawn[(y0 + y1) // 2, round((box.x0 + box.x1) * 100)] == 255).all()
     plain = app_logic.run_prediction(FixedPredictor("a red circle"), image, "caption en")
     assert plain.boxes == () and not plain.malformed
@@ -173,10 +176,12 @@ def test_page_captions_a_sample_and_an_upload(monkeypatch, demo):
 def test_page_shows_messages_for_bad_uploads(monkeypatch, demo):
     at = run_page(monkeypatch)
     labelled(at.radio, "Image").set_value("upload").run()
-    cases = [("notes.txt", b"not an image at all", "text/plain", "is not an image the app can read"),
-             ("photo.png", b"\x89PNG\r\n\x1a\n garbage", "image/png", "is not an image the app can read"),
-             ("bomb.png", huge_png_header(), "image/png", "is too large"),
-             ("empty.jpg", b"", "image/jpeg", "is empty")]
+    cases = [
+        ("notes.txt", b"not an image at all", "text/plain", "is not an image the app can read"),
+        ("photo.png", b"\x89PNG\r\n\x1a\n garbage", "image/png", "is not an image the app can read"),
+        ("bomb.png", huge_png_header(), "image/png", "is too large"),
+        ("empty.jpg", b"", "image/jpeg", "is empty"),
+    ]
     for name, data, mime, phrase in cases:
         at.file_uploader[0].set_value((name, data, mime)).run()
         assert_no_traceback(at)
@@ -204,8 +209,11 @@ def test_page_tasks_options_and_detections(monkeypatch):
     at.text_input[0].set_value("how many squares are there?").run()
     labelled(at.sidebar.selectbox, "Sampler").set_value("nucleus(0.9)").run()
     at.sidebar.slider[0].set_value(5).run()
-    assert fake.calls[-1] == (1, "answer en how many squares are there?", {"sampler": "nucleus(0.9)",
-                                                                            "max_decode_len": 5})
+    assert fake.calls[-1] == (
+        1,
+        "answer en how many squares are there?",
+        {"sampler": "nucleus(0.9)", "max_decode_len": 5},
+    )
     assert any("`answer en how many squares are there?`" in m.value for m in at.markdown)
     at.text_input[0].set_value("  ").run()
     assert [w.value for w in at.warning][-1] == "Type a question first."
@@ -224,7 +232,7 @@ def test_app_command_launches_streamlit_with_the_model(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     assert cli.main(["app", "--checkpoint", "runs/x", "--tokenizer", "tok.model", "--port", "8600"]) == 0
-    (cmd, env), = calls
+    ((cmd, env),) = calls
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == PAGE
     flags = dict(zip(cmd[5::2], cmd[6::2]))
     assert flags["--server.port"] == "8600" and flags["--server.maxUploadSize"] == str(app_logic.MAX_UPLOAD_MB)
@@ -272,20 +280,33 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 90) -> None
 def test_screenshot_of_the_served_page(tmp_path):
     port = _free_port()
     env = {**os.environ, app_logic.ENV_CHECKPOINT: "builtin:demo", "HOME": str(tmp_path)}
-    proc = subprocess.Popen(app_logic.streamlit_command(PAGE, port), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        app_logic.streamlit_command(PAGE, port),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(f"{base}/_stcore/health", proc)
-        browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                   f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900",
-                   "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw"]
+        browser = [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,900",
+            "--virtual-time-budget=60000",
+            "--run-all-compositor-stages-before-draw",
+        ]
         # Virtual time does not wait for the server: the first visits load the model and compile the decoder
         # (cached in the server process); visit until a page holds the model's answer, then take the shot.
         deadline, dom = time.monotonic() + 240, ""
         while time.monotonic() < deadline and proc.poll() is None:
-            dom = subprocess.run([*browser, "--dump-dom", base], capture_output=True, text=True,
-                                 timeout=120).stdout
+            dom = subprocess.run([*browser, "--dump-dom", base], capture_output=True, text=True, timeout=120).stdout
             if "Latency" in dom:
                 break
             time.sleep(5)  # Let the abandoned visit's run finish loading and compiling instead of piling up.

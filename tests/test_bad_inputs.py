@@ -5,6 +5,7 @@ counted once with its file, line and reason while every good example still arriv
 with a `BadExample` whose message starts with `file:line`. Unusual but valid inputs (a 1x1 image, CMYK, 16-bit,
 an animated GIF, a 100 000-character caption) are accepted under both policies.
 """
+
 import collections
 import importlib.util
 import pathlib
@@ -119,8 +120,11 @@ def test_error_policy_names_file_and_line(tok, case):
 def test_error_policy_accepts_unusual_but_valid_inputs(tok, case):
     path = DATASET / f"{case}.jsonl"
     data = input_cfg(path)["data"]
-    batches = list(pipeline.make_eval_batches(data, input_cfg(path, bad_input="error"), tok, 5, kind="train",
-                                              process_index=0, process_count=1))
+    batches = list(
+        pipeline.make_eval_batches(
+            data, input_cfg(path, bad_input="error"), tok, 5, kind="train", process_index=0, process_count=1
+        )
+    )
     assert len(batches) == 1 and batches[0]["_mask"].all()
     meta = batches[0]["_meta"][CASE_LINE - 1]
     assert meta["line"] == CASE_LINE and meta["id"] == f"{case}.jsonl:{CASE_LINE}"
@@ -145,8 +149,11 @@ def test_all_cases_in_one_file_through_evaluation(tok, tmp_path, kind):
     path.write_bytes(b"\n".join(script.CASES[n] for n in names) + b"\n")
     report = pipeline.BadInputReport()
     data = input_cfg(path)["data"]
-    batches = list(pipeline.make_eval_batches(data, input_cfg(path), tok, 4, kind=kind,
-                                              process_index=0, process_count=1, report=report))
+    batches = list(
+        pipeline.make_eval_batches(
+            data, input_cfg(path), tok, 4, kind=kind, process_index=0, process_count=1, report=report
+        )
+    )
     metas = [m for b in batches for m in b["_meta"]]
     mask = [bool(v) for b in batches for v in b["_mask"]]
     accepted_lines = {m["line"] for m, ok in zip(metas, mask) if ok}
@@ -154,13 +161,20 @@ def test_all_cases_in_one_file_through_evaluation(tok, tmp_path, kind):
     bad_rows = {m["line"]: m["bad"] for m in metas if m.get("bad")}
     assert bad_rows and all(expected[names[line - 1]] == reason for line, reason in bad_rows.items())
     assert sorted(report.entries, key=lambda e: e[1]) == [
-        (str(path), i + 1, expected[n]) for i, n in enumerate(names) if expected[n] is not None]
+        (str(path), i + 1, expected[n]) for i, n in enumerate(names) if expected[n] is not None
+    ]
     assert report.counts == dict(collections.Counter(v for v in expected.values() if v is not None))
     with pytest.raises(BadExample, match=re.escape(f"{path}:")) as info:
-        list(pipeline.make_eval_batches(data, input_cfg(path, bad_input="error"), tok, 4, kind=kind,
-                                        process_index=0, process_count=1))
+        list(
+            pipeline.make_eval_batches(
+                data, input_cfg(path, bad_input="error"), tok, 4, kind=kind, process_index=0, process_count=1
+            )
+        )
     # Rows that cannot be parsed fail when the file is read, before any image is opened.
-    parse_time = [i + 1 for i, n in enumerate(names)
-                  if expected[n] in ("malformed_json", "non_utf8", "missing_image_field", "bad_field")]
+    parse_time = [
+        i + 1
+        for i, n in enumerate(names)
+        if expected[n] in ("malformed_json", "non_utf8", "missing_image_field", "bad_field")
+    ]
     assert info.value.line == min(parse_time)
     assert info.value.reason == expected[names[info.value.line - 1]]

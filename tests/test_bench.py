@@ -1,4 +1,5 @@
 """The benchmarks measure the trainer's computation (they cannot import it: it needs grain and orbax)."""
+
 import functools
 import importlib.util
 import pathlib
@@ -6,7 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from paligemma_ft import train
+from paligemma_ft.training import loop as train
 
 _PATH = pathlib.Path(__file__).parent.parent / "bench" / "bench_train.py"
 _spec = importlib.util.spec_from_file_location("bench_train", _PATH)
@@ -26,13 +27,21 @@ def test_bench_step_is_the_trainers_computation():
     state = {"params": params, "opt": jax.eval_shape(tx.init, params)}
 
     def trace(loss):
-        return str(jax.make_jaxpr(functools.partial(bench_train.train_step, loss=functools.partial(loss, model=model),
-                                                    tx=tx, trainable=trainable))(state, batch))
+        return str(
+            jax.make_jaxpr(
+                functools.partial(
+                    bench_train.train_step, loss=functools.partial(loss, model=model), tx=tx, trainable=trainable
+                )
+            )(state, batch)
+        )
+
     # The trainer's update, fed the same gradients, traces identically up to its metrics and RNG handling.
     ours = trace(bench_train.chunked_loss)
-    trainer = str(jax.make_jaxpr(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable))(
-        {**state, "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
-        batch))
+    trainer = str(
+        jax.make_jaxpr(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable))(
+            {**state, "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}, batch
+        )
+    )
     assert bench_train.chunked_loss is train.loss_fn
     assert ours.count("dot_general") == trainer.count("dot_general") > 0
     assert trace(bench_train.full_loss) != ours  # The "before" loss is another computation.
@@ -49,8 +58,12 @@ def _compiled_step_flops(pattern: str) -> tuple[float, float]:
     schedule = [(pattern, {"decay_type": "constant"}), (".*", None)]
     tx, _ = bench_train.optim.make_optimizer(dict(schedule=schedule), shapes, total_steps=10)
     trainable = bench_train.optim.trainable_mask(shapes, schedule)
-    state = {"params": shapes, "opt": jax.eval_shape(tx.init, shapes), "step": jax.ShapeDtypeStruct((), jnp.int32),
-             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    state = {
+        "params": shapes,
+        "opt": jax.eval_shape(tx.init, shapes),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
     batch = bench_train.make_batch(4, res, 8, 5, 1600)
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable))
     compiled = step.lower(state, batch).compile(compiler_options={"xla_backend_optimization_level": 0})

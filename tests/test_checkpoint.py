@@ -1,4 +1,5 @@
 """Tests for big_vision `.npz` checkpoint IO: format, adaptation to the model, validation and placement."""
+
 import logging
 import os
 import zipfile
@@ -9,9 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import scipy.ndimage
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from paligemma_ft import checkpoint as ckpt
+from paligemma_ft.checkpoints import npz as ckpt
 from paligemma_ft.utils import recover_tree, tree_flatten_with_names
 
 # Real PaliGemma names with tiny shapes (scan layout: depth 2 stacked on axis 0).
@@ -243,11 +245,13 @@ def test_vocab_larger_than_model_is_not_truncated():
 def _unscanned_shapes():
     shapes = {}
     for name, shape in SHAPES.items():
-        for stacked, fmt in (("img/Transformer/encoderblock/", "img/Transformer/encoderblock_{i}/"),
-                             ("llm/layers/", "llm/layers/{i}/")):
+        for stacked, fmt in (
+            ("img/Transformer/encoderblock/", "img/Transformer/encoderblock_{i}/"),
+            ("llm/layers/", "llm/layers/{i}/"),
+        ):
             if name.startswith(stacked):
                 for i in range(shape[0]):
-                    shapes[fmt.format(i=i) + name[len(stacked):]] = shape[1:]
+                    shapes[fmt.format(i=i) + name[len(stacked) :]] = shape[1:]
                 break
         else:
             shapes[name] = shape
@@ -262,8 +266,9 @@ def test_scan_to_per_layer_and_back_round_trip(caplog):
     ckpt.check_params(per_layer, per_layer_expected, source="x")
     f = flat(per_layer)
     assert "img/Transformer/encoderblock_1/LayerNorm_0/scale" in f and "llm/layers/0/attn/kv_einsum/w" in f
-    np.testing.assert_array_equal(f["llm/layers/1/mlp/gating_einsum"], scanned["llm"]["layers"]["mlp"]
-                                  ["gating_einsum"][1])
+    np.testing.assert_array_equal(
+        f["llm/layers/1/mlp/gating_einsum"], scanned["llm"]["layers"]["mlp"]["gating_einsum"][1]
+    )
     assert "scan layout (depth 2) to per-layer" in caplog.text
     back = ckpt.adapt_params(per_layer, abstract(scanned))
     assert_bit_exact(back, scanned)
@@ -353,13 +358,15 @@ def test_place_params_single_sharding_callable_dtypes_and_keep_input():
     mesh = jax.make_mesh((8,), ("data",))
     params = make_params(ml_dtypes.bfloat16)
     replicated = NamedSharding(mesh, P())
-    placed = ckpt.place_params(params, replicated, lambda n: jnp.float32 if n.startswith("img/") else None,
-                               consume=False)
+    placed = ckpt.place_params(
+        params, replicated, lambda n: jnp.float32 if n.startswith("img/") else None, consume=False
+    )
     assert flat(params).keys() == flat(placed).keys()  # Input left intact.
     assert placed["img"]["head"]["kernel"].dtype == jnp.float32
     assert placed["llm"]["final_norm"]["scale"].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(placed["img"]["head"]["kernel"]),
-                                  params["img"]["head"]["kernel"].astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(placed["img"]["head"]["kernel"]), params["img"]["head"]["kernel"].astype(np.float32)
+    )
 
 
 def test_place_params_missing_sharding_fails_before_moving_anything():

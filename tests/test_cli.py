@@ -1,16 +1,18 @@
 """Config loading with overrides, and the `paligemma-ft` command line (download, inspect, errors)."""
+
 import json
 import textwrap
 
 import ml_collections
 import pytest
 
-from paligemma_ft import cli
-from paligemma_ft.config import load_config, parse_value, save_config
 # The Kaggle tests' fake kagglehub cache; `isolated` is autouse there, so it also blocks the network here.
 from test_kaggle import PG2, PG2_FILE, isolated, put_file  # noqa: F401 - `isolated` is a fixture.
 
-CONFIG = '''
+from paligemma_ft.commands import cli
+from paligemma_ft.config import load_config, parse_value, save_config
+
+CONFIG = """
 import ml_collections
 
 
@@ -28,7 +30,7 @@ def get_config(arg=None):
     c.tokenizer = "builtin:tiny"
     c.pad_token_id = 0
     return c
-'''
+"""
 
 
 @pytest.fixture
@@ -39,9 +41,18 @@ def config_file(tmp_path):
 
 
 def test_overrides_parse_literals_and_nested_keys(config_file):
-    c = load_config(config_file, ["--config.total_steps=25", "--config.optim.lr=2e-4", "config.optim.betas=[0.8, 0.9]",
-                                  "optim.clip=1.0", "--config.model.img.variant=So400m/14",
-                                  "--config.model_init='other.npz'", "--config.use_ema=true"])
+    c = load_config(
+        config_file,
+        [
+            "--config.total_steps=25",
+            "--config.optim.lr=2e-4",
+            "config.optim.betas=[0.8, 0.9]",
+            "optim.clip=1.0",
+            "--config.model.img.variant=So400m/14",
+            "--config.model_init='other.npz'",
+            "--config.use_ema=true",
+        ],
+    )
     assert c.total_steps == 25 and isinstance(c.total_steps, int)
     assert c.optim.lr == pytest.approx(2e-4) and c.optim.clip == 1.0
     assert tuple(c.optim.betas) == (0.8, 0.9)
@@ -130,7 +141,8 @@ def test_download_of_an_uncached_model_without_credentials_fails_cleanly(capsys)
 
 def test_inspect_prints_a_table(tmp_path, capsys):
     path = tmp_path / "shapes_cfg.py"
-    path.write_text(textwrap.dedent('''
+    path.write_text(
+        textwrap.dedent("""
         import ml_collections
 
         def get_config(arg=None):
@@ -140,7 +152,8 @@ def test_inspect_prints_a_table(tmp_path, capsys):
                 "input": {"data": {"source": "shapes", "n": 6, "image_size": 32, "task": "count"},
                           "res": 32, "text_len": 16, "batch_size": 4},
             })
-    '''))
+    """)
+    )
     assert cli.main(["inspect", "--config", str(path), "--config.input.batch_size=2"]) == 0
     out = capsys.readouterr().out
     assert "batch 0: " in out and "image f32[2, 32, 32, 3]" in out.replace("float32", "f32")
@@ -148,10 +161,15 @@ def test_inspect_prints_a_table(tmp_path, capsys):
 
 
 def test_usage_errors_are_one_line(config_file, capsys):
-    cases = [["frobnicate"], [], ["inspect", "--config", config_file, "--bogus=1"],
-             ["inspect", "--config", config_file, "--config.optim.lrr=1"],
-             ["download", PG2, "--config.seed=1"], ["train", "--config", config_file],
-             ["inspect", "--config", config_file, "--config.seed"]]
+    cases = [
+        ["frobnicate"],
+        [],
+        ["inspect", "--config", config_file, "--bogus=1"],
+        ["inspect", "--config", config_file, "--config.optim.lrr=1"],
+        ["download", PG2, "--config.seed=1"],
+        ["train", "--config", config_file],
+        ["inspect", "--config", config_file, "--config.seed"],
+    ]
     for argv in cases:
         assert cli.main(argv) == 2, argv
         out, err = capsys.readouterr()
@@ -170,9 +188,9 @@ def test_overrides_with_a_space_and_future_commands(config_file, capsys, monkeyp
 
 def test_train_calls_run_with_the_overridden_config(config_file, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "_resolve", lambda module, fn: (lambda config, workdir: calls.append((config, workdir))))
+    monkeypatch.setattr(cli, "_resolve", lambda module, fn: lambda config, workdir: calls.append((config, workdir)))
     assert cli.main(["train", "--config", config_file, "--workdir", str(tmp_path), "--config.total_steps=3"]) == 0
-    (config, workdir), = calls
+    ((config, workdir),) = calls
     assert isinstance(config, ml_collections.ConfigDict) and config.total_steps == 3 and workdir == str(tmp_path)
 
 
@@ -180,7 +198,7 @@ def test_train_reports_a_missing_or_broken_trainer(config_file, tmp_path, monkey
     argv = ["train", "--config", config_file, "--workdir", str(tmp_path)]
     monkeypatch.setattr(cli, "_resolve", lambda module, fn: None)
     assert cli.main(argv) == 2
-    assert "paligemma_ft.train.run is missing" in capsys.readouterr().err
+    assert "paligemma_ft.training.loop.run is missing" in capsys.readouterr().err
 
     def broken(module, fn):
         raise ImportError("No module named 'some_dependency'")
@@ -188,4 +206,4 @@ def test_train_reports_a_missing_or_broken_trainer(config_file, tmp_path, monkey
     monkeypatch.setattr(cli, "_resolve", broken)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot import paligemma_ft.train") and "some_dependency" in err
+    assert err.startswith("error: cannot import paligemma_ft.training.loop") and "some_dependency" in err

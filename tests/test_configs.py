@@ -6,6 +6,7 @@ generated folders (JSONL in both file-name layouts, COCO annotation files), on 2
 The longcap100 numbers (learning rates, trainable set, dtypes) are checked on the real PaliGemma 2 3B shapes with
 `jax.eval_shape`, so nothing of 3B size is allocated.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,22 +19,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paligemma_ft import checkpoint as ckpt_lib
-from paligemma_ft import decode, optim, predictor, train
+from paligemma_ft import decode, predictor
+from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.config import apply_override, load_config
-from paligemma_ft.data import make_train_iter
-from paligemma_ft.data import shapes
+from paligemma_ft.data import make_train_iter, shapes
 from paligemma_ft.evaluate import evaluator_type
 from paligemma_ft.model import Model
 from paligemma_ft.tokenizer import Tokenizer
+from paligemma_ft.training import loop as train
+from paligemma_ft.training import optim
 from paligemma_ft.utils import tree_flatten_with_names
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
 USER_DATA_CONFIGS = [name for name in CONFIGS if "data_dir" in load_config(str(CONFIG_DIR / name))]
 DEMO_NPZ = predictor.resolve_checkpoint("builtin:demo")
-TINY_MODEL = ["--config.model_init=builtin:demo", "--config.tokenizer=builtin:tiny",
-              '--config.model_name_or_preset=""', "--config.input.res=64"]
+TINY_MODEL = [
+    "--config.model_init=builtin:demo",
+    "--config.tokenizer=builtin:tiny",
+    '--config.model_name_or_preset=""',
+    "--config.input.res=64",
+]
 # The metric every evaluator type reports (see paligemma_ft.evaluate).
 PRIMARY_METRIC = {"caption": "cider", "vqa": "acc", "perplexity": "loss", "detection": "map"}
 DATA_TASK = {"vqa.py": "count"}  # Generated task per config (default "caption").
@@ -67,7 +73,8 @@ def _write_coco(root: pathlib.Path, folder: dict[str, pathlib.Path]) -> None:
                 caption = shapes.make_example(0, offset + i, task, 64)["suffix"]
                 anns.append({"id": len(anns), "image_id": 100 + i, "caption": caption})
         (root / "annotations" / f"captions_{split}2017.json").write_text(
-            json.dumps({"images": images, "annotations": anns}))
+            json.dumps({"images": images, "annotations": anns})
+        )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +95,13 @@ def data_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
 def tiny_config(name: str, data_dir: pathlib.Path | None):
     """`configs/<name>` on the demo model: 2 steps, batch 4 on 2 devices, short texts, few eval examples."""
     config = load_config(str(CONFIG_DIR / name), TINY_MODEL)
-    overrides = ["--config.input.text_len=16", "--config.input.batch_size=4", "--config.input.num_workers=0",
-                 "--config.total_steps=2", "--config.ckpt_steps=0"]
+    overrides = [
+        "--config.input.text_len=16",
+        "--config.input.batch_size=4",
+        "--config.input.num_workers=0",
+        "--config.total_steps=2",
+        "--config.ckpt_steps=0",
+    ]
     if "data_dir" in config and data_dir is not None:
         overrides.append(f"--config.data_dir={data_dir}")
     if config.input.data.get("source") == "shapes":
@@ -139,8 +151,9 @@ def test_config_trains_two_steps_on_the_demo_model(name, data_dirs, demo_shapes,
     assert [r["step"] for r in steps] == [1, 2]
     assert all(np.isfinite(r["train/loss"]) for r in steps)
     # The logged lr is config.lr times the schedule at the update count (step - 1), as make_optimizer builds it.
-    _, sched_fns = optim.make_optimizer(config, demo_shapes, total_steps=config.total_steps,
-                                        batch_size=config.input.batch_size)
+    _, sched_fns = optim.make_optimizer(
+        config, demo_shapes, total_steps=config.total_steps, batch_size=config.input.batch_size
+    )
     for r in steps:
         assert r["train/lr"] == pytest.approx(config.lr * float(sched_fns[0](r["step"] - 1)), rel=1e-6)
     # Every evaluator ran before and after training and reported its metric.
@@ -169,6 +182,7 @@ def test_config_trains_two_steps_on_the_demo_model(name, data_dirs, demo_shapes,
 def test_config_without_data_dir_stops_before_compute(name, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the run reached training or evaluation")
+
     monkeypatch.setattr(train, "train_step", refuse)
     monkeypatch.setattr(train, "run_evals", refuse)
     config = tiny_config(name, None)
@@ -184,17 +198,26 @@ def test_forkme_reads_the_longcap100_file_names(data_dirs, tmp_path):
     root.mkdir()
     for item in ["data_train90.jsonl", "data_val10.jsonl", "images"]:
         (shutil.copytree if item == "images" else shutil.copy)(data_dirs["caption"] / item, root / item)
-    config = load_config(str(CONFIG_DIR / "forkme.py"), [
-        f"--config.data_dir={root}", "--config.train_file=data_train90.jsonl", "--config.val_file=data_val10.jsonl",
-        "--config.input.batch_size=4", "--config.input.res=32", "--config.input.num_workers=0"])
+    config = load_config(
+        str(CONFIG_DIR / "forkme.py"),
+        [
+            f"--config.data_dir={root}",
+            "--config.train_file=data_train90.jsonl",
+            "--config.val_file=data_val10.jsonl",
+            "--config.input.batch_size=4",
+            "--config.input.res=32",
+            "--config.input.num_workers=0",
+        ],
+    )
     assert {e.data.path for e in config.evals.values()} == {str(root / "data_val10.jsonl")}
     batch = next(make_train_iter(config.input, Tokenizer.from_spec("builtin:tiny")))
     assert batch["image"].shape == (4, 32, 32, 3)
 
 
 def test_vqa_tfds_variant_reads_tfds_records():
-    config = load_config(str(CONFIG_DIR / "vqa.py") + ":tfds",
-                         ["--config.tfds_name=my_vqa:1.0.0", "--config.val_split=train[90%:]"])
+    config = load_config(
+        str(CONFIG_DIR / "vqa.py") + ":tfds", ["--config.tfds_name=my_vqa:1.0.0", "--config.val_split=train[90%:]"]
+    )
     train_data, val_data = config.input.data.to_dict(), config.evals.val.data.to_dict()
     assert train_data["source"] == val_data["source"] == "tfds"
     assert train_data["name"] == val_data["name"] == "my_vqa:1.0.0"
@@ -219,8 +242,9 @@ def longcap100():
 def test_longcap100_learning_rates_are_the_colabs(longcap100):
     config, pg2_shapes = longcap100
     assert config.total_steps == 64 and config.input.batch_size == 8 and config.input.text_len == 128
-    _, sched_fns = optim.make_optimizer(config, pg2_shapes, total_steps=config.total_steps,
-                                        batch_size=config.input.batch_size)
+    _, sched_fns = optim.make_optimizer(
+        config, pg2_shapes, total_steps=config.total_steps, batch_size=config.input.batch_size
+    )
     # As train.py logs it: the update of step s (1-based) uses count s - 1.
     lrs = {s: config.lr * float(sched_fns[0](s - 1)) for s in range(1, 65)}
     # The colab: base 0.03, warmup round(0.1 * 65) = 6 steps, then cosine to step 65, evaluated at 1..64.
@@ -231,8 +255,10 @@ def test_longcap100_learning_rates_are_the_colabs(longcap100):
     assert all(lrs[s] > lrs[s + 1] > 0 for s in range(6, 64))
 
     # The applied update is that lr: plain SGD moves a trainable leaf by exactly -lr * gradient, frozen ones not.
-    small = {"img": {"embedding": {"kernel": jnp.zeros(3)}},
-             "llm": {"layers": {"attn": {"q_einsum": {"w": jnp.zeros(3)}}, "mlp": {"linear": jnp.zeros(3)}}}}
+    small = {
+        "img": {"embedding": {"kernel": jnp.zeros(3)}},
+        "llm": {"layers": {"attn": {"q_einsum": {"w": jnp.zeros(3)}}, "mlp": {"linear": jnp.zeros(3)}}},
+    }
     tx, _ = optim.make_optimizer(config, small, total_steps=config.total_steps, batch_size=config.input.batch_size)
     state, grads = tx.init(small), jax.tree.map(jnp.ones_like, small)
     for s in range(1, 65):
@@ -253,7 +279,6 @@ def test_longcap100_trains_attention_only_in_float32(longcap100):
     assert {str(dtypes[n]) for n in attn} == {"float32"}
     assert {str(d) for n, d in dtypes.items() if n not in attn} == {"float16"}
     # Plain SGD keeps no per-parameter state: only scalar counters.
-    tx, _ = optim.make_optimizer(config, pg2_shapes, total_steps=config.total_steps,
-                                 batch_size=config.input.batch_size)
+    tx, _ = optim.make_optimizer(config, pg2_shapes, total_steps=config.total_steps, batch_size=config.input.batch_size)
     assert all(leaf.shape == () for leaf in jax.tree.leaves(jax.eval_shape(tx.init, pg2_shapes)))
     assert config.optax_name == "big_vision.sgd" and not config.wd and not config.grad_clip_norm

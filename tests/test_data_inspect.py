@@ -1,4 +1,5 @@
 """Batch inspector: the token table for generated data and the invariant checks on hand-made batches."""
+
 import io
 
 import numpy as np
@@ -29,8 +30,13 @@ def test_roles_follow_tokens_and_mask_ar(tok):
     roles = inspect_lib.token_roles(batch["text"][0], batch["mask_ar"][0], tok)
     n_prefix = len(tok.encode("caption en")) + 1
     n_suffix = len(tok.encode("a red circle"))
-    assert roles == (["prefix"] * n_prefix + ["separator"] * len(tok.sep_ids) + ["suffix"] * n_suffix + ["eos"]
-                     + ["pad"] * (L - n_prefix - len(tok.sep_ids) - n_suffix - 1))
+    assert roles == (
+        ["prefix"] * n_prefix
+        + ["separator"] * len(tok.sep_ids)
+        + ["suffix"] * n_suffix
+        + ["eos"]
+        + ["pad"] * (L - n_prefix - len(tok.sep_ids) - n_suffix - 1)
+    )
 
 
 def test_clean_batch_has_no_problems(tok):
@@ -86,9 +92,16 @@ def test_table_for_generated_data(tok):
 
 
 def test_inspect_main_prints_and_returns_status(tok):
-    config = {"tokenizer": "builtin:tiny", "model": {"img": {"variant": "mu/16"}},
-              "input": {"data": {"source": "shapes", "n": 6, "image_size": 32, "task": "count"},
-                        "res": 32, "text_len": 32, "batch_size": 2}}
+    config = {
+        "tokenizer": "builtin:tiny",
+        "model": {"img": {"variant": "mu/16"}},
+        "input": {
+            "data": {"source": "shapes", "n": 6, "image_size": 32, "task": "count"},
+            "res": 32,
+            "text_len": 32,
+            "batch_size": 2,
+        },
+    }
     out = io.StringIO()
     assert inspect_lib.inspect_main(config, n_batches=2, stream=out) == 0
     text = out.getvalue()

@@ -1,4 +1,5 @@
 """Pipeline: batch shapes, exact resume, process sharding, evaluation padding, the bad-input policy."""
+
 import io
 import json
 import re
@@ -59,10 +60,12 @@ def test_configdict_and_config_errors(tok):
 
 def test_shuffle_is_seeded_and_reshuffles_each_epoch(tok):
     def epoch_rows(seed):
-        it = pipeline.make_train_iter(input_cfg(shapes_data(8), shuffle_seed=seed), tok,
-                                      process_index=0, process_count=1)
+        it = pipeline.make_train_iter(
+            input_cfg(shapes_data(8), shuffle_seed=seed), tok, process_index=0, process_count=1
+        )
         rows = [r for _ in range(4) for r in text_ids(next(it))]
         return rows[:8], rows[8:]
+
     first, second = epoch_rows(0)
     assert sorted(first) == sorted(second) and first != second  # Same examples, new order.
     assert epoch_rows(0) == (first, second) and epoch_rows(1)[0] != first
@@ -91,14 +94,21 @@ def test_two_processes_see_disjoint_examples_covering_the_data(tok):
     n = 12
     seen = []
     for pi in range(2):
-        it = pipeline.make_train_iter(input_cfg(shapes_data(n), batch_size=4), tok, process_index=pi,
-                                      process_count=2)
+        it = pipeline.make_train_iter(input_cfg(shapes_data(n), batch_size=4), tok, process_index=pi, process_count=2)
         batches = [next(it) for _ in range(3)]  # 3 x 2 rows = one epoch of the 6-example shard.
         assert all(b["text"].shape[0] == 2 for b in batches)  # Global batch 4 over 2 processes.
         seen.append({r for b in batches for r in text_ids(b)})
         assert len(seen[-1]) == 6
-    all_rows = {r for r in text_ids(next(pipeline.make_eval_batches(
-        shapes_data(n), input_cfg(shapes_data(n)), tok, n, kind="train", process_index=0, process_count=1)))}
+    all_rows = {
+        r
+        for r in text_ids(
+            next(
+                pipeline.make_eval_batches(
+                    shapes_data(n), input_cfg(shapes_data(n)), tok, n, kind="train", process_index=0, process_count=1
+                )
+            )
+        )
+    }
     assert len(all_rows) == n
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == all_rows
 
@@ -109,8 +119,11 @@ def test_eval_reads_every_example_exactly_once(tok, n, batch_size, processes):
     ids, shapes_seen = [], set()
     per_process = []
     for pi in range(processes):
-        batches = list(pipeline.make_eval_batches(data, input_cfg(data), tok, batch_size, kind="prompt",
-                                                  process_index=pi, process_count=processes))
+        batches = list(
+            pipeline.make_eval_batches(
+                data, input_cfg(data), tok, batch_size, kind="prompt", process_index=pi, process_count=processes
+            )
+        )
         per_process.append(len(batches))
         for batch in batches:
             shapes_seen.add((batch["image"].shape, batch["text"].shape, batch["mask_input"].shape))
@@ -125,8 +138,9 @@ def test_eval_reads_every_example_exactly_once(tok, n, batch_size, processes):
 
 def test_eval_padding_copies_a_real_example(tok):
     data = shapes_data(5)
-    last = list(pipeline.make_eval_batches(data, input_cfg(data), tok, 4, kind="train",
-                                           process_index=0, process_count=1))[-1]
+    last = list(
+        pipeline.make_eval_batches(data, input_cfg(data), tok, 4, kind="train", process_index=0, process_count=1)
+    )[-1]
     assert last["_mask"].tolist() == [True, False, False, False]
     assert last["mask_loss"].shape == (4, TEXT_LEN + 1)
     for row in range(1, 4):
@@ -149,8 +163,11 @@ BAD_CASES = {  # name -> (JSONL line (bytes), files to write, expected reason)
     "malformed_json": (b'{"image": "good.jpg", ', {}, "malformed_json"),
     "non_utf8": (b'{"image": "good.jpg", "suffix": "\xff\xfe"}', {}, "non_utf8"),
     "missing_image": (b'{"image": "nope.jpg", "suffix": "a red circle"}', {}, "missing_image"),
-    "truncated_jpeg": (b'{"image": "cut.jpg", "suffix": "a red circle"}', {"cut.jpg": jpeg()[:200]},
-                       "unreadable_image"),
+    "truncated_jpeg": (
+        b'{"image": "cut.jpg", "suffix": "a red circle"}',
+        {"cut.jpg": jpeg()[:200]},
+        "unreadable_image",
+    ),
     "zero_byte": (b'{"image": "empty.jpg", "suffix": "a red circle"}', {"empty.jpg": b""}, "empty_image"),
     "missing_suffix": (b'{"image": "good.jpg"}', {}, "missing_suffix"),
     "empty_suffix": (b'{"image": "good.jpg", "suffix": ""}', {}, "empty_suffix"),
@@ -160,8 +177,10 @@ BAD_CASES = {  # name -> (JSONL line (bytes), files to write, expected reason)
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG header claiming width x height pixels, with no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -181,8 +200,13 @@ def bad_folder(tmp_path, case):
 def test_bad_input_skip_counts_and_keeps_shapes(tok, tmp_path, case):
     path = bad_folder(tmp_path, case)
     report = pipeline.BadInputReport()
-    it = pipeline.make_train_iter(input_cfg({"source": "jsonl", "path": str(path)}, batch_size=2), tok,
-                                  process_index=0, process_count=1, report=report)
+    it = pipeline.make_train_iter(
+        input_cfg({"source": "jsonl", "path": str(path)}, batch_size=2),
+        tok,
+        process_index=0,
+        process_count=1,
+        report=report,
+    )
     rows = [r for _ in range(5) for r in text_ids(next(it))]  # Two epochs of the 5 good examples.
     assert len(set(rows)) == 5
     assert report.entries == [(str(path), 3, BAD_CASES[case][2])]
@@ -196,9 +220,12 @@ def test_bad_input_skip_counts_and_keeps_shapes(tok, tmp_path, case):
 def test_bad_input_error_names_file_and_line(tok, tmp_path, case):
     path = bad_folder(tmp_path, case)
     with pytest.raises(BadExample, match=re.escape(f"{path}:3")) as info:
-        it = pipeline.make_train_iter(input_cfg({"source": "jsonl", "path": str(path)}, batch_size=2,
-                                                bad_input="error", shuffle_seed=1), tok,
-                                      process_index=0, process_count=1)
+        it = pipeline.make_train_iter(
+            input_cfg({"source": "jsonl", "path": str(path)}, batch_size=2, bad_input="error", shuffle_seed=1),
+            tok,
+            process_index=0,
+            process_count=1,
+        )
         for _ in range(3):
             next(it)
     assert info.value.reason == BAD_CASES[case][2]
@@ -218,8 +245,17 @@ def test_exact_resume_across_skipped_examples(tok, tmp_path):
 def test_bad_eval_example_is_masked_and_reported(tok, tmp_path):
     path = bad_folder(tmp_path, "missing_image")
     report = pipeline.BadInputReport()
-    batches = list(pipeline.make_eval_batches({"source": "jsonl", "path": str(path)}, input_cfg({}), tok, 4,
-                                              process_index=0, process_count=1, report=report))
+    batches = list(
+        pipeline.make_eval_batches(
+            {"source": "jsonl", "path": str(path)},
+            input_cfg({}),
+            tok,
+            4,
+            process_index=0,
+            process_count=1,
+            report=report,
+        )
+    )
     masks = np.concatenate([b["_mask"] for b in batches]).tolist()
     metas = [m for b in batches for m in b["_meta"]]
     assert masks == [True, True, False, True, True, True, False, False]
@@ -230,7 +266,8 @@ def test_bad_eval_example_is_masked_and_reported(tok, tmp_path):
 def test_all_bad_examples_stop_with_a_clear_error(tok, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"image": f"missing{k}.jpg", "suffix": "x"}) + "\n" for k in range(3)))
-    it = pipeline.make_train_iter(input_cfg({"source": "jsonl", "path": str(path)}), tok,
-                                  process_index=0, process_count=1)
+    it = pipeline.make_train_iter(
+        input_cfg({"source": "jsonl", "path": str(path)}), tok, process_index=0, process_count=1
+    )
     with pytest.raises(ValueError, match="Every example of this process's data shard is bad"):
         next(it)

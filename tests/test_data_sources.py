@@ -1,4 +1,5 @@
 """Sources: JSONL folders (bad lines, path escapes), COCO captions, generated shapes (TFDS: test_data_tfds.py)."""
+
 import io
 import json
 import os
@@ -35,10 +36,13 @@ def folder(tmp_path):
 
 
 def test_jsonl_reads_big_vision_layout(folder):
-    path = write_jsonl(folder / "train.jsonl", [
-        {"image": "images/a.png", "suffix": "a red square"},
-        {"image": "images/b.png", "prefix": "describe en", "suffix": ["green one", "a green square"], "id": "b"},
-    ])
+    path = write_jsonl(
+        folder / "train.jsonl",
+        [
+            {"image": "images/a.png", "suffix": "a red square"},
+            {"image": "images/b.png", "prefix": "describe en", "suffix": ["green one", "a green square"], "id": "b"},
+        ],
+    )
     src = sources.make_source({"source": "jsonl", "path": str(path)})
     assert len(src) == 2 and src.skipped == []
     first, second = src[0], src[1]
@@ -82,8 +86,9 @@ def test_jsonl_bad_lines_skip_and_error(folder, line, reason):
 
 
 def test_jsonl_missing_image_names_file_and_line(folder):
-    path = write_jsonl(folder / "d.jsonl", [{"image": "images/a.png", "suffix": "x"},
-                                            {"image": "images/nope.png", "suffix": "y"}])
+    path = write_jsonl(
+        folder / "d.jsonl", [{"image": "images/a.png", "suffix": "x"}, {"image": "images/nope.png", "suffix": "y"}]
+    )
     src = sources.JsonlSource(path)
     with pytest.raises(BadExample) as info:
         src[1]
@@ -98,12 +103,16 @@ def test_jsonl_path_escapes_refused_unless_allowed(tmp_path):
     (outside / "secret.png").write_bytes(png())
     (root / "images" / "a.png").write_bytes(png())
     os.symlink(outside / "secret.png", root / "images" / "link.png")
-    path = write_jsonl(root / "d.jsonl", [
-        {"image": "../outside/secret.png", "suffix": "x"},  # `..` escape
-        {"image": str(outside / "secret.png"), "suffix": "x"},  # absolute path elsewhere
-        {"image": "images/link.png", "suffix": "x"},  # symlink resolving outside
-        {"image": str(root / "images" / "a.png"), "suffix": "x"},  # absolute but inside: fine
-        {"image": "images/../images/a.png", "suffix": "x"}])  # `..` that stays inside: fine
+    path = write_jsonl(
+        root / "d.jsonl",
+        [
+            {"image": "../outside/secret.png", "suffix": "x"},  # `..` escape
+            {"image": str(outside / "secret.png"), "suffix": "x"},  # absolute path elsewhere
+            {"image": "images/link.png", "suffix": "x"},  # symlink resolving outside
+            {"image": str(root / "images" / "a.png"), "suffix": "x"},  # absolute but inside: fine
+            {"image": "images/../images/a.png", "suffix": "x"},
+        ],
+    )  # `..` that stays inside: fine
     src = sources.JsonlSource(path)
     for i in range(3):
         with pytest.raises(BadExample, match="outside the image folder") as info:
@@ -128,17 +137,26 @@ def test_jsonl_missing_file_and_unknown_keys(tmp_path):
 
 
 def coco_file(folder, anns):
-    data = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"},
-                       {"id": 3, "file_name": "gone.png"}],
-            "annotations": anns}
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.png"},
+            {"id": 2, "file_name": "b.png"},
+            {"id": 3, "file_name": "gone.png"},
+        ],
+        "annotations": anns,
+    }
     path = folder / "captions.json"
     path.write_text(json.dumps(data))
     return path
 
 
 def test_coco_train_per_annotation_eval_per_image(folder):
-    anns = [{"id": 10, "image_id": 1, "caption": "red one"}, {"id": 11, "image_id": 2, "caption": "green"},
-            {"id": 12, "image_id": 1, "caption": "a red square"}, {"id": 13, "image_id": 3, "caption": "lost"}]
+    anns = [
+        {"id": 10, "image_id": 1, "caption": "red one"},
+        {"id": 11, "image_id": 2, "caption": "green"},
+        {"id": 12, "image_id": 1, "caption": "a red square"},
+        {"id": 13, "image_id": 3, "caption": "lost"},
+    ]
     path = coco_file(folder, anns)
     cfg = {"source": "coco", "annotations": str(path), "image_dir": str(folder / "images")}
     train = sources.make_source(cfg, mode="train")
@@ -154,8 +172,14 @@ def test_coco_train_per_annotation_eval_per_image(folder):
 
 
 def test_coco_bad_annotations_and_bad_file(folder):
-    path = coco_file(folder, [{"id": 10, "image_id": 1, "caption": "ok"}, {"id": 11, "image_id": 99, "caption": "x"},
-                              {"id": 12, "image_id": 2}])
+    path = coco_file(
+        folder,
+        [
+            {"id": 10, "image_id": 1, "caption": "ok"},
+            {"id": 11, "image_id": 99, "caption": "x"},
+            {"id": 12, "image_id": 2},
+        ],
+    )
     src = sources.CocoSource(path, folder / "images")
     assert len(src) == 1 and [e.reason for e in src.skipped] == ["bad_annotation"] * 2
     with pytest.raises(BadExample, match="annotation #1"):
@@ -206,11 +230,16 @@ def test_shapes_count_and_detect_formats():
         parts = det["suffix"].split(" ; ")
         assert len(parts) == len(boxes) >= 1
         for part, s in zip(parts, boxes):
-            locs = [int(v) for v in re.fullmatch(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> " + kind,
-                                                 part).groups()]
+            locs = [
+                int(v) for v in re.fullmatch(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> " + kind, part).groups()
+            ]
             x0, y0, x1, y1 = s.box
-            assert locs == [round(y0 / 64 * 1023), round(x0 / 64 * 1023), round(y1 / 64 * 1023),
-                            round(x1 / 64 * 1023)]  # y_min x_min y_max x_max, round(v * 1023).
+            assert locs == [
+                round(y0 / 64 * 1023),
+                round(x0 / 64 * 1023),
+                round(y1 / 64 * 1023),
+                round(x1 / 64 * 1023),
+            ]  # y_min x_min y_max x_max, round(v * 1023).
     assert shapes.loc_tokens((-5, 0, 70, 64), 64, 64) == "<loc0000><loc0000><loc1023><loc1023>"  # Clipped.
 
 
@@ -225,5 +254,6 @@ def test_shapes_source_and_folder(tmp_path):
     assert len(train) == 6 and len(val) == 2
     assert train[5]["suffix"] == shapes.make_example(2, 5, "caption")["suffix"]
     assert val[0]["suffix"] == shapes.make_example(2, 6, "caption")["suffix"]  # Val continues the indices.
-    np.testing.assert_array_equal(decode_image(train[1]["image"]),
-                                  shapes.make_example(2, 1, "caption", (40, 30))["image"])
+    np.testing.assert_array_equal(
+        decode_image(train[1]["image"]), shapes.make_example(2, 1, "caption", (40, 30))["image"]
+    )

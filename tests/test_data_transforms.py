@@ -1,4 +1,5 @@
 """Transforms: decoding every format and colour mode, EXIF, bad images, resize, value range, tokenization."""
+
 import io
 import struct
 import time
@@ -26,8 +27,10 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels but holds no pixel data (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -45,13 +48,16 @@ def test_decode_formats_give_rgb_uint8(fmt):
     np.testing.assert_allclose(image.reshape(-1, 3).mean(0), RED, atol=4)
 
 
-@pytest.mark.parametrize("mode, colour, expected", [
-    ("L", 90, (90, 90, 90)),
-    ("LA", (90, 10), (90, 90, 90)),
-    ("RGBA", (*RED, 0), RED),  # Alpha is dropped, as big_vision's 3-channel decode.
-    ("P", None, RED),
-    ("P+transparency", None, RED),
-])
+@pytest.mark.parametrize(
+    "mode, colour, expected",
+    [
+        ("L", 90, (90, 90, 90)),
+        ("LA", (90, 10), (90, 90, 90)),
+        ("RGBA", (*RED, 0), RED),  # Alpha is dropped, as big_vision's 3-channel decode.
+        ("P", None, RED),
+        ("P+transparency", None, RED),
+    ],
+)
 def test_decode_colour_modes(mode, colour, expected):
     if mode.startswith("P"):
         im = Image.new("RGB", (4, 4), RED).convert("P", palette=Image.Palette.ADAPTIVE)
@@ -109,21 +115,27 @@ def test_decode_applies_exif_orientation():
     assert image[13, 4, 2] > 200 and image[13, 4, 0] < 60
 
 
-@pytest.mark.parametrize("array, shape", [
-    (np.zeros((3, 5), np.uint8), (3, 5, 3)),
-    (np.zeros((3, 5, 1), np.uint8), (3, 5, 3)),
-    (np.zeros((3, 5, 4), np.uint8), (3, 5, 3)),
-])
+@pytest.mark.parametrize(
+    "array, shape",
+    [
+        (np.zeros((3, 5), np.uint8), (3, 5, 3)),
+        (np.zeros((3, 5, 1), np.uint8), (3, 5, 3)),
+        (np.zeros((3, 5, 4), np.uint8), (3, 5, 3)),
+    ],
+)
 def test_decode_arrays(array, shape):
     assert T.decode_image(array).shape == shape
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty_image"),
-    (b"definitely not an image", "unreadable_image"),
-    (np.zeros((3, 5), np.float32), "unreadable_image"),
-    (np.zeros((3, 5, 2), np.uint8), "unreadable_image"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty_image"),
+        (b"definitely not an image", "unreadable_image"),
+        (np.zeros((3, 5), np.float32), "unreadable_image"),
+        (np.zeros((3, 5, 2), np.uint8), "unreadable_image"),
+    ],
+)
 def test_decode_refuses_bad_data(data, reason):
     with pytest.raises(BadExample) as info:
         T.decode_image(data)
@@ -141,9 +153,9 @@ def test_decode_refuses_truncated_jpeg():
 def _flip_crc(data: bytes, kind: bytes) -> bytes:
     """`data` (a PNG) with the first CRC byte of its first `kind` chunk inverted."""
     pos, out = 8, bytearray(data)
-    while out[pos + 4:pos + 8] != kind:
-        pos += 12 + struct.unpack(">I", out[pos:pos + 4])[0]
-    out[pos + 8 + struct.unpack(">I", out[pos:pos + 4])[0]] ^= 0xFF
+    while out[pos + 4 : pos + 8] != kind:
+        pos += 12 + struct.unpack(">I", out[pos : pos + 4])[0]
+    out[pos + 8 + struct.unpack(">I", out[pos : pos + 4])[0]] ^= 0xFF
     return bytes(out)
 
 
@@ -217,8 +229,9 @@ def test_tokenize_train_keeps_meta_and_lowercases(tok):
     assert own["prefix"] == "describe en"
 
 
-@pytest.mark.parametrize("suffix, reason", [(None, "missing_suffix"), ("", "empty_suffix"), ("  ", "empty_suffix"),
-                                            (3, "bad_field")])
+@pytest.mark.parametrize(
+    "suffix, reason", [(None, "missing_suffix"), ("", "empty_suffix"), ("  ", "empty_suffix"), (3, "bad_field")]
+)
 def test_tokenize_train_refuses_missing_or_empty_suffix(tok, suffix, reason):
     with pytest.raises(BadExample) as info:
         T.tokenize_train({"suffix": suffix}, tok, "caption en", 16)

@@ -1,4 +1,5 @@
 """Decoding: cached decoding equals uncached argmax decoding; samplers are seeded; beam search semantics."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,9 @@ def _perturbed_model(name, seed=0):
     cfg, res = get_preset(name)
     model = Model(**cfg)
     image = jnp.zeros((1, res, res, 3))
-    params = model.init(jax.random.PRNGKey(seed), image, jnp.zeros((1, 4), jnp.int32),
-                        jnp.zeros((1, 4), jnp.int32))["params"]
+    params = model.init(jax.random.PRNGKey(seed), image, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))[
+        "params"
+    ]
     keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 64))
     params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
     return model, params, res
@@ -28,8 +30,8 @@ def _batch(res, prompts, length=8, seed=0):
     text = np.zeros((b, length), np.int32)
     mask_input = np.zeros((b, length), np.int32)
     for i, p in enumerate(prompts):
-        text[i, :len(p)] = p
-        mask_input[i, :len(p)] = 1
+        text[i, : len(p)] = p
+        mask_input[i, : len(p)] = 1
     mask_ar = 1 - mask_input  # Prompt 0, padding 1 (as big_vision's tolen).
     image = rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32)
     return dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input, _mask=np.ones(b, bool))
@@ -44,7 +46,7 @@ def _uncached_greedy(model, params, batch, n):
         ar = [0] * L
         gen, logps = [], []
         for _ in range(n):
-            logits, _ = model.apply({"params": params}, batch["image"][i:i + 1], jnp.array([toks]), jnp.array([ar]))
+            logits, _ = model.apply({"params": params}, batch["image"][i : i + 1], jnp.array([toks]), jnp.array([ar]))
             last = logits[0, -1]
             t = int(jnp.argmax(last))
             gen.append(t)
@@ -59,8 +61,9 @@ def _uncached_greedy(model, params, batch, n):
 def test_cached_greedy_equals_uncached(name):
     model, params, res = _perturbed_model(name)
     batch = _batch(res, [[2, 10, 11, 12], [2, 20], [2, 30, 31, 32, 33, 34]])
-    tokens, logp = dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=-1,
-                              return_logp=True)
+    tokens, logp = dec.decode(
+        model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=-1, return_logp=True
+    )
     ref = _uncached_greedy(model, params, batch, MAX_LEN)
     for i, (gen, logps) in enumerate(ref):
         assert list(np.asarray(tokens[i])) == gen
@@ -115,7 +118,9 @@ def test_samplers_seeded():
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, c), spec
     np.testing.assert_array_equal(np.asarray(dec.decode(model, params, batch, sampler="top_k(1)", rng=3, **kw)), greedy)
-    np.testing.assert_array_equal(np.asarray(dec.decode(model, params, batch, sampler="nucleus(1e-6)", rng=3, **kw)), greedy)
+    np.testing.assert_array_equal(
+        np.asarray(dec.decode(model, params, batch, sampler="nucleus(1e-6)", rng=3, **kw)), greedy
+    )
 
 
 def test_parse_sampler():
@@ -130,9 +135,10 @@ def _seq_score(model, params, batch, i, seq):
     """Sum of logp of `seq` (up to and incl. its first EOS) given row i's prompt, by full forward passes."""
     L = int(batch["mask_input"][i].sum())
     toks = list(batch["text"][i, :L]) + list(seq)
-    logits, _ = model.apply({"params": params}, batch["image"][i:i + 1], jnp.array([toks]),
-                            jnp.array([[0] * L + [1] * len(seq)]))
-    lp = jax.nn.log_softmax(logits[0, L - 1:-1])
+    logits, _ = model.apply(
+        {"params": params}, batch["image"][i : i + 1], jnp.array([toks]), jnp.array([[0] * L + [1] * len(seq)])
+    )
+    lp = jax.nn.log_softmax(logits[0, L - 1 : -1])
     return float(sum(lp[j, t] for j, t in enumerate(seq)))
 
 
@@ -142,8 +148,16 @@ def test_beam_search():
     greedy = np.asarray(dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=-1))
     eos = int(greedy[0, 2])  # A token greedy emits at step 2 of row 0: make it EOS.
     g = np.asarray(dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=eos))
-    seqs, scores = dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=eos,
-                              sampler="beam(3)", return_beams=True)
+    seqs, scores = dec.decode(
+        model,
+        params,
+        batch,
+        max_decode_len=MAX_LEN,
+        cache_dtype=None,
+        eos_token=eos,
+        sampler="beam(3)",
+        return_beams=True,
+    )
     seqs, scores = np.asarray(seqs), np.asarray(scores)
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # Sorted best first.
     # Every returned hypothesis is EOS-terminated and its score is its true log-probability.
@@ -151,15 +165,23 @@ def test_beam_search():
         for k in range(3):
             s = list(seqs[i, k])
             if eos in s:
-                s = s[:s.index(eos) + 1]
+                s = s[: s.index(eos) + 1]
                 np.testing.assert_allclose(scores[i, k], _seq_score(model, params, batch, i, s), atol=1e-4)
     # The best beam scores at least as well as greedy's EOS-terminated output.
-    row0 = list(g[0, :list(g[0]).index(eos) + 1])
+    row0 = list(g[0, : list(g[0]).index(eos) + 1])
     assert scores[0, 0] >= _seq_score(model, params, batch, 0, row0) - 1e-5
     # Beam size 1 follows the greedy path; big_vision's rule keeps the best EOS-terminated prefix of it, so it
     # equals greedy's output or a more probable, shorter EOS-terminated prefix of the same path.
-    one, one_score = dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=eos,
-                                sampler="beam(1)", return_logp=True)
+    one, one_score = dec.decode(
+        model,
+        params,
+        batch,
+        max_decode_len=MAX_LEN,
+        cache_dtype=None,
+        eos_token=eos,
+        sampler="beam(1)",
+        return_logp=True,
+    )
     one = list(np.asarray(one[0]))
     n = one.index(eos)
     assert one[:n] == list(g[0, :n])
@@ -167,8 +189,9 @@ def test_beam_search():
     # When greedy's first token is EOS, beam size 1 returns exactly greedy's output.
     eos0 = int(greedy[1, 0])
     g1 = np.asarray(dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=eos0))
-    b1 = np.asarray(dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=eos0,
-                               sampler="beam(1)"))
+    b1 = np.asarray(
+        dec.decode(model, params, batch, max_decode_len=MAX_LEN, cache_dtype=None, eos_token=eos0, sampler="beam(1)")
+    )
     assert g1[1, 0] == eos0 and b1[1, 0] == eos0 and (b1[1, 1:] == 0).all()
 
 

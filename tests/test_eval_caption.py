@@ -1,4 +1,5 @@
 """Caption metrics: equality with a direct pycocoevalcap computation, tokenization, bootstrap intervals."""
+
 import random
 
 import numpy as np
@@ -19,11 +20,18 @@ PREDICTIONS = {
     "img6": "A bathroom with a sink, a toilet and a mirror.",
 }
 REFERENCES = {
-    "img1": ["A man rides a horse along the beach.", "A person riding a brown horse on sand.",
-             "Man on horseback at the seashore."],
+    "img1": [
+        "A man rides a horse along the beach.",
+        "A person riding a brown horse on sand.",
+        "Man on horseback at the seashore.",
+    ],
     "img2": ["Two dogs play with a frisbee on the lawn.", "Dogs chasing a frisbee in a grassy field."],
-    "img3": ["A plate with broccoli, rice and chicken.", "Food on a white plate: rice and broccoli.",
-             "A dinner plate of rice with vegetables.", "Broccoli and rice served on a plate."],
+    "img3": [
+        "A plate with broccoli, rice and chicken.",
+        "Food on a white plate: rice and broccoli.",
+        "A dinner plate of rice with vegetables.",
+        "Broccoli and rice served on a plate.",
+    ],
     3: ["A red double decker bus on a city street.", "A double-decker bus drives down the road."],
     "img5": ["A cat sleeping on a couch.", "A grey cat lying on a sofa."],
     "img6": ["A small bathroom with a toilet and a sink.", "A white bathroom with a mirror over the sink."],
@@ -70,13 +78,19 @@ def test_degenerate_captions_match_pycocoevalcap():
 
 def test_tokenizer_matches_ptb_output():
     # Expected strings: Stanford PTBTokenizer -lowerCase output with pycocoevalcap's punctuation tokens removed.
-    assert tokenize_caption("A man's riding a black-and-white horse, isn't he?") == \
-        "a man 's riding a black-and-white horse is n't he"
-    assert tokenize_caption("Two dogs -- playing; one's jumping... don't stop!") == \
-        "two dogs playing one 's jumping do n't stop"
+    assert (
+        tokenize_caption("A man's riding a black-and-white horse, isn't he?")
+        == "a man 's riding a black-and-white horse is n't he"
+    )
+    assert (
+        tokenize_caption("Two dogs -- playing; one's jumping... don't stop!")
+        == "two dogs playing one 's jumping do n't stop"
+    )
     assert tokenize_caption("a cat sitting on a table.it's cute") == "a cat sitting on a table.it 's cute"
-    assert tokenize_caption("It's 10:30 and they're 2,000 people's cars") == \
-        "it 's 10:30 and they 're 2,000 people 's cars"
+    assert (
+        tokenize_caption("It's 10:30 and they're 2,000 people's cars")
+        == "it 's 10:30 and they 're 2,000 people 's cars"
+    )
     assert tokenize_caption('3.5 m/s & 50% off $5. "Quoted"\n') == "3.5 m/s & 50 % off $ 5 quoted"
 
 

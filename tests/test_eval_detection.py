@@ -1,10 +1,18 @@
 """Detection: the `<loc>` parser on hand-made and random outputs, IoU and AP with hand-computed values."""
+
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from paligemma_ft.evaluate.detection import (Box, average_precision, detection_metrics, encode_box,
-                                             encode_detections, iou, parse_detections)
+from paligemma_ft.evaluate.detection import (
+    Box,
+    average_precision,
+    detection_metrics,
+    encode_box,
+    encode_detections,
+    iou,
+    parse_detections,
+)
 
 
 def locs(*bins):
@@ -18,23 +26,26 @@ def test_parse_well_formed():
     assert boxes == [Box("cat", 0.0, 0.0, 1.0, 1.0), Box("Big dog", 100 / 1023, 200 / 1023, 300 / 1023, 400 / 1023)]
 
 
-@pytest.mark.parametrize("text, n_boxes, ok", [
-    ("", 0, True),  # Nothing detected.
-    ("   ", 0, True),
-    ("hello world", 0, False),  # Garbage.
-    ("<loc0100><loc0200><loc0300> cat", 0, False),  # Partial loc group.
-    (f"{locs(100, 200, 300, 400)} cat ; <loc0100><loc02", 1, False),  # Truncated second object.
-    (f"{locs(500, 100, 400, 200)} cat", 0, False),  # y1 < y0.
-    (f"{locs(100, 300, 200, 300)} cat", 0, False),  # x1 == x0: empty box.
-    (f"{locs(100, 200, 1024, 400)} cat", 0, False),  # Bin beyond 1023.
-    ("<loc01000><loc0200><loc0300><loc0400> cat", 0, False),  # Five digits.
-    (f"{locs(100, 200, 300, 400)}", 0, False),  # Missing label.
-    (f"{locs(100, 200, 300, 400)} cat ;", 1, False),  # Trailing separator: an empty segment.
-    (f"junk {locs(100, 200, 300, 400)} cat", 0, False),  # Text before the locations.
-    (f"{locs(100, 200, 300, 400)} cat {locs(1, 2, 3, 4)} dog", 0, False),  # Missing separator.
-    (f"{locs(100, 200, 300, 400)}<seg012><seg127> cat", 1, True),  # Segmentation tokens are skipped.
-    ("<loc0100><loc0200><loc0300><loc0400> ; ; <eos>", 0, False),
-])
+@pytest.mark.parametrize(
+    "text, n_boxes, ok",
+    [
+        ("", 0, True),  # Nothing detected.
+        ("   ", 0, True),
+        ("hello world", 0, False),  # Garbage.
+        ("<loc0100><loc0200><loc0300> cat", 0, False),  # Partial loc group.
+        (f"{locs(100, 200, 300, 400)} cat ; <loc0100><loc02", 1, False),  # Truncated second object.
+        (f"{locs(500, 100, 400, 200)} cat", 0, False),  # y1 < y0.
+        (f"{locs(100, 300, 200, 300)} cat", 0, False),  # x1 == x0: empty box.
+        (f"{locs(100, 200, 1024, 400)} cat", 0, False),  # Bin beyond 1023.
+        ("<loc01000><loc0200><loc0300><loc0400> cat", 0, False),  # Five digits.
+        (f"{locs(100, 200, 300, 400)}", 0, False),  # Missing label.
+        (f"{locs(100, 200, 300, 400)} cat ;", 1, False),  # Trailing separator: an empty segment.
+        (f"junk {locs(100, 200, 300, 400)} cat", 0, False),  # Text before the locations.
+        (f"{locs(100, 200, 300, 400)} cat {locs(1, 2, 3, 4)} dog", 0, False),  # Missing separator.
+        (f"{locs(100, 200, 300, 400)}<seg012><seg127> cat", 1, True),  # Segmentation tokens are skipped.
+        ("<loc0100><loc0200><loc0300><loc0400> ; ; <eos>", 0, False),
+    ],
+)
 def test_parse_malformed_never_crashes(text, n_boxes, ok):
     boxes, got_ok = parse_detections(text)
     assert (len(boxes), got_ok) == (n_boxes, ok)
@@ -46,8 +57,31 @@ def test_loc_bins_option():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(["<loc0000>", "<loc0512>", "<loc1023>", "<loc9999>", "<loc12>", " cat", "dog",
-                                 " ; ", ";", "<seg001>", "<eos>", " ", "<", ">", "loc", "\n"]), max_size=14))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "<loc0000>",
+                "<loc0512>",
+                "<loc1023>",
+                "<loc9999>",
+                "<loc12>",
+                " cat",
+                "dog",
+                " ; ",
+                ";",
+                "<seg001>",
+                "<eos>",
+                " ",
+                "<",
+                ">",
+                "loc",
+                "\n",
+            ]
+        ),
+        max_size=14,
+    )
+)
 def test_parse_random_token_soup(pieces):
     boxes, ok = parse_detections("".join(pieces))
     assert isinstance(ok, bool)

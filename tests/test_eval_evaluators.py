@@ -1,4 +1,5 @@
 """Evaluators over padded batches with fake predictors; the JSONL and HTML they write; choosing them by name."""
+
 import json
 import math
 
@@ -7,9 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_ft.evaluate import (Box, CaptionEvaluator, DetectionEvaluator, PerplexityEvaluator, Predictor,
-                                   VqaEvaluator, caption_metrics, make_evaluator, write_gallery_html,
-                                   write_predictions_jsonl)
+from paligemma_ft.evaluate import (
+    Box,
+    CaptionEvaluator,
+    DetectionEvaluator,
+    PerplexityEvaluator,
+    Predictor,
+    VqaEvaluator,
+    caption_metrics,
+    make_evaluator,
+    write_gallery_html,
+    write_predictions_jsonl,
+)
 
 WORDS = "a the dog cat man sitting on table red blue horse riding with two in grass".split()
 
@@ -36,10 +46,14 @@ def batches_of(metas, batch_size, pad_positions=()):
         rows.append(None)
     out = []
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        out.append({"text": np.zeros((batch_size, 4), np.int32),
-                    "_mask": np.array([r is not None for r in chunk]),
-                    "_meta": [r if r is not None else dict(metas[0]) for r in chunk]})
+        chunk = rows[s : s + batch_size]
+        out.append(
+            {
+                "text": np.zeros((batch_size, 4), np.int32),
+                "_mask": np.array([r is not None for r in chunk]),
+                "_meta": [r if r is not None else dict(metas[0]) for r in chunk],
+            }
+        )
     return out
 
 
@@ -54,8 +68,9 @@ class FakePredictor:
         return [self.answers[m["id"]] if ok else "PADDING" for ok, m in zip(batch["_mask"], batch["_meta"])]
 
     def losses(self, batch):
-        return np.array([self.losses_of[m["id"]] if ok else 1e6 for ok, m in zip(batch["_mask"], batch["_meta"])],
-                        np.float32)
+        return np.array(
+            [self.losses_of[m["id"]] if ok else 1e6 for ok, m in zip(batch["_mask"], batch["_meta"])], np.float32
+        )
 
 
 def read_jsonl(path):
@@ -65,7 +80,7 @@ def read_jsonl(path):
 def test_caption_evaluator_scores_each_example_once(tmp_path):
     metas = make_split(37, tmp_path)
     answers = {m["id"]: m["references"][0] for m in metas}
-    answers["ex2"] = "<b>bold & \"quoted\"</b>"  # Must be escaped in the HTML.
+    answers["ex2"] = '<b>bold & "quoted"</b>'  # Must be escaped in the HTML.
     batches = batches_of(metas, 8, pad_positions=(3, 17))
     assert sum(len(b["_mask"]) for b in batches) == 40 and sum(b["_mask"].sum() for b in batches) == 37
     predictor = FakePredictor(answers)
@@ -104,6 +119,7 @@ def test_predictor_must_return_one_string_per_row(tmp_path):
     class Short(FakePredictor):
         def generate(self, batch):
             return super().generate(batch)[:-1]
+
     metas = make_split(3, tmp_path)
     with pytest.raises(ValueError, match="returned 3 strings for 4 rows"):
         VqaEvaluator("v").run(Short({m["id"]: "x" for m in metas}), batches_of(metas, 4), tmp_path, 0)
@@ -138,8 +154,13 @@ def test_detection_evaluator_rows_carry_boxes(tmp_path):
     metrics = ev.run(FakePredictor(answers), batches_of(metas, 2), tmp_path, 7)
     assert metrics["n"] == 3.0 and metrics["well_formed_rate"] == pytest.approx(2 / 3)
     rows = {r["id"]: r for r in read_jsonl(tmp_path / "predictions_det_step7.jsonl")}
-    assert rows["ex0"]["boxes"]["prediction"][0] == {"label": "cat", "y0": 0.0, "x0": 0.0,
-                                                     "y1": 511 / 1023, "x1": 511 / 1023}
+    assert rows["ex0"]["boxes"]["prediction"][0] == {
+        "label": "cat",
+        "y0": 0.0,
+        "x0": 0.0,
+        "y1": 511 / 1023,
+        "x1": 511 / 1023,
+    }
     assert rows["ex1"]["boxes"]["prediction"] == [] and rows["ex1"]["score"]["well_formed"] == 0.0
     assert rows["ex2"]["score"]["iou"] == pytest.approx(511 / 1023)  # Same height, width 511 vs 1023.
     assert (tmp_path / "gallery_det_step7.html").read_text().count("data:image/jpeg") == 2
@@ -160,13 +181,13 @@ def test_perplexity_ignores_padding(tmp_path):
     class ByRow:
         def losses(self, batch):
             return np.array([2.0, 100.0, 4.0])
+
     assert ev.run(ByRow(), bare, tmp_path, 2)["loss"] == pytest.approx(3.0)
 
 
 def test_make_evaluator_names_and_errors():
     assert isinstance(make_evaluator("c", {"type": "caption"}), CaptionEvaluator)
-    assert isinstance(make_evaluator("v", {"type": "proj.paligemma.transfers.vqav2", "pred": "decode"}),
-                      VqaEvaluator)
+    assert isinstance(make_evaluator("v", {"type": "proj.paligemma.transfers.vqav2", "pred": "decode"}), VqaEvaluator)
     ev = make_evaluator("v", {"type": "vqa", "anls_theta": 0.3, "lowercase": False, "data": {"split": "val"}})
     assert (ev.anls_theta, ev.lowercase, ev.name) == (0.3, False, "v")
     with pytest.raises(ValueError, match="unknown evaluator type 'segmentation'"):
@@ -180,14 +201,29 @@ def test_make_evaluator_names_and_errors():
 
 
 def test_report_writers(tmp_path):
-    rows = [{"id": np.int64(i), "image": None, "prompt": "p", "prediction": "ü", "references": ["r"],
-             "score": {"x": np.float32(0.5)}, "boxes": {"prediction": [Box("a", 0, 0, 1, 1)], "references": []}}
-            for i in range(3)]
+    rows = [
+        {
+            "id": np.int64(i),
+            "image": None,
+            "prompt": "p",
+            "prediction": "ü",
+            "references": ["r"],
+            "score": {"x": np.float32(0.5)},
+            "boxes": {"prediction": [Box("a", 0, 0, 1, 1)], "references": []},
+        }
+        for i in range(3)
+    ]
     write_predictions_jsonl(tmp_path / "p.jsonl", rows)
     back = read_jsonl(tmp_path / "p.jsonl")
-    assert back[2] == {"id": 2, "image": None, "prompt": "p", "prediction": "ü", "references": ["r"],
-                       "score": {"x": 0.5}, "boxes": {"prediction": [{"label": "a", "y0": 0, "x0": 0, "y1": 1,
-                                                                       "x1": 1}], "references": []}}
+    assert back[2] == {
+        "id": 2,
+        "image": None,
+        "prompt": "p",
+        "prediction": "ü",
+        "references": ["r"],
+        "score": {"x": 0.5},
+        "boxes": {"prediction": [{"label": "a", "y0": 0, "x0": 0, "y1": 1, "x1": 1}], "references": []},
+    }
     (tmp_path / "broken.png").write_bytes(b"not an image")
     rows[0]["image"] = str(tmp_path / "broken.png")
     write_gallery_html(tmp_path / "g.html", rows, title="T <1>", max_items=2, metrics={"acc": float("nan")})

@@ -1,12 +1,14 @@
 """Every metric refuses predictions and references that describe different examples, naming the ids."""
+
 import pytest
 
 from paligemma_ft.evaluate import caption_metrics, detection_metrics, vqa_metrics
 
-METRICS = [(caption_metrics, "a red circle", ["a red circle"]),
-           (vqa_metrics, "two", ["two"]),
-           (detection_metrics, "<loc0000><loc0000><loc0512><loc0512> circle",
-            "<loc0000><loc0000><loc0512><loc0512> circle")]
+METRICS = [
+    (caption_metrics, "a red circle", ["a red circle"]),
+    (vqa_metrics, "two", ["two"]),
+    (detection_metrics, "<loc0000><loc0000><loc0512><loc0512> circle", "<loc0000><loc0000><loc0512><loc0512> circle"),
+]
 
 
 @pytest.mark.parametrize("metric, pred, ref", METRICS, ids=lambda m: getattr(m, "__name__", ""))

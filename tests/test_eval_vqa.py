@@ -1,26 +1,29 @@
 """VQA metrics: VQAv2 normalization, the leave-one-out accuracy, ANLS and the split-level dict (hand-computed)."""
+
 import pytest
 
-from paligemma_ft.evaluate.vqa import (anls, exact_match, levenshtein, normalize_vqa_answer, vqa_accuracy,
-                                       vqa_metrics)
+from paligemma_ft.evaluate.vqa import anls, exact_match, levenshtein, normalize_vqa_answer, vqa_accuracy, vqa_metrics
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two dogs.", "2 dogs"),  # Number word, final period, case.
-    ("the T-shirt", "t shirt"),  # Article; a hyphen not touching a space becomes a space.
-    ("an apple", "apple"),
-    ("A", ""),  # Only an article.
-    ("yes, it is!", "yes it is"),  # ", " touches a space: marks are deleted.
-    ("2,000", "2000"),  # A digit,digit group: marks are deleted, not spaced.
-    ("3.5", "3.5"),  # A period before a digit stays.
-    ("dont know", "don't know"),  # Contractions get their apostrophe.
-    ("Isnt it", "isn't it"),
-    ("ten", "10"),
-    ("none", "0"),
-    ("  black and\twhite \n", "black and white"),
-    ("well", "well"),  # An ordinary word is not a contraction.
-    ("(left)", "left"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two dogs.", "2 dogs"),  # Number word, final period, case.
+        ("the T-shirt", "t shirt"),  # Article; a hyphen not touching a space becomes a space.
+        ("an apple", "apple"),
+        ("A", ""),  # Only an article.
+        ("yes, it is!", "yes it is"),  # ", " touches a space: marks are deleted.
+        ("2,000", "2000"),  # A digit,digit group: marks are deleted, not spaced.
+        ("3.5", "3.5"),  # A period before a digit stays.
+        ("dont know", "don't know"),  # Contractions get their apostrophe.
+        ("Isnt it", "isn't it"),
+        ("ten", "10"),
+        ("none", "0"),
+        ("  black and\twhite \n", "black and white"),
+        ("well", "well"),  # An ordinary word is not a contraction.
+        ("(left)", "left"),
+    ],
+)
 def test_normalize_vqa_answer(raw, expected):
     assert normalize_vqa_answer(raw) == expected
 

@@ -1,5 +1,6 @@
 """Evaluation over whole splits with the bundled demo model: every example scored once, decoding compiled once,
 and `paligemma-ft evaluate` (table, eval_metrics.json, predictions)."""
+
 import json
 import shutil
 import textwrap
@@ -7,8 +8,8 @@ import textwrap
 import ml_collections
 import numpy as np
 
-from paligemma_ft import cli
 from paligemma_ft import decode as decode_lib
+from paligemma_ft.commands import cli
 from paligemma_ft.evaluate.runner import format_table, run_evals
 from paligemma_ft.predictor import load_predictor, resolve_checkpoint
 
@@ -17,11 +18,17 @@ DECODE_LEN = 13  # Used by no other test, so this file's decode function starts 
 
 def _config(n=37, batch_size=8, **evals):
     data = dict(source="shapes", n=n, seed=0, task="caption", image_size=64)
-    return ml_collections.ConfigDict(dict(
-        model_name_or_preset="demo", model={}, model_init="builtin:demo", tokenizer="builtin:tiny",
-        input=dict(data=data, prefix="caption en", res=64, text_len=16, batch_size=8, num_workers=0),
-        evals=evals or dict(val=dict(type="caption", data=data, batch_size=batch_size, max_decode_len=DECODE_LEN,
-                                     bootstrap=0))))
+    return ml_collections.ConfigDict(
+        dict(
+            model_name_or_preset="demo",
+            model={},
+            model_init="builtin:demo",
+            tokenizer="builtin:tiny",
+            input=dict(data=data, prefix="caption en", res=64, text_len=16, batch_size=8, num_workers=0),
+            evals=evals
+            or dict(val=dict(type="caption", data=data, batch_size=batch_size, max_decode_len=DECODE_LEN, bootstrap=0)),
+        )
+    )
 
 
 def test_37_examples_in_batches_of_8_are_scored_once_with_one_compilation(tmp_path):
@@ -32,6 +39,7 @@ def test_37_examples_in_batches_of_8_are_scored_once_with_one_compilation(tmp_pa
     def recording(batch, **kw):
         shapes.append((np.shape(batch["text"]), int(np.sum(batch["_mask"]))))
         return generate(batch, **kw)
+
     predictor.generate = recording
     before = decode_lib.trace_count(predictor.model, DECODE_LEN)
     metrics = run_evals(config, predictor, tmp_path, step=3)
@@ -47,7 +55,7 @@ def test_37_examples_in_batches_of_8_are_scored_once_with_one_compilation(tmp_pa
     assert 0.0 <= metrics["val/cider"] and np.isfinite(list(metrics.values())).all()
 
 
-CONFIG_FILE = '''
+CONFIG_FILE = """
 import ml_collections
 
 
@@ -64,7 +72,7 @@ def get_config():
         ppl=dict(type="perplexity", data=data, batch_size=4),
     )
     return c
-'''
+"""
 
 
 def test_cli_evaluate_prints_a_table_and_writes_eval_metrics(tmp_path, capsys):
@@ -93,12 +101,29 @@ def test_cli_evaluate_prints_a_table_and_writes_eval_metrics(tmp_path, capsys):
 
     # --checkpoint with --outdir and --only: the checkpoint's file, one evaluator, the outputs elsewhere.
     outdir = tmp_path / "elsewhere"
-    assert cli.main(["evaluate", "--config", str(config), "--checkpoint", "builtin:demo", "--outdir", str(outdir),
-                     "--only", "ppl"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--checkpoint",
+                "builtin:demo",
+                "--outdir",
+                str(outdir),
+                "--only",
+                "ppl",
+            ]
+        )
+        == 0
+    )
     record = json.loads((outdir / "eval_metrics.json").read_text())
     assert set(record["metrics"]) == {"ppl/loss", "ppl/perplexity", "ppl/n"} and record["step"] == 0
-    assert sorted(p.name for p in outdir.iterdir()) == ["eval_metrics.json", "gallery_ppl_step0.html",
-                                                        "predictions_ppl_step0.jsonl"]
+    assert sorted(p.name for p in outdir.iterdir()) == [
+        "eval_metrics.json",
+        "gallery_ppl_step0.html",
+        "predictions_ppl_step0.jsonl",
+    ]
     assert np.isclose(record["metrics"]["ppl/loss"], metrics["ppl/loss"], rtol=1e-5)  # Same params, same split.
 
 

@@ -1,7 +1,8 @@
 """Cross-check against a second implementation: Hugging Face transformers' `PaliGemmaForConditionalGeneration`.
 
 Our tiny random models (PaliGemma 1 multi-query and multi-head, PaliGemma 2 with GQA/post-norms/soft-cap, and the
-27B query scaling) are converted with `paligemma_ft.hf` and must give the same text logits to 1e-4 in float32.
+27B query scaling) are converted with `paligemma_ft.checkpoints.hf` and must
+give the same text logits to 1e-4 in float32.
 
 How HF is made to compute big_vision's prefix-LM attention: `input_ids` = [<image>] * P + text, and
 `token_type_ids` = 0 for the image and prefix tokens, 1 for the suffix. HF turns the 0s into one bidirectional
@@ -11,6 +12,7 @@ logits agree to rounding, and this is the path users of the export get). Pattern
 express (several bidirectional blocks) are checked separately with an explicit 4-D additive mask. HF runs with
 its default attention implementation (sdpa for Gemma 1, eager for Gemma 2), as an exported model would.
 """
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from paligemma_ft import hf  # noqa: E402
+from paligemma_ft.checkpoints import hf  # noqa: E402
 from paligemma_ft.model import Model, get_preset, make_attn_mask  # noqa: E402
 from paligemma_ft.utils import tree_flatten_with_names  # noqa: E402
 
@@ -41,8 +43,10 @@ def _random_params(model, res, vocab, seed):
     image, text, mask_ar = _inputs(res, vocab)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, text, mask_ar)["params"]
     rng = np.random.default_rng(seed)
-    width = {"img": shapes["img"]["Transformer"]["encoder_norm"]["scale"].shape[-1],
-             "llm": shapes["llm"]["final_norm"]["scale"].shape[-1]}
+    width = {
+        "img": shapes["img"]["Transformer"]["encoder_norm"]["scale"].shape[-1],
+        "llm": shapes["llm"]["final_norm"]["scale"].shape[-1],
+    }
     leaves = []
     for name, leaf in tree_flatten_with_names(shapes):
         layer_axis = int("encoderblock/" in name or "llm/layers/" in name)  # Scanned leaves carry a depth axis.
@@ -86,14 +90,15 @@ class _Case:
             input_ids=torch.from_numpy(np.concatenate([placeholder, self.text], 1).astype(np.int64)),
             pixel_values=torch.from_numpy(self.image).permute(0, 3, 1, 2),
             # 0 = image + prefix (one bidirectional block), 1 = causal suffix.
-            token_type_ids=torch.from_numpy(np.concatenate([np.zeros_like(placeholder), mask_ar], 1)))
+            token_type_ids=torch.from_numpy(np.concatenate([np.zeros_like(placeholder), mask_ar], 1)),
+        )
 
     def hf_logits(self, model=None, **inputs):
         """HF's logits on the text positions, cut to our vocabulary (HF's table has <image> + padding rows)."""
         model = model or self.hf_model
         with torch.no_grad():
             out = model(**(inputs or self.hf_inputs()))
-        return out.logits[:, self.n_img:, :self.vocab].float().numpy()
+        return out.logits[:, self.n_img :, : self.vocab].float().numpy()
 
 
 _CASES = {}
@@ -124,13 +129,17 @@ def test_hf_config_matches_preset(case):
     assert cfg.image_token_index == case.vocab and text.vocab_size == hf.hf_vocab_size(case.vocab)
     assert text.vocab_size % 64 == 0 and text.vocab_size > case.vocab
     assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (
-        llm["num_heads"], llm["num_kv_heads"], llm["head_dim"])
+        llm["num_heads"],
+        llm["num_kv_heads"],
+        llm["head_dim"],
+    )
     assert cfg.text_config.num_image_tokens == case.n_img
     if llm["post_norms"]:
         assert text.model_type == "gemma2" and set(text.layer_types) == {"full_attention"}
         assert text.attn_logit_softcapping == llm["attn_logits_softcap"] and text.final_logit_softcapping is None
-        expected = (llm["width"] // llm["num_heads"] if llm["query_pre_attn_norm"] == "rsqrt_emb_per_head"
-                    else llm["head_dim"])
+        expected = (
+            llm["width"] // llm["num_heads"] if llm["query_pre_attn_norm"] == "rsqrt_emb_per_head" else llm["head_dim"]
+        )
         assert text.query_pre_attn_scalar == expected
     else:
         assert text.model_type == "gemma"
@@ -182,8 +191,7 @@ def test_strong_attention_softcap_matches():
     assert np.abs(ours - c.logits).max() > 1e-2  # The cap changed the model's output.
 
 
-@pytest.mark.parametrize("preset, scalar", [
-    ("pg1_3b_224", None), ("pg2_3b_448", 256), ("pg2_28b_896", 144)])
+@pytest.mark.parametrize("preset, scalar", [("pg1_3b_224", None), ("pg2_3b_448", 256), ("pg2_28b_896", 144)])
 def test_released_sizes_config(preset, scalar):
     """Full-size configs (no weights): HF's released layout of vocab 257 216 with <image> = 257 152."""
     cfg, res = get_preset(preset)
@@ -250,9 +258,13 @@ def test_bfloat16_leaves_convert_exactly():
     assert a["lm_head.weight"] is a["model.language_model.embed_tokens.weight"]
 
 
-@pytest.mark.parametrize("llm_override, key", [
-    (dict(attn_logits_softcap=50.0), "attn_logits_softcap"),
-    (dict(query_pre_attn_norm="rsqrt_emb_per_head"), "query_pre_attn_norm")])
+@pytest.mark.parametrize(
+    "llm_override, key",
+    [
+        (dict(attn_logits_softcap=50.0), "attn_logits_softcap"),
+        (dict(query_pre_attn_norm="rsqrt_emb_per_head"), "query_pre_attn_norm"),
+    ],
+)
 def test_unexpressible_gemma1_settings_fail_naming_the_key(llm_override, key):
     cfg, res = get_preset("tiny_pg1")
     cfg["llm"].update(llm_override)

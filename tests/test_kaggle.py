@@ -3,6 +3,7 @@
 No test reaches the network: sockets are blocked (any attempt is recorded and fails), and the HTTP answers are
 fake `requests.Response`s returned from `requests.Session.send`, the call kagglehub's client makes.
 """
+
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ from collections import namedtuple
 import pytest
 import requests
 
-from paligemma_ft import kaggle
+from paligemma_ft.checkpoints import kaggle
 from paligemma_ft.model import presets
 
 PG2 = "google/paligemma-2/jax/paligemma2-3b-pt-224"
@@ -31,8 +32,15 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle_config"))
-    for name in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_KERNEL_RUN_TYPE",
-                 "KAGGLE_DATA_PROXY_URL", "TBE_RUNTIME_ADDR", "KAGGLE_API_ENVIRONMENT"):
+    for name in (
+        "KAGGLE_API_TOKEN",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "KAGGLE_KERNEL_RUN_TYPE",
+        "KAGGLE_DATA_PROXY_URL",
+        "TBE_RUNTIME_ADDR",
+        "KAGGLE_API_ENVIRONMENT",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(kagglehub.config, "_kaggle_credentials", None)
     monkeypatch.setattr(kaggle, "_RESOLVED", {})
@@ -120,8 +128,10 @@ def test_table_lists_every_release_with_sizes_and_presets():
         assert info.preset in presets.PRESETS
         assert info.handle.endswith("/1") and info.file.startswith(info.handle.split("/")[3])
         assert info.resolution == int(info.preset.rsplit("_", 1)[1])
-        assert info.page_url in ("https://www.kaggle.com/models/google/paligemma",
-                                 "https://www.kaggle.com/models/google/paligemma-2")
+        assert info.page_url in (
+            "https://www.kaggle.com/models/google/paligemma",
+            "https://www.kaggle.com/models/google/paligemma-2",
+        )
     gb = {f: kaggle.RELEASED[f].size_bytes / 1e9 for f in kaggle.RELEASED}
     assert gb["paligemma-3b-pt-224.npz"] == pytest.approx(11.7, abs=0.05)
     assert gb["paligemma-3b-pt-224.f16.npz"] == gb["paligemma-3b-pt-224.bf16.npz"] == pytest.approx(5.85, abs=0.05)
@@ -138,7 +148,12 @@ def test_table_lists_every_release_with_sizes_and_presets():
 def test_parse_handle():
     h = kaggle.parse_handle(PG2 + "/1")
     assert (h.owner, h.model, h.framework, h.variation, h.version) == (
-        "google", "paligemma-2", "jax", "paligemma2-3b-pt-224", 1)
+        "google",
+        "paligemma-2",
+        "jax",
+        "paligemma2-3b-pt-224",
+        1,
+    )
     assert str(h) == PG2 + "/1" and h.unversioned == PG2
     assert h.page_url == "https://www.kaggle.com/models/google/paligemma-2"
     assert kaggle.parse_handle(PG2).version is None
@@ -194,9 +209,17 @@ def test_missing_credentials_lists_every_way(capsys):
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert "No Kaggle credentials found" in err and PG2_FILE in err
-    for way in ("kagglehub.login()", "KAGGLE_API_TOKEN", "~/.kaggle/access_token", "KAGGLE_USERNAME",
-                "KAGGLE_KEY", "$KAGGLE_CONFIG_DIR/kaggle.json", "~/.kaggle/kaggle.json", "Colab secrets",
-                "https://www.kaggle.com/settings/api"):
+    for way in (
+        "kagglehub.login()",
+        "KAGGLE_API_TOKEN",
+        "~/.kaggle/access_token",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "$KAGGLE_CONFIG_DIR/kaggle.json",
+        "~/.kaggle/kaggle.json",
+        "Colab secrets",
+        "https://www.kaggle.com/settings/api",
+    ):
         assert way in err, way
 
 
@@ -257,19 +280,44 @@ def test_kaggle_notebook_needs_no_credentials_or_disk(monkeypatch):
 # ------------------------------------------------------------------------------------------------- HTTP errors
 
 
-@pytest.mark.parametrize("status, body, error, phrases", [
-    (401, {"code": 401, "message": "Unauthenticated"}, kaggle.BadCredentialsError,
-     ["HTTP 401", "rejected the credentials", "KAGGLE_USERNAME and KAGGLE_KEY environment variables",
-      "https://www.kaggle.com/settings/api", "kagglehub.login()"]),
-    (403, {"code": 403, "message": "User has not consented to this model's license"}, kaggle.LicenceError,
-     ["HTTP 403", "User has not consented", "https://www.kaggle.com/models/google/paligemma-2",
-      "accept the licence"]),
-    (404, {"code": 404, "message": "Not found"}, kaggle.NotFoundOnKaggleError,
-     ["HTTP 404", "Known files of google/paligemma-2/jax/paligemma2-3b-pt-224/1", PG2_FILE]),
-    (500, None, kaggle.KaggleError, ["HTTP 500", "Try again later"]),
-])
-def test_http_errors_have_their_own_messages(status, body, error, phrases, credentials, roomy_disk,
-                                             monkeypatch, capsys, caplog):
+@pytest.mark.parametrize(
+    "status, body, error, phrases",
+    [
+        (
+            401,
+            {"code": 401, "message": "Unauthenticated"},
+            kaggle.BadCredentialsError,
+            [
+                "HTTP 401",
+                "rejected the credentials",
+                "KAGGLE_USERNAME and KAGGLE_KEY environment variables",
+                "https://www.kaggle.com/settings/api",
+                "kagglehub.login()",
+            ],
+        ),
+        (
+            403,
+            {"code": 403, "message": "User has not consented to this model's license"},
+            kaggle.LicenceError,
+            [
+                "HTTP 403",
+                "User has not consented",
+                "https://www.kaggle.com/models/google/paligemma-2",
+                "accept the licence",
+            ],
+        ),
+        (
+            404,
+            {"code": 404, "message": "Not found"},
+            kaggle.NotFoundOnKaggleError,
+            ["HTTP 404", "Known files of google/paligemma-2/jax/paligemma2-3b-pt-224/1", PG2_FILE],
+        ),
+        (500, None, kaggle.KaggleError, ["HTTP 500", "Try again later"]),
+    ],
+)
+def test_http_errors_have_their_own_messages(
+    status, body, error, phrases, credentials, roomy_disk, monkeypatch, capsys, caplog
+):
     urls = answer(monkeypatch, status, body)
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(error) as e:
@@ -306,8 +354,7 @@ def test_no_network_and_not_cached(credentials, roomy_disk, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_download_fills_the_cache_then_works_offline(progress, isolated, credentials, roomy_disk, monkeypatch,
-                                                     capfd):
+def test_download_fills_the_cache_then_works_offline(progress, isolated, credentials, roomy_disk, monkeypatch, capfd):
     payload = b"pretend this is an npz" * 1000
     urls = answer(monkeypatch, 200, content=payload)
     path = kaggle.download(PG2 + "/1", PG2_FILE, progress=progress)
@@ -384,8 +431,7 @@ def test_tokenizer_from_config_or_bundle(isolated, tmp_path):
     assert kaggle.find_tokenizer(tmp_path / "missing") is None
 
 
-def test_other_failures_are_messages_not_tracebacks(isolated, tmp_path, credentials, roomy_disk, monkeypatch,
-                                                    capsys):
+def test_other_failures_are_messages_not_tracebacks(isolated, tmp_path, credentials, roomy_disk, monkeypatch, capsys):
     answer(monkeypatch, 200, content=b"x")
     assert kaggle.download_command("someone/other/jaxx/thing/1", "w.npz") == 2  # A framework Kaggle lacks.
     assert "'jaxx' is not a valid ModelFramework" in capsys.readouterr().err

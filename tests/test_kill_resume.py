@@ -6,6 +6,7 @@ an evaluation every 4) on 2 simulated CPU devices. Where the run is gets read fr
 `metrics.jsonl` and orbax's temporary folder of a checkpoint being written. The runs share a JAX compilation
 cache, so only the first one compiles. Credentials in the environment must not show up in any output.
 """
+
 import json
 import os
 import pathlib
@@ -22,14 +23,22 @@ from conftest import FAST_COMPILE_FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL, CKPT, EVAL_EVERY = 12, 3, 4
 DATA = "{'source': 'shapes', 'n': 64, 'seed': 0, 'task': 'caption', 'image_size': 32}"
-EVALS = ("{'val': {'type': 'caption', 'batch_size': 8, 'max_decode_len': 8, 'bootstrap': 0, "
-         f"'log_steps': {EVAL_EVERY}, 'data': {{'source': 'shapes', 'n': 8, 'seed': 0, 'task': 'caption', "
-         "'image_size': 32, 'offset': 100000}}}")
+EVALS = (
+    "{'val': {'type': 'caption', 'batch_size': 8, 'max_decode_len': 8, 'bootstrap': 0, "
+    f"'log_steps': {EVAL_EVERY}, 'data': {{'source': 'shapes', 'n': 8, 'seed': 0, 'task': 'caption', "
+    "'image_size': 32, 'offset': 100000}}}"
+)
 # The demo's fields, each set here (whole `input.data` and `evals` dicts), so the demo may change its data.
 OVERRIDES = [
-    "--config.model_init=", "--config.model_name_or_preset=tiny_pg1", "--config.input.res=32",
-    f"--config.input.data={DATA}", "--config.input.text_len=24", "--config.input.batch_size=4",
-    f"--config.total_steps={TOTAL}", f"--config.ckpt_steps={CKPT}", "--config.keep_ckpts=2",
+    "--config.model_init=",
+    "--config.model_name_or_preset=tiny_pg1",
+    "--config.input.res=32",
+    f"--config.input.data={DATA}",
+    "--config.input.text_len=24",
+    "--config.input.batch_size=4",
+    f"--config.total_steps={TOTAL}",
+    f"--config.ckpt_steps={CKPT}",
+    "--config.keep_ckpts=2",
     f"--config.evals={EVALS}",
 ]
 TIMING_KEYS = {"train/step_seconds", "train/examples_per_sec", "eval/seconds"}
@@ -38,17 +47,34 @@ LIMIT = 300  # Seconds any one run may take.
 
 
 def command(workdir: pathlib.Path) -> list[str]:
-    return [sys.executable, "-m", "paligemma_ft.cli", "train", "--config", str(ROOT / "configs" / "demo.py"),
-            "--workdir", str(workdir), *OVERRIDES]
+    return [
+        sys.executable,
+        "-m",
+        "paligemma_ft.commands.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "demo.py"),
+        "--workdir",
+        str(workdir),
+        *OVERRIDES,
+    ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-            "KAGGLE_USERNAME": "someone", "KAGGLE_KEY": SECRET, "KAGGLE_API_TOKEN": SECRET, "HF_TOKEN": SECRET}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "KAGGLE_USERNAME": "someone",
+        "KAGGLE_KEY": SECRET,
+        "KAGGLE_API_TOKEN": SECRET,
+        "HF_TOKEN": SECRET,
+    }
 
 
 _PARSED: dict = {}  # (path, inode, size) -> rows: the poll loop re-reads the file only when it changed.
@@ -161,8 +187,11 @@ def test_killed_anywhere_and_restarted_ends_bitwise_like_an_uninterrupted_run(tm
     run_to_end(reference, env, tmp_path / "reference.log")  # Also fills the compilation cache.
 
     phases = []
-    for trigger, jitter in ((during_steps, rng.uniform(0, 0.3)), (during_checkpoint, rng.uniform(0, 0.01)),
-                            (during_evaluation, rng.uniform(0, 0.05))):
+    for trigger, jitter in (
+        (during_steps, rng.uniform(0, 0.3)),
+        (during_checkpoint, rng.uniform(0, 0.01)),
+        (during_evaluation, rng.uniform(0, 0.05)),
+    ):
         phases.append(run_and_kill(killed, env, tmp_path / "killed.log", trigger, jitter))
     run_to_end(killed, env, tmp_path / "killed.log")
     note = f"(seed {seed}, kills at: {phases}; log {tmp_path / 'killed.log'})"

@@ -1,4 +1,5 @@
 """The model: parameter trees of every preset (shapes only), masks, and forward-pass invariants."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,29 +14,43 @@ def _shapes(name, scan=True):
     if not scan:
         cfg["img"]["scan"] = cfg["llm"]["scan"] = False
     model = Model(**cfg)
-    tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)),
-                          jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))["params"]
+    tree = jax.eval_shape(
+        model.init,
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, res, res, 3)),
+        jnp.zeros((1, 4), jnp.int32),
+        jnp.zeros((1, 4), jnp.int32),
+    )["params"]
     return {k: tuple(v.shape) for k, v in tree_flatten_with_names(tree)}
 
 
 # Reference 3.1 (PaliGemma 1 3B, 224): every path and shape.
 PG1_3B_224 = {
-    "img/embedding/kernel": (14, 14, 3, 1152), "img/embedding/bias": (1152,),
+    "img/embedding/kernel": (14, 14, 3, 1152),
+    "img/embedding/bias": (1152,),
     "img/pos_embedding": (1, 256, 1152),
-    "img/Transformer/encoderblock/LayerNorm_0/scale": (27, 1152), "img/Transformer/encoderblock/LayerNorm_0/bias": (27, 1152),
-    "img/Transformer/encoderblock/LayerNorm_1/scale": (27, 1152), "img/Transformer/encoderblock/LayerNorm_1/bias": (27, 1152),
-    **{f"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/{n}/kernel": (27, 1152, 16, 72)
-       for n in ("query", "key", "value")},
-    **{f"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/{n}/bias": (27, 16, 72)
-       for n in ("query", "key", "value")},
+    "img/Transformer/encoderblock/LayerNorm_0/scale": (27, 1152),
+    "img/Transformer/encoderblock/LayerNorm_0/bias": (27, 1152),
+    "img/Transformer/encoderblock/LayerNorm_1/scale": (27, 1152),
+    "img/Transformer/encoderblock/LayerNorm_1/bias": (27, 1152),
+    **{
+        f"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/{n}/kernel": (27, 1152, 16, 72)
+        for n in ("query", "key", "value")
+    },
+    **{
+        f"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/{n}/bias": (27, 16, 72)
+        for n in ("query", "key", "value")
+    },
     "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel": (27, 16, 72, 1152),
     "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/bias": (27, 1152),
     "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel": (27, 1152, 4304),
     "img/Transformer/encoderblock/MlpBlock_0/Dense_0/bias": (27, 4304),
     "img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel": (27, 4304, 1152),
     "img/Transformer/encoderblock/MlpBlock_0/Dense_1/bias": (27, 1152),
-    "img/Transformer/encoder_norm/scale": (1152,), "img/Transformer/encoder_norm/bias": (1152,),
-    "img/head/kernel": (1152, 2048), "img/head/bias": (2048,),
+    "img/Transformer/encoder_norm/scale": (1152,),
+    "img/Transformer/encoder_norm/bias": (1152,),
+    "img/head/kernel": (1152, 2048),
+    "img/head/bias": (2048,),
     "llm/embedder/input_embedding": (257152, 2048),
     "llm/layers/pre_attention_norm/scale": (18, 2048),
     "llm/layers/attn/q_einsum/w": (18, 8, 2048, 256),
@@ -73,15 +88,24 @@ def test_pg2_tree_matches_reference(size, res):
     shapes = _shapes(f"pg2_{size}_{res}")
     L, W, N, K, H, F = PG2[size]
     expected = {k: v for k, v in PG1_3B_224.items() if k.startswith("img/")}
-    expected.update({
-        "img/pos_embedding": (1, (res // 14) ** 2, 1152), "img/head/kernel": (1152, W), "img/head/bias": (W,),
-        "llm/embedder/input_embedding": (257152, W), "llm/final_norm/scale": (W,),
-        "llm/layers/attn/q_einsum/w": (L, N, W, H), "llm/layers/attn/kv_einsum/w": (L, 2, K, W, H),
-        "llm/layers/attn/attn_vec_einsum/w": (L, N, H, W), "llm/layers/mlp/gating_einsum": (L, 2, W, F),
-        "llm/layers/mlp/linear": (L, F, W),
-        **{f"llm/layers/{n}/scale": (L, W) for n in
-           ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm", "post_ffw_norm")},
-    })
+    expected.update(
+        {
+            "img/pos_embedding": (1, (res // 14) ** 2, 1152),
+            "img/head/kernel": (1152, W),
+            "img/head/bias": (W,),
+            "llm/embedder/input_embedding": (257152, W),
+            "llm/final_norm/scale": (W,),
+            "llm/layers/attn/q_einsum/w": (L, N, W, H),
+            "llm/layers/attn/kv_einsum/w": (L, 2, K, W, H),
+            "llm/layers/attn/attn_vec_einsum/w": (L, N, H, W),
+            "llm/layers/mlp/gating_einsum": (L, 2, W, F),
+            "llm/layers/mlp/linear": (L, F, W),
+            **{
+                f"llm/layers/{n}/scale": (L, W)
+                for n in ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm", "post_ffw_norm")
+            },
+        }
+    )
     assert shapes == expected
 
 
@@ -114,8 +138,13 @@ def test_infer_config_from_shapes_roundtrip():
         cfg, res = infer_config_from_shapes(shapes)
         assert res == get_preset(name)[1]
         m = Model(**cfg)
-        tree = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)),
-                              jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))["params"]
+        tree = jax.eval_shape(
+            m.init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, res, res, 3)),
+            jnp.zeros((1, 4), jnp.int32),
+            jnp.zeros((1, 4), jnp.int32),
+        )["params"]
         assert {k: tuple(v.shape) for k, v in tree_flatten_with_names(tree)} == shapes
 
 
@@ -123,19 +152,29 @@ def test_unknown_key_is_named():
     cfg, _ = get_preset("tiny_pg1")
     cfg["llm"]["num_kv_head"] = 2
     with pytest.raises(ValueError, match="num_kv_head"):
-        jax.eval_shape(Model(**cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
-                       jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))
+        jax.eval_shape(
+            Model(**cfg).init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, 32, 32, 3)),
+            jnp.zeros((1, 4), jnp.int32),
+            jnp.zeros((1, 4), jnp.int32),
+        )
 
 
 def test_make_attn_mask_prefix_lm():
     input_mask = jnp.array([[1, 1, 1, 1, 1, 0]], bool)
     mask_ar = jnp.array([[0, 0, 1, 1, 1, 1]])
-    expected = np.array([[1, 1, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0, 0],
-                         [1, 1, 1, 0, 0, 0],
-                         [1, 1, 1, 1, 0, 0],
-                         [1, 1, 1, 1, 1, 0],
-                         [0, 0, 0, 0, 0, 0]], bool)
+    expected = np.array(
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0],
+        ],
+        bool,
+    )
     np.testing.assert_array_equal(make_attn_mask(input_mask, mask_ar)[0], expected)
 
 
@@ -169,7 +208,8 @@ def test_forward_outputs_and_prefix_lm(tiny):
 
 def test_scan_and_loop_agree(tiny):
     model, params, image, text, mask_ar = tiny
-    from paligemma_ft.checkpoint import adapt_params  # scan → unscanned conversion
+    from paligemma_ft.checkpoints.npz import adapt_params  # scan → unscanned conversion
+
     cfg = {"img": dict(model.img, scan=False), "llm": dict(model.llm, scan=False)}
     loop_model = Model(**cfg)
     expected = jax.eval_shape(loop_model.init, jax.random.PRNGKey(0), image, text, mask_ar)["params"]

@@ -1,4 +1,5 @@
 """Speed options that must not change results: rematerialization policies and the attention implementation."""
+
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 
 from paligemma_ft import decode
 from paligemma_ft.model import Model, get_preset
-from paligemma_ft.train import loss_fn
+from paligemma_ft.training.loop import loss_fn
 
 TEXT_LEN = 8
 # Both sides of each comparison compile with the same options; these cut XLA:CPU compile time about 3x.
@@ -19,9 +20,13 @@ def _batch(res, b=2, seed=0):
     rng = np.random.default_rng(seed)
     # Prefix of 3 tokens (bidirectional with the image), then 5 causal suffix tokens; loss on the suffix.
     mask_ar = np.tile([0, 0, 0, 1, 1, 1, 1, 1, 1], (b, 1)).astype(np.int32)
-    return dict(image=jnp.asarray(rng.uniform(-1, 1, (b, res, res, 3)), jnp.float32),
-                text=jnp.asarray(rng.integers(3, 1600, (b, TEXT_LEN + 1)), jnp.int32),
-                mask_ar=jnp.asarray(mask_ar), mask_loss=jnp.asarray(mask_ar), _mask=jnp.ones((b,), bool))
+    return dict(
+        image=jnp.asarray(rng.uniform(-1, 1, (b, res, res, 3)), jnp.float32),
+        text=jnp.asarray(rng.integers(3, 1600, (b, TEXT_LEN + 1)), jnp.int32),
+        mask_ar=jnp.asarray(mask_ar),
+        mask_loss=jnp.asarray(mask_ar),
+        _mask=jnp.ones((b,), bool),
+    )
 
 
 def _model(preset, **llm):
@@ -43,11 +48,12 @@ def _params(model, res):
 
 def _outputs(model, params, batch):
     """(text logits, loss, gradients) in one compiled function."""
+
     def fn(params, batch):
         logits, _ = model.apply({"params": params}, batch["image"], batch["text"][:, :-1], batch["mask_ar"][:, :-1])
-        loss, grads = jax.value_and_grad(functools.partial(loss_fn, model=model))(params, batch,
-                                                                                   jax.random.PRNGKey(0))
+        loss, grads = jax.value_and_grad(functools.partial(loss_fn, model=model))(params, batch, jax.random.PRNGKey(0))
         return logits, loss, grads
+
     return jax.jit(fn).lower(params, batch).compile(compiler_options=FAST_COMPILE)(params, batch)
 
 
@@ -67,12 +73,13 @@ def test_remat_policies_give_the_same_loss_and_gradients():
 
 def test_remat_policy_changes_what_is_saved():
     """The option is not a no-op: with remat, the gradient's jaxpr holds checkpointed (recomputed) blocks."""
+
     def remats(policy):
         model, res = _model("tiny_pg1", remat_policy=policy)
         params, batch = _params(model, res), _batch(res)
-        jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss_fn, model=model)))(params, batch,
-                                                                                    jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss_fn, model=model)))(params, batch, jax.random.PRNGKey(0))
         return str(jaxpr).count("checkpoint") + str(jaxpr).count("remat")
+
     assert remats("full") > remats("none")
 
 
@@ -87,18 +94,32 @@ def test_dot_product_attention_matches_einsum():
 
 def test_kv_cache_passes_keep_the_einsum_path():
     """Decoding with attn_impl="xla" traces to exactly the einsum model's computation."""
+
     def traced(model, res):
         params = jax.eval_shape(lambda: _params(model, res))
-        prompt = dict(image=jnp.zeros((2, res, res, 3)), text=jnp.ones((2, 4), jnp.int32),
-                      mask_ar=jnp.zeros((2, 4), jnp.int32), mask_input=jnp.ones((2, 4), jnp.int32))
+        prompt = dict(
+            image=jnp.zeros((2, res, res, 3)),
+            text=jnp.ones((2, 4), jnp.int32),
+            mask_ar=jnp.zeros((2, 4), jnp.int32),
+            mask_input=jnp.ones((2, 4), jnp.int32),
+        )
         return str(jax.make_jaxpr(lambda p: decode.decode(model, p, prompt, max_decode_len=2))(params))
+
     ref_model, res = _model("tiny_pg1")
     xla_jaxpr = traced(_model("tiny_pg1", attn_impl="xla")[0], res)
     assert xla_jaxpr == traced(ref_model, res)
     # ... while the teacher-forced pass does change (the check can fail).
     batch = _batch(res)
-    forward = lambda m: str(jax.make_jaxpr(lambda p: m.apply({"params": p}, batch["image"], batch["text"],  # noqa: E731
-                                                              batch["mask_ar"]))(jax.eval_shape(lambda: _params(m, res))))
+    forward = lambda m: str(
+        jax.make_jaxpr(
+            lambda p: m.apply(
+                {"params": p},
+                batch["image"],
+                batch["text"],  # noqa: E731
+                batch["mask_ar"],
+            )
+        )(jax.eval_shape(lambda: _params(m, res)))
+    )
     assert forward(_model("tiny_pg1", attn_impl="xla")[0]) != forward(ref_model)
 
 

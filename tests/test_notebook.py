@@ -4,6 +4,7 @@ The notebook reads three environment variables meant for this test: `PALIGEMMA_F
 (the package is installed already), `PALIGEMMA_FT_NOTEBOOK_STEPS` (a few training steps, smaller evaluation
 sets) and `PALIGEMMA_FT_NOTEBOOK_WORKDIR` (the run folder).
 """
+
 import pathlib
 
 import pytest
@@ -16,8 +17,8 @@ SECRET = "nb-s3cr3t-0123456789abcdef"  # A Kaggle key that must never appear in 
 
 # Appended to the executed notebook: the real-run config must fit the PaliGemma 2 3B parameter names (only the
 # LLM's attention trains) and use known data keys, so a typo in it fails here rather than on someone's GPU.
-CHECK_REAL_CONFIG = '''
-from paligemma_ft import optim
+CHECK_REAL_CONFIG = """
+from paligemma_ft.training import optim
 from paligemma_ft.data.sources import check_data_config
 from paligemma_ft.model import Model, get_preset
 from paligemma_ft.predictor import init_shapes
@@ -32,7 +33,7 @@ optim.make_optimizer(real, shapes, total_steps=real.total_steps)
 for d in (real.input.data, real.evals.val.data):
     check_data_config(d.to_dict())
 print("REAL CONFIG OK", len(trainable))
-'''
+"""
 
 
 def outputs_text(nb) -> str:
@@ -72,8 +73,9 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(CHECK_REAL_CONFIG))
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     client.execute()  # Raises CellExecutionError (with the cell and its traceback) if any cell fails.
 
     text = outputs_text(nb)

@@ -1,14 +1,16 @@
-"""Schedules, durations, the optax chain, trainable sets, losses and gradient accumulation (paligemma_ft.optim)."""
+"""Schedules, durations, the optax chain, trainable sets, losses and gradient accumulation
+(paligemma_ft.training.optim)."""
+
 import math
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from paligemma_ft import optim
+from paligemma_ft.training import optim
 from paligemma_ft.utils import tree_flatten_with_names
 
 ATTN_ONLY = [("llm/layers/attn/.*", dict(decay_type="constant")), (".*", None)]
@@ -17,16 +19,20 @@ ATTN_ONLY = [("llm/layers/attn/.*", dict(decay_type="constant")), (".*", None)]
 def _params(dtype=jnp.float32):
     rng = np.random.default_rng(0)
     mk = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
-    return {"img": {"head": {"bias": mk(2), "kernel": mk(3, 2)}},
-            "llm": {"layers": {"attn": {"q_einsum": {"w": mk(2, 3)}}, "mlp": {"linear": mk(3, 3)}}}}
+    return {
+        "img": {"head": {"bias": mk(2), "kernel": mk(3, 2)}},
+        "llm": {"layers": {"attn": {"q_einsum": {"w": mk(2, 3)}}, "mlp": {"linear": mk(3, 3)}}},
+    }
 
 
 def _grads(params, scale=1.0):
-    return jax.tree.map(lambda p: jnp.full_like(p, scale) + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape),
-                        params)
+    return jax.tree.map(
+        lambda p: jnp.full_like(p, scale) + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), params
+    )
 
 
 # --- schedules ------------------------------------------------------------------------------------------------
+
 
 def test_colab_cosine_schedule_values():
     fn = optim.create_learning_rate_schedule(total_steps=65, base=0.03, decay_type="cosine", warmup_percent=0.10)
@@ -54,8 +60,7 @@ def test_schedule_rsqrt_constant_stair_cooldown():
     rs = optim.create_learning_rate_schedule(100, base=1.0, decay_type="rsqrt", warmup_steps=4, timescale_steps=10)
     assert float(rs(2)) == pytest.approx(0.5)
     assert float(rs(14)) == pytest.approx(1 / math.sqrt(2.0))
-    const = optim.create_learning_rate_schedule(100, base=0.3, decay_type="constant", warmup_steps=3,
-                                                cooldown_steps=10)
+    const = optim.create_learning_rate_schedule(100, base=0.3, decay_type="constant", warmup_steps=3, cooldown_steps=10)
     assert [float(const(s)) for s in (1, 50, 95)] == pytest.approx([0.1, 0.3, 0.15])
     stair = optim.create_learning_rate_schedule(30, base=1.0, decay_type="stair", steps=[10, 20], mults=[0.1, 0.01])
     assert [float(stair(s)) for s in (5, 15, 25)] == pytest.approx([1.0, 0.1, 0.01])
@@ -89,17 +94,23 @@ def test_steps_conversions():
 
 # --- trainable sets and dtypes -----------------------------------------------------------------------------------
 
+
 def test_trainable_mask_and_dtypes():
     params = _params()
     mask = dict(tree_flatten_with_names(optim.trainable_mask(params, ATTN_ONLY)))
-    assert mask == {"img/head/bias": False, "img/head/kernel": False, "llm/layers/attn/q_einsum/w": True,
-                    "llm/layers/mlp/linear": False}
+    assert mask == {
+        "img/head/bias": False,
+        "img/head/kernel": False,
+        "llm/layers/attn/q_einsum/w": True,
+        "llm/layers/mlp/linear": False,
+    }
     assert all(dict(tree_flatten_with_names(optim.trainable_mask(params, {"decay_type": "cosine"}))).values())
     bools = optim.trainable_mask(params, [("img/.*", True), (".*", False)])
     assert dict(tree_flatten_with_names(bools))["img/head/kernel"] is True
     shapes = jax.eval_shape(lambda: _params(jnp.bfloat16))
-    dtypes = dict(tree_flatten_with_names(optim.param_dtypes(shapes, {"schedule": ATTN_ONLY,
-                                                                      "frozen_dtype": "float16"})))
+    dtypes = dict(
+        tree_flatten_with_names(optim.param_dtypes(shapes, {"schedule": ATTN_ONLY, "frozen_dtype": "float16"}))
+    )
     assert dtypes["llm/layers/attn/q_einsum/w"] == np.float32 and dtypes["llm/layers/mlp/linear"] == np.float16
     kept = dict(tree_flatten_with_names(optim.param_dtypes(shapes, {"schedule": ATTN_ONLY})))
     assert kept["img/head/kernel"] == jnp.bfloat16 and kept["llm/layers/attn/q_einsum/w"] == np.float32
@@ -109,18 +120,22 @@ def test_trainable_mask_and_dtypes():
 
 
 def test_locked_configdict_drives_the_optimizer():
-    config = ml_collections.ConfigDict(dict(optax_name="big_vision.sgd", lr=0.5, total_steps=4, schedule=ATTN_ONLY,
-                                            optax={}))
+    config = ml_collections.ConfigDict(
+        dict(optax_name="big_vision.sgd", lr=0.5, total_steps=4, schedule=ATTN_ONLY, optax={})
+    )
     config.lock()  # The trainer locks configs; optional keys must be read with defaults.
     params = _params()
     tx, scheds = optim.make_optimizer(config, params)
     updates, _ = tx.update(_grads(params), tx.init(params), params)
-    np.testing.assert_allclose(updates["llm"]["layers"]["attn"]["q_einsum"]["w"],
-                               -0.5 * np.asarray(_grads(params)["llm"]["layers"]["attn"]["q_einsum"]["w"]))
+    np.testing.assert_allclose(
+        updates["llm"]["layers"]["attn"]["q_einsum"]["w"],
+        -0.5 * np.asarray(_grads(params)["llm"]["layers"]["attn"]["q_einsum"]["w"]),
+    )
     assert len(scheds) == 1
 
 
 # --- the optax chain ----------------------------------------------------------------------------------------------
+
 
 def _one_update(config, params, grads):
     tx, scheds = optim.make_optimizer(config, params, total_steps=10)
@@ -141,8 +156,7 @@ def test_frozen_parameters_have_no_state_and_no_update():
     full = optim.make_optimizer({**config, "schedule": {"decay_type": "constant"}}, params, total_steps=10)[0]
     assert optim.count_state_arrays(full.init(params)) == optim.count_state_arrays(state) + 2 * 3
     new = optax.apply_updates(params, updates)
-    for name, (p, q) in zip(dict(tree_flatten_with_names(params)),
-                            zip(jax.tree.leaves(params), jax.tree.leaves(new))):
+    for name, (p, q) in zip(dict(tree_flatten_with_names(params)), zip(jax.tree.leaves(params), jax.tree.leaves(new))):
         same = np.array_equal(np.asarray(p).view(np.uint32), np.asarray(q).view(np.uint32))  # bitwise, keeps -0.0
         assert same == (name != "llm/layers/attn/q_einsum/w"), name
 
@@ -161,16 +175,24 @@ def test_plain_sgd_matches_hand_update():
 
 def test_colab_recipe_first_updates_use_offset_schedule():
     params = _params()
-    config = dict(optax_name="big_vision.sgd", lr=0.03, total_steps=64, schedule_step_offset=1,
-                  schedule=[("llm/layers/attn/.*", dict(decay_type="cosine", warmup_percent=0.10)), (".*", None)])
+    config = dict(
+        optax_name="big_vision.sgd",
+        lr=0.03,
+        total_steps=64,
+        schedule_step_offset=1,
+        schedule=[("llm/layers/attn/.*", dict(decay_type="cosine", warmup_percent=0.10)), (".*", None)],
+    )
     tx, scheds = optim.make_optimizer(config, params)
     lrs = [0.03 * float(scheds[0](c)) for c in range(64)]
     assert lrs[0] == pytest.approx(0.005, rel=1e-6) and lrs[5] == pytest.approx(0.03, rel=1e-6)
     assert lrs[63] == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * 58 / 59)), rel=1e-4)
     grads = _grads(params)
     updates, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_allclose(updates["llm"]["layers"]["attn"]["q_einsum"]["w"],
-                               -0.005 * np.asarray(grads["llm"]["layers"]["attn"]["q_einsum"]["w"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        updates["llm"]["layers"]["attn"]["q_einsum"]["w"],
+        -0.005 * np.asarray(grads["llm"]["layers"]["attn"]["q_einsum"]["w"]),
+        rtol=1e-5,
+    )
 
 
 def test_adam_matches_optax_adam():
@@ -193,8 +215,7 @@ def test_weight_decay_only_on_kernels_not_multiplied_by_lr():
     params = _params()
     grads = _grads(params)
     # A warmup of 2 steps makes the schedule 0.5 at the second update: the decay is scaled by it, not by lr.
-    config = dict(optax_name="big_vision.sgd", lr=0.1, wd=0.01,
-                  schedule=dict(decay_type="constant", warmup_steps=2))
+    config = dict(optax_name="big_vision.sgd", lr=0.1, wd=0.01, schedule=dict(decay_type="constant", warmup_steps=2))
     tx, _ = optim.make_optimizer(config, params, total_steps=10)
     state = tx.init(params)
     _, state = tx.update(grads, state, params)
@@ -209,16 +230,28 @@ def test_weight_decay_only_on_kernels_not_multiplied_by_lr():
 def test_clipping_ignores_frozen_grads_and_lr_mults():
     params = _params()
     grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
-    config = dict(optax_name="big_vision.sgd", lr=1.0, grad_clip_norm=1.0, schedule=ATTN_ONLY,
-                  lr_mults=[("llm/layers/attn/.*", 0.5)])
+    config = dict(
+        optax_name="big_vision.sgd",
+        lr=1.0,
+        grad_clip_norm=1.0,
+        schedule=ATTN_ONLY,
+        lr_mults=[("llm/layers/attn/.*", 0.5)],
+    )
     updates, _, _, _ = _one_update(config, params, grads)
     w = np.asarray(updates["llm"]["layers"]["attn"]["q_einsum"]["w"])
     # The trainable grad alone has norm 100 * sqrt(6): clipped to norm 1, then the 0.5 lr multiplier.
     np.testing.assert_allclose(np.linalg.norm(w), 0.5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,kwargs", [("big_vision.momentum_hp", {}), ("adafactor", {}),
-                                         ("scale_by_adafactor", dict(momentum=None)), ("adamw", dict(b2=0.95))])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("big_vision.momentum_hp", {}),
+        ("adafactor", {}),
+        ("scale_by_adafactor", dict(momentum=None)),
+        ("adamw", dict(b2=0.95)),
+    ],
+)
 def test_other_optimizers_step_and_keep_frozen_stateless(name, kwargs):
     params = _params()
     config = dict(optax_name=name, optax=kwargs, lr=0.1, schedule=ATTN_ONLY)
@@ -243,8 +276,9 @@ def test_config_errors_name_the_problem():
 
 # --- losses ---------------------------------------------------------------------------------------------------
 
-LOGITS = np.array([[[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]],
-                   [[2.0, 1.0, 1.0], [0.5, 0.5, 0.5]]], np.float32)  # [B=2, T=2, V=3]
+LOGITS = np.array(
+    [[[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]], [[2.0, 1.0, 1.0], [0.5, 0.5, 0.5]]], np.float32
+)  # [B=2, T=2, V=3]
 LABELS = np.array([[1, 2], [0, 1]], np.int32)
 
 
@@ -261,16 +295,19 @@ def test_softmax_xent_by_hand_example_and_token_mean():
     expected = (nll[0].sum() / 2 + nll[1, 1] / 1) / 2
     assert float(optim.softmax_xent(LOGITS, LABELS, mask)) == pytest.approx(expected, rel=1e-6)
     assert float(optim.softmax_xent(LOGITS, LABELS, mask, reduction="token_mean")) == pytest.approx(
-        (nll[0].sum() + nll[1, 1]) / 3, rel=1e-6)
-    np.testing.assert_allclose(optim.softmax_xent(LOGITS, LABELS, mask, reduction="none"), nll * mask,
-                               rtol=1e-6, atol=1e-6)
+        (nll[0].sum() + nll[1, 1]) / 3, rel=1e-6
+    )
+    np.testing.assert_allclose(
+        optim.softmax_xent(LOGITS, LABELS, mask, reduction="none"), nll * mask, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_softmax_xent_label_smoothing_and_all_masked_example():
     mask = np.array([[1, 1], [0, 0]])  # The second example supervises nothing: it counts as 0 in the mean.
     nll = _hand_nll(ls=0.2)
     assert float(optim.softmax_xent(LOGITS, LABELS, mask, label_smoothing=0.2)) == pytest.approx(
-        nll[0].sum() / 2 / 2, rel=1e-6)
+        nll[0].sum() / 2 / 2, rel=1e-6
+    )
     assert float(optim.softmax_xent(LOGITS, LABELS, np.zeros((2, 2)))) == 0.0
 
 
@@ -281,16 +318,29 @@ def test_chunked_xent_equals_plain_values_and_grads():
     labels = jnp.asarray(rng.integers(0, 11, size=(2, 5)))
     mask = jnp.asarray([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
     for reduction in ("example_mean", "token_mean"):
-        plain = lambda h, e: optim.softmax_xent(h @ e.T, labels, mask, label_smoothing=0.1,  # noqa: E731
-                                                reduction=reduction)
-        chunked = lambda h, e: optim.chunked_softmax_xent(h, e, labels, mask, chunk=3,  # noqa: E731
-                                                          label_smoothing=0.1, reduction=reduction)
+        plain = lambda h, e: optim.softmax_xent(
+            h @ e.T,
+            labels,
+            mask,
+            label_smoothing=0.1,  # noqa: E731
+            reduction=reduction,
+        )
+        chunked = lambda h, e: optim.chunked_softmax_xent(
+            h,
+            e,
+            labels,
+            mask,
+            chunk=3,  # noqa: E731
+            label_smoothing=0.1,
+            reduction=reduction,
+        )
         (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, emb) for f in (plain, chunked))
         np.testing.assert_allclose(a, b, rtol=1e-6)
         for x, y in zip(ga, gb):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    flat = optim.chunked_softmax_xent(h.reshape(10, 8), emb, labels.reshape(10), mask.reshape(10), chunk=4,
-                                      reduction="token_mean")
+    flat = optim.chunked_softmax_xent(
+        h.reshape(10, 8), emb, labels.reshape(10), mask.reshape(10), chunk=4, reduction="token_mean"
+    )
     np.testing.assert_allclose(flat, optim.softmax_xent(h @ emb.T, labels, mask, reduction="token_mean"), rtol=1e-6)
 
 
@@ -329,15 +379,19 @@ def test_chunked_xent_never_builds_all_logits():
 
 # --- gradient accumulation -----------------------------------------------------------------------------------
 
+
 def test_accumulated_gradients_equal_full_batch():
     rng = np.random.default_rng(2)
     params = {"w": jnp.asarray(rng.normal(size=(4, 7)), jnp.float32), "b": jnp.zeros((7,), jnp.float32)}
-    batch = {"x": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32),
-             "y": jnp.asarray(rng.integers(0, 7, size=(6, 3))),
-             "m": jnp.asarray([[1, 1, 1], [1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 1]])}
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, 7, size=(6, 3))),
+        "m": jnp.asarray([[1, 1, 1], [1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 1]]),
+    }
 
     def loss(p, b):
         return optim.softmax_xent(b["x"] @ p["w"] + p["b"], b["y"], b["m"])
+
     vg = jax.value_and_grad(loss)
     full_loss, full_grads = jax.jit(vg)(params, batch)
     acc_loss, acc_grads = jax.jit(lambda p, b: optim.accumulate_gradients(vg, p, b, 2))(params, batch)

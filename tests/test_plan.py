@@ -1,4 +1,5 @@
 """`paligemma-ft plan`: the trainer's step compiled for abstract inputs; numbers consistent with the model."""
+
 import json
 import math
 import re
@@ -7,7 +8,8 @@ import resource
 import jax
 import pytest
 
-from paligemma_ft import cli, flops, plan
+from paligemma_ft import flops
+from paligemma_ft.commands import cli, plan
 from paligemma_ft.config import load_config
 from paligemma_ft.model import get_preset
 
@@ -38,9 +40,16 @@ def test_demo_plan_from_the_command_line(tmp_path, capsys):
 
 def test_fsdp_mesh_divides_the_state_and_a_small_device_gets_suggestions():
     assert jax.device_count() == 8
-    config = load_config(DEMO, ["--config.model_init=", "--config.model_name_or_preset=tiny_pg1",
-                                "--config.input.res=32", "--config.mesh=[('data', 2), ('fsdp', 4)]",
-                                "--config.sharding_strategy=[('.*', 'fsdp(axis=\"fsdp\", min_size_mb=0)')]"])
+    config = load_config(
+        DEMO,
+        [
+            "--config.model_init=",
+            "--config.model_name_or_preset=tiny_pg1",
+            "--config.input.res=32",
+            "--config.mesh=[('data', 2), ('fsdp', 4)]",
+            "--config.sharding_strategy=[('.*', 'fsdp(axis=\"fsdp\", min_size_mb=0)')]",
+        ],
+    )
     p = plan.make_plan(config, memory_gib=1e-5)
     assert p.mesh == {"data": 2, "fsdp": 4} and p.per_device_batch == 2  # Batch over data x fsdp.
     total = p.params * 4
@@ -56,11 +65,29 @@ def test_fsdp_mesh_divides_the_state_and_a_small_device_gets_suggestions():
 
 
 def _plan(**kw):
-    base = dict(device_kind="test", devices=4, mesh={"data": 4}, batch_size=32, per_device_batch=8, micro_batches=1,
-                res=224, text_len=32, params=1000, trainable=1000, param_bytes=4 * plan.GiB, opt_bytes=8 * plan.GiB,
-                batch_bytes=0, temp_bytes=40 * plan.GiB, peak_bytes=52 * plan.GiB, source="test",
-                compile_seconds=None, memory_limit=40 * plan.GiB, memory_source="test", flops_per_example=1.0,
-                remat={"img": "full", "llm": "full"})
+    base = dict(
+        device_kind="test",
+        devices=4,
+        mesh={"data": 4},
+        batch_size=32,
+        per_device_batch=8,
+        micro_batches=1,
+        res=224,
+        text_len=32,
+        params=1000,
+        trainable=1000,
+        param_bytes=4 * plan.GiB,
+        opt_bytes=8 * plan.GiB,
+        batch_bytes=0,
+        temp_bytes=40 * plan.GiB,
+        peak_bytes=52 * plan.GiB,
+        source="test",
+        compile_seconds=None,
+        memory_limit=40 * plan.GiB,
+        memory_source="test",
+        flops_per_example=1.0,
+        remat={"img": "full", "llm": "full"},
+    )
     return plan.Plan(**{**base, **kw})
 
 
@@ -82,9 +109,16 @@ def test_3b_plan_uses_abstract_shapes_only():
     """PaliGemma 2 3B at batch 8 (12 GB of float32 parameters) is planned without allocating it. Arithmetic
     mode here: compiling the 3B step on a 2-core CPU takes about as long as the rest of this file."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux.
-    config = load_config(DEMO, ["--config.model_init=", "--config.model_name_or_preset=pg2_3b_224",
-                                "--config.input.res=224", "--config.input.batch_size=8",
-                                "--config.input.text_len=32"])
+    config = load_config(
+        DEMO,
+        [
+            "--config.model_init=",
+            "--config.model_name_or_preset=pg2_3b_224",
+            "--config.input.res=224",
+            "--config.input.batch_size=8",
+            "--config.input.text_len=32",
+        ],
+    )
     with pytest.warns(UserWarning, match="fewer than the 257152 embeddings"):
         p = plan.make_plan(config, device="NVIDIA H100 80GB HBM3", arithmetic_only=True)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 * 2**20  # < 2 GiB more.

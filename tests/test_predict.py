@@ -1,11 +1,12 @@
 """`paligemma-ft predict` on the bundled demo model: one line per image, `--draw`, and one-line errors."""
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_ft import checkpoint as ckpt_lib
-from paligemma_ft import cli, predict
 from paligemma_ft import predictor as predictor_lib
+from paligemma_ft.checkpoints import npz as ckpt_lib
+from paligemma_ft.commands import cli, predict
 from paligemma_ft.data.shapes import encode_image, make_example
 from paligemma_ft.evaluate.detection import Box, parse_detections
 
@@ -50,8 +51,26 @@ def test_draw_writes_a_png_of_the_image_size(images, tmp_path, capsys):
     out = tmp_path / "drawn" / "boxes.png"
     # Several images: OUT_<i>.png, 0-based, in --image order (one image: OUT itself, see the next test).
     assert predict.draw_paths(str(out), 1) == [str(out)]
-    assert cli.main(["predict", "--image", paths[0], "--image", paths[1], "--prompt", truths[0][0], "--draw",
-                     str(out), "--max-decode-len", "12", "--batch-size", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--image",
+                paths[0],
+                "--image",
+                paths[1],
+                "--prompt",
+                truths[0][0],
+                "--draw",
+                str(out),
+                "--max-decode-len",
+                "12",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     for i in range(2):
         drawn = tmp_path / "drawn" / f"boxes_{i}.png"
@@ -80,7 +99,7 @@ def test_draw_puts_the_parsed_boxes_on_the_image(images, tmp_path, monkeypatch, 
     inside = np.zeros_like(changed)
     for box in expected:
         y0, x0 = int(box.y0 * SIZE[1]) - 12, int(box.x0 * SIZE[0]) - 2  # Labels sit just above a box.
-        inside[max(y0, 0):int(box.y1 * SIZE[1]) + 3, max(x0, 0):int(box.x1 * SIZE[0]) + 40] = True  # + label.
+        inside[max(y0, 0) : int(box.y1 * SIZE[1]) + 3, max(x0, 0) : int(box.x1 * SIZE[0]) + 40] = True  # + label.
     assert changed.any() and not (changed & ~inside).any()  # Nothing is drawn away from the boxes.
 
 
@@ -117,12 +136,16 @@ def test_bad_inputs_give_one_error_line_and_exit_2(images, tmp_path, capsys, sma
         (["--image", str(tmp_path)], [str(tmp_path), "folder"]),
         (["--image", paths[0], "--draw", str(tmp_path / "x.png")], ["--draw", "detect"]),
         (["--image", paths[0], "--sampler", "sideways"], ["sideways"]),
-        (["--image", paths[0], "--prompt", "detect circle", "--draw", str(garbage / "x.png")],
-         ["--draw", str(garbage / "x.png")]),
+        (
+            ["--image", paths[0], "--prompt", "detect circle", "--draw", str(garbage / "x.png")],
+            ["--draw", str(garbage / "x.png")],
+        ),
         (["--image", paths[0], "--checkpoint", str(tmp_path / "nope.npz")], [str(tmp_path / "nope.npz")]),
         (["--image", paths[0], "--checkpoint", small_vocab_npz], ["tokenizer"]),
-        (["--image", paths[0], "--checkpoint", small_vocab_npz, "--tokenizer", "builtin:tiny"],
-         ["1664", "1000", small_vocab_npz]),
+        (
+            ["--image", paths[0], "--checkpoint", small_vocab_npz, "--tokenizer", "builtin:tiny"],
+            ["1664", "1000", small_vocab_npz],
+        ),
     ]
     for extra, words in cases:
         argv = ["predict", "--prompt", "caption en", *extra]

@@ -5,6 +5,7 @@ Each property states what must hold for every input, and hypothesis searches for
 - a box encoded as `<loc>` tokens and parsed back lands within half a bin of where it was;
 - the JSONL source never fails with anything but `BadExample` (located at its file and line), whatever the bytes.
 """
+
 import json
 import string
 
@@ -19,8 +20,12 @@ from paligemma_ft.data.transforms import BadExample
 from paligemma_ft.evaluate.detection import Box, encode_box, encode_detections, parse_detections
 
 TOK = tokenizer_lib.Tokenizer.from_spec("builtin:tiny")
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,  # The same examples in every CI run.
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,  # The same examples in every CI run.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 # Any text, including newlines, emoji, control characters and characters outside the tiny vocabulary.
 TEXT = st.text(max_size=40)
 
@@ -147,24 +152,46 @@ def test_bins_decode_and_encode_exactly(bins):
 
 # ---------------------------------------------------------------------------------------------- JSONL on bytes
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                      max_size=3), max_leaves=8)
-FIELDS = st.fixed_dictionaries({}, optional={
-    "image": st.one_of(st.sampled_from(["a.png", "missing.png", "../a.png", "/etc/passwd", "", ".", "sub/",
-                                        "a\x00.png", "x" * 300]), JSON_VALUES),
-    "prefix": st.one_of(TEXT, JSON_VALUES),
-    "suffix": st.one_of(TEXT, st.lists(TEXT, max_size=3), JSON_VALUES),
-    "id": JSON_VALUES})
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "image": st.one_of(
+            st.sampled_from(
+                ["a.png", "missing.png", "../a.png", "/etc/passwd", "", ".", "sub/", "a\x00.png", "x" * 300]
+            ),
+            JSON_VALUES,
+        ),
+        "prefix": st.one_of(TEXT, JSON_VALUES),
+        "suffix": st.one_of(TEXT, st.lists(TEXT, max_size=3), JSON_VALUES),
+        "id": JSON_VALUES,
+    },
+)
 # A line: random bytes, a JSON object with plausible and implausible fields, or that object cut or corrupted.
 LINE = st.one_of(
     st.binary(max_size=60),
     FIELDS.map(lambda d: json.dumps(d).encode()),
     st.tuples(FIELDS, st.integers(0, 80), st.binary(max_size=3)).map(
-        lambda t: json.dumps(t[0]).encode()[:t[1]] + t[2]),
+        lambda t: json.dumps(t[0]).encode()[: t[1]] + t[2]
+    ),
 )
-BAD_REASONS = {"malformed_json", "non_utf8", "missing_image_field", "bad_field", "missing_image", "path_escape",
-               "unreadable_image", "empty_image", "missing_suffix", "empty_suffix", "decompression_bomb"}
+BAD_REASONS = {
+    "malformed_json",
+    "non_utf8",
+    "missing_image_field",
+    "bad_field",
+    "missing_image",
+    "path_escape",
+    "unreadable_image",
+    "empty_image",
+    "missing_suffix",
+    "empty_suffix",
+    "decompression_bomb",
+}
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ test_values_are_never_evaluated); JSONL path escapes (test_data_sources.py::
 test_jsonl_path_escapes_refused_unless_allowed, test_bad_inputs.py); Kaggle credentials never printed or logged
 by the download code (test_kaggle.py); none in a training run's outputs or logs (test_kill_resume.py).
 """
+
 import ast
 import io
 import json
@@ -19,10 +20,11 @@ import pytest
 from PIL import Image
 
 from paligemma_ft import config as config_lib
-from paligemma_ft import run_report, sharding
+from paligemma_ft import sharding
 from paligemma_ft.data import pipeline, sources
 from paligemma_ft.data.transforms import BadExample
 from paligemma_ft.tokenizer import Tokenizer
+from paligemma_ft.training import report as run_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")
@@ -34,9 +36,21 @@ def payload(marker: pathlib.Path) -> str:
 
 
 # Calls that run code or unpickle: (module or None for a builtin, function name).
-UNSAFE_CALLS = {(None, "eval"), (None, "exec"), ("pickle", "load"), ("pickle", "loads"), ("marshal", "loads"),
-                ("yaml", "load"), ("yaml", "unsafe_load"), ("torch", "load"), ("dill", "load"), ("dill", "loads"),
-                ("cloudpickle", "load"), ("cloudpickle", "loads"), ("shelve", "open")}
+UNSAFE_CALLS = {
+    (None, "eval"),
+    (None, "exec"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("marshal", "loads"),
+    ("yaml", "load"),
+    ("yaml", "unsafe_load"),
+    ("torch", "load"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("cloudpickle", "load"),
+    ("cloudpickle", "loads"),
+    ("shelve", "open"),
+}
 
 
 def test_the_package_has_no_call_that_runs_data_as_code():
@@ -57,8 +71,10 @@ def test_the_package_has_no_call_that_runs_data_as_code():
             if key in UNSAFE_CALLS:
                 found.append(f"{where} {key}")
             if key[1] == "load" and key[0] in ("np", "numpy", "jnp"):
-                safe = any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False
-                           for k in node.keywords)
+                safe = any(
+                    k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False
+                    for k in node.keywords
+                )
                 if not safe:
                     found.append(f"{where} np.load without allow_pickle=False")
     assert found == []
@@ -66,18 +82,26 @@ def test_the_package_has_no_call_that_runs_data_as_code():
 
 def test_config_values_with_code_stay_strings(tmp_path):
     marker = tmp_path / "pwned"
-    config = config_lib.load_config(DEMO, [f"--config.input.prefix={payload(marker)}",
-                                           f"--config.tokenizer={payload(marker)}",
-                                           f"--config.model_init={payload(marker)}"])
+    config = config_lib.load_config(
+        DEMO,
+        [
+            f"--config.input.prefix={payload(marker)}",
+            f"--config.tokenizer={payload(marker)}",
+            f"--config.model_init={payload(marker)}",
+        ],
+    )
     assert config.input.prefix == config.tokenizer == config.model_init == payload(marker)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("tactic, message", [
-    ("{payload}", "must look like name"),
-    ("fsdp(axis={payload})", "arguments must be literals"),
-    ("replicate | __import__('os').system('x')", "must look like name"),
-])
+@pytest.mark.parametrize(
+    "tactic, message",
+    [
+        ("{payload}", "must look like name"),
+        ("fsdp(axis={payload})", "arguments must be literals"),
+        ("replicate | __import__('os').system('x')", "must look like name"),
+    ],
+)
 def test_sharding_tactics_are_parsed_not_run(tmp_path, tactic, message):
     marker = tmp_path / "pwned"
     mesh = sharding.make_mesh([("data", -1)])
@@ -97,17 +121,20 @@ def test_dataset_values_with_code_are_only_text(tmp_path):
     marker = tmp_path / "pwned"
     code = payload(marker)
     (tmp_path / "a.png").write_bytes(_png())
-    lines = [{"image": "a.png", "prefix": code, "suffix": code, "id": code},
-             {"image": f"$(touch {marker}).png", "suffix": "x"},  # Shell syntax in a path: just a missing file.
-             {"image": "a.png", "suffix": [code, "`touch " + str(marker) + "`"]}]
+    lines = [
+        {"image": "a.png", "prefix": code, "suffix": code, "id": code},
+        {"image": f"$(touch {marker}).png", "suffix": "x"},  # Shell syntax in a path: just a missing file.
+        {"image": "a.png", "suffix": [code, "`touch " + str(marker) + "`"]},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     tok = Tokenizer.from_spec("builtin:tiny")
     data = {"source": "jsonl", "path": str(path)}
     cfg = {"data": data, "res": 8, "text_len": 256, "batch_size": 3, "num_workers": 0}
     report = pipeline.BadInputReport()
-    batch = next(pipeline.make_eval_batches(data, cfg, tok, 3, kind="train", process_index=0, process_count=1,
-                                            report=report))
+    batch = next(
+        pipeline.make_eval_batches(data, cfg, tok, 3, kind="train", process_index=0, process_count=1, report=report)
+    )
     assert report.entries == [(str(path), 2, "missing_image")]
     meta = batch["_meta"][0]
     assert meta["prefix"] == code and meta["id"] == code and meta["references"] == [code]
@@ -119,8 +146,10 @@ def test_dataset_values_with_code_are_only_text(tmp_path):
 def test_coco_file_names_cannot_escape_the_image_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "secret.png").write_bytes(_png())
-    ann = {"images": [{"id": 1, "file_name": "../secret.png"}, {"id": 2, "file_name": str(tmp_path / "secret.png")}],
-           "annotations": [{"id": 1, "image_id": 1, "caption": "x"}, {"id": 2, "image_id": 2, "caption": "y"}]}
+    ann = {
+        "images": [{"id": 1, "file_name": "../secret.png"}, {"id": 2, "file_name": str(tmp_path / "secret.png")}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "x"}, {"id": 2, "image_id": 2, "caption": "y"}],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(ann))
     cfg = {"source": "coco", "annotations": str(tmp_path / "captions.json"), "image_dir": str(tmp_path / "images")}
     src = sources.make_source(cfg)
@@ -134,9 +163,15 @@ def test_coco_file_names_cannot_escape_the_image_folder(tmp_path):
 
 def test_saved_config_and_report_hold_no_credentials(tmp_path):
     base = config_lib.load_config(DEMO, []).to_dict()
-    config = ml_collections.ConfigDict({**base, "kaggle_key": SECRET, "hf_token": SECRET,
-                                        "wandb": {"project": "p", "api_key": SECRET},
-                                        "kaggle": {"username": "someone", "key": SECRET}})
+    config = ml_collections.ConfigDict(
+        {
+            **base,
+            "kaggle_key": SECRET,
+            "hf_token": SECRET,
+            "wandb": {"project": "p", "api_key": SECRET},
+            "kaggle": {"username": "someone", "key": SECRET},
+        }
+    )
     config_lib.save_config(config, tmp_path / "config.json")
     run_report.write_report(tmp_path, config, sharding.make_mesh([("data", -1)]), "overview", {})
     written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}

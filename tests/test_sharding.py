@@ -1,12 +1,15 @@
 """Mesh, regex sharding rules, batch sharding and sharded train steps on 8 simulated devices (conftest)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from paligemma_ft import optim, sharding
+from paligemma_ft import sharding
+from paligemma_ft.training import optim
 from paligemma_ft.utils import tree_flatten_with_names
 
 
@@ -32,6 +35,7 @@ def test_device_count():
 
 # --- mesh -----------------------------------------------------------------------------------------------------
 
+
 def test_make_mesh_shapes_and_errors():
     assert dict(sharding.make_mesh([("data", -1)]).shape) == {"data": 8}
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
@@ -48,32 +52,51 @@ def test_make_mesh_shapes_and_errors():
 
 # --- rules ------------------------------------------------------------------------------------------------------
 
+
 def test_fsdp_picks_largest_free_divisible_dim_and_replicates_small():
     mesh = sharding.make_mesh([("data", -1)])
-    params = _shapes(a=((16, 64), jnp.float32), b=((64, 6), jnp.float32), c=((6, 10), jnp.float32),
-                     d=((8, 8, 16), jnp.float32), e=((16, 8, 8), jnp.float32))
+    params = _shapes(
+        a=((16, 64), jnp.float32),
+        b=((64, 6), jnp.float32),
+        c=((6, 10), jnp.float32),
+        d=((8, 8, 16), jnp.float32),
+        e=((16, 8, 8), jnp.float32),
+    )
     specs = _specs(sharding.infer_sharding(params, [(".*", 'fsdp(axis="data", min_size_mb=0)')], mesh))
-    assert specs == {"a": P(None, "data"), "b": P("data", None), "c": P(None, None),
-                     "d": P(None, None, "data"), "e": P("data", None, None)}
+    assert specs == {
+        "a": P(None, "data"),
+        "b": P("data", None),
+        "c": P(None, None),
+        "d": P(None, None, "data"),
+        "e": P("data", None, None),
+    }
     # Default threshold 4 MiB (inclusive): 8 MiB is sharded, exactly 4 MiB and tiny tensors are not.
-    big = _shapes(big=((1024, 2048), jnp.float32), edge=((1024, 1024), jnp.float32),
-                  edge16=((1024, 2048), jnp.float16), tiny=((16, 64), jnp.float32))
+    big = _shapes(
+        big=((1024, 2048), jnp.float32),
+        edge=((1024, 1024), jnp.float32),
+        edge16=((1024, 2048), jnp.float16),
+        tiny=((16, 64), jnp.float32),
+    )
     specs = _specs(sharding.infer_sharding(big, [(".*", 'fsdp(axis="data")')], mesh))
     assert specs == {"big": P(None, "data"), "edge": P(None, None), "edge16": P(None, None), "tiny": P(None, None)}
     # big_vision's keyword and a tuple of axes.
     mesh2 = sharding.make_mesh([("data", 2), ("fsdp", 4)])
-    specs = _specs(sharding.infer_sharding(params, [(".*", 'fsdp(axis=("data", "fsdp"), min_size_to_shard_mb=0)')],
-                                           mesh2))
+    specs = _specs(
+        sharding.infer_sharding(params, [(".*", 'fsdp(axis=("data", "fsdp"), min_size_to_shard_mb=0)')], mesh2)
+    )
     assert specs["a"] == P(None, ("data", "fsdp"))
 
 
 def test_shard_dim_chaining_and_first_match_wins():
     mesh = sharding.make_mesh([("data", 2), ("model", 4)])
-    params = _shapes(img__head__kernel=((6, 8), jnp.float32), llm__w=((6, 8), jnp.float32),
-                     llm__v=((4, 6), jnp.float32))
-    strategy = [("img/.*", "replicate"),
-                ("llm/w", 'shard_dim(axis="model", dim=-1) | fsdp(axis="data", min_size_mb=0)'),
-                (".*", 'shard_dim("model", 0)')]
+    params = _shapes(
+        img__head__kernel=((6, 8), jnp.float32), llm__w=((6, 8), jnp.float32), llm__v=((4, 6), jnp.float32)
+    )
+    strategy = [
+        ("img/.*", "replicate"),
+        ("llm/w", 'shard_dim(axis="model", dim=-1) | fsdp(axis="data", min_size_mb=0)'),
+        (".*", 'shard_dim("model", 0)'),
+    ]
     specs = _specs(sharding.infer_sharding(params, strategy, mesh))
     assert specs == {"img/head/kernel": P(None, None), "llm/w": P("data", "model"), "llm/v": P("model", None)}
 
@@ -97,6 +120,7 @@ def test_rule_errors_name_parameter_tactic_and_axis():
 
 # --- batches and hosts ----------------------------------------------------------------------------------------------
 
+
 def test_batch_sharding_and_divisibility():
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
     assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
@@ -115,8 +139,15 @@ def test_maybe_initialize_distributed(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    for var in ("JAX_COORDINATOR_ADDRESS", "BV_JAX_INIT", "SLURM_NTASKS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri",
-                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "BV_JAX_INIT",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+        "OMPI_MCA_orte_hnp_uri",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert sharding.maybe_initialize_distributed({}) is False and not calls
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")  # A single TPU host: nothing to do.
@@ -130,6 +161,7 @@ def test_maybe_initialize_distributed(monkeypatch):
 
 # --- sharded train steps ---------------------------------------------------------------------------------------------
 
+
 def _loss(params, batch):
     logits = batch["x"] @ params["dense"]["kernel"] + params["dense"]["bias"]
     return optim.softmax_xent(logits[:, None, :], batch["y"][:, None], jnp.ones_like(batch["y"])[:, None])
@@ -138,12 +170,23 @@ def _loss(params, batch):
 def _run(mesh_cfg, strategy, n_steps=3):
     """Adam steps on a linear classifier; returns losses and final params (as numpy)."""
     rng = np.random.default_rng(0)
-    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
-                        "bias": jnp.zeros((16,), jnp.float32)}}
-    batches = [{"x": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
-                "y": jnp.asarray(rng.integers(0, 16, size=(16,)), jnp.int32)} for _ in range(n_steps)]
-    config = dict(optax_name="scale_by_adam", lr=0.1, wd=0.01, grad_clip_norm=1.0,
-                  schedule=dict(decay_type="cosine", warmup_steps=1))
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), "bias": jnp.zeros((16,), jnp.float32)}
+    }
+    batches = [
+        {
+            "x": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+            "y": jnp.asarray(rng.integers(0, 16, size=(16,)), jnp.int32),
+        }
+        for _ in range(n_steps)
+    ]
+    config = dict(
+        optax_name="scale_by_adam",
+        lr=0.1,
+        wd=0.01,
+        grad_clip_norm=1.0,
+        schedule=dict(decay_type="cosine", warmup_steps=1),
+    )
     tx, _ = optim.make_optimizer(config, params, total_steps=n_steps)
 
     def step(params, opt_state, batch):
@@ -175,8 +218,7 @@ def _run(mesh_cfg, strategy, n_steps=3):
 def test_data_parallel_and_fsdp_steps_match_single_device():
     ref_losses, ref_params, _ = _run(None, None)
     dp_losses, dp_params, _ = _run([("data", -1)], [(".*", "replicate")])
-    fsdp_losses, fsdp_params, placed = _run([("data", 2), ("fsdp", 4)],
-                                            [(".*", 'fsdp(axis="fsdp", min_size_mb=0)')])
+    fsdp_losses, fsdp_params, placed = _run([("data", 2), ("fsdp", 4)], [(".*", 'fsdp(axis="fsdp", min_size_mb=0)')])
     assert placed["dense"]["kernel"].sharding.spec == P(None, "fsdp")  # Really sharded, not replicated.
     assert ref_losses[0] != ref_losses[-1]  # Training moved the parameters.
     np.testing.assert_allclose(dp_losses, ref_losses, rtol=1e-6)
@@ -188,11 +230,16 @@ def test_data_parallel_and_fsdp_steps_match_single_device():
 
 def test_opt_state_follows_param_sharding():
     mesh = sharding.make_mesh([("data", -1)])
-    params = {"llm": {"w": jax.ShapeDtypeStruct((16, 64), jnp.float32)},
-              "img": {"k": jax.ShapeDtypeStruct((8, 8), jnp.float32)}}
+    params = {
+        "llm": {"w": jax.ShapeDtypeStruct((16, 64), jnp.float32)},
+        "img": {"k": jax.ShapeDtypeStruct((8, 8), jnp.float32)},
+    }
     strategy = [("llm/.*", 'fsdp(axis="data", min_size_mb=0)'), (".*", "replicate")]
-    tx, _ = optim.make_optimizer(dict(optax_name="adafactor", optax=dict(min_dim_size_to_factor=8),
-                                      schedule=[("llm/.*", {}), (".*", None)]), params, total_steps=4)
+    tx, _ = optim.make_optimizer(
+        dict(optax_name="adafactor", optax=dict(min_dim_size_to_factor=8), schedule=[("llm/.*", {}), (".*", None)]),
+        params,
+        total_steps=4,
+    )
     shardings = sharding.opt_state_sharding(jax.eval_shape(tx.init, params), params, strategy, mesh)
     specs = _specs(shardings)
     # Momentum mirrors the parameter; factored rows/columns get the same tactic on their own shapes.

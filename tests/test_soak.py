@@ -1,4 +1,5 @@
 """The soak benchmark's analysis (bench/soak.py) and the orbax memory reproduction run as documented."""
+
 import pathlib
 import subprocess
 import sys
@@ -40,9 +41,24 @@ def test_summary_refuses_too_few_windows():
 
 
 def test_orbax_save_memory_runs_and_reports_per_save():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "orbax_save_memory.py"), "--arrays", "3",
-                          "--size", "10", "--saves", "4", "--warmup", "2"], capture_output=True, text=True,
-                         timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "orbax_save_memory.py"),
+            "--arrays",
+            "3",
+            "--size",
+            "10",
+            "--saves",
+            "4",
+            "--warmup",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "orbax-checkpoint" in out.stdout and "3 arrays x 10 float32" in out.stdout
     assert out.stdout.count("more saves:") == 4 and "KiB per save" in out.stdout

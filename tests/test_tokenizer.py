@@ -1,4 +1,5 @@
 """Tests for the tokenizer wrapper, the shipped tiny tokenizer and the train/prompt sequence builders."""
+
 import importlib.util
 import pathlib
 import pickle

@@ -1,4 +1,5 @@
 """The trainer end to end: run(), resume, the parameter-export contract, sharded meshes, frozen parameters."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from paligemma_ft import checkpoint as ckpt_lib
 from paligemma_ft import predictor as predictor_lib
-from paligemma_ft import train
+from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.config import load_config
+from paligemma_ft.training import loop as train
 from paligemma_ft.utils import tree_flatten_with_names
 
 _DATA = dict(source="shapes", n=64, seed=0, task="caption", image_size=32)
@@ -26,8 +27,9 @@ def _tiny_config(**overrides):
     c.input.res, c.input.text_len, c.input.batch_size = 32, 16, 8
     c.input.prefix = "caption en"
     c.total_steps, c.ckpt_steps, c.quiet = 4, 2, True
-    c.evals = dict(val=dict(type="caption", batch_size=8, max_decode_len=6, bootstrap=0,
-                            data=dict(_DATA, n=10, offset=64)))
+    c.evals = dict(
+        val=dict(type="caption", batch_size=8, max_decode_len=6, bootstrap=0, data=dict(_DATA, n=10, offset=64))
+    )
     plain = c.to_dict()
     plain.update(overrides)  # As a dict: an override may change a field's type (a schedule list for a dict).
     return ml_collections.ConfigDict(plain)
@@ -62,8 +64,9 @@ def test_run_writes_everything_and_a_second_run_resumes(tmp_path, capsys):
     assert list((workdir / "eval").glob("predictions_val_step4.jsonl"))
     # params.npz is big_vision's layout: it loads into the model as it is, and a predictor runs on it.
     p = predictor_lib.load_predictor(str(workdir), "builtin:tiny")
-    assert set(ckpt_lib.names_and_shapes(p.params)) == set(ckpt_lib.names_and_shapes(
-        predictor_lib.init_shapes(p.model, 32, 8)))
+    assert set(ckpt_lib.names_and_shapes(p.params)) == set(
+        ckpt_lib.names_and_shapes(predictor_lib.init_shapes(p.model, 32, 8))
+    )
     capsys.readouterr()
 
     # Same command again: it resumes at step 4, trains nothing and keeps one row per training step.
@@ -95,6 +98,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
         if step == 3:
             manager.wait_until_finished()
             raise KeyboardInterrupt("simulated interruption")
+
     monkeypatch.setattr(train.train_state, "save", save_then_die)
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
@@ -127,10 +131,15 @@ def test_data_parallel_and_fsdp_meshes_give_single_device_losses(tmp_path):
 
 def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state(tmp_path):
     # The demo model with the image tower and embeddings frozen (stored float16); the LLM layers train.
-    config = _tiny_config(model_init="builtin:demo", model_name_or_preset="", total_steps=3, ckpt_steps=3,
-                          evals={}, frozen_dtype="float16",
-                          schedule=[("img/.*", None), ("llm/embedder/.*", None),
-                                    (".*", dict(decay_type="cosine", warmup_steps=1))])
+    config = _tiny_config(
+        model_init="builtin:demo",
+        model_name_or_preset="",
+        total_steps=3,
+        ckpt_steps=3,
+        evals={},
+        frozen_dtype="float16",
+        schedule=[("img/.*", None), ("llm/embedder/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))],
+    )
     config.input.res = 64
     config.input.data = dict(_DATA, image_size=64)
     workdir = tmp_path / "frozen"

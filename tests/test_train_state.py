@@ -3,6 +3,7 @@
 A small pytree stands in for the training state (params, an optax state, step, RNG), sharded over the 8
 simulated CPU devices like the trainer's.
 """
+
 import errno
 import logging
 import os
@@ -13,18 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from orbax.checkpoint._src.handlers import json_checkpoint_handler
 import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
-from paligemma_ft import train_state
+from paligemma_ft.checkpoints import state as train_state
 
 
 def make_state(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    params = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32),  # Incompressible: stored as raw bytes.
-              "e": jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16)}
+    params = {
+        "w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32),  # Incompressible: stored as raw bytes.
+        "e": jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16),
+    }
     opt = optax.adam(1e-3).init(params)
     return {"params": params, "opt": opt, "step": jnp.int32(seed), "rng": jax.random.PRNGKey(seed)}
 
@@ -69,8 +73,9 @@ def test_round_trip_is_bitwise_and_keeps_shardings(tmp_path, layout):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_])
 def test_checksums_see_every_single_bit_flip_and_moved_elements(dtype):
     rng = np.random.default_rng(0)
-    x = np.asarray(rng.integers(0, 2, (6, 5)) if dtype == jnp.bool_ else rng.normal(size=(6, 5)) * 50,
-                   dtype=jnp.dtype(dtype))
+    x = np.asarray(
+        rng.integers(0, 2, (6, 5)) if dtype == jnp.bool_ else rng.normal(size=(6, 5)) * 50, dtype=jnp.dtype(dtype)
+    )
     base = train_state.state_checksums({"x": jnp.asarray(x)})
     raw = x.view(np.uint8).reshape(-1)
     for byte in range(0, raw.size, max(1, raw.size // 15)):
@@ -115,12 +120,15 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, layout, c
     save_steps(tmp_path, layout, [1, 2]).close()
     damage(tmp_path / "2")
     manager = train_state.make_manager(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="paligemma_ft.train_state"):
+    with caplog.at_level(logging.WARNING, logger="paligemma_ft.checkpoints.state"):
         state, data = train_state.restore_latest(manager, *layout)
     assert data["pos"] == 1
     assert_same(state, make_state(1))
-    warning = next(r.getMessage() for r in caplog.records
-                   if r.levelno == logging.WARNING and r.name == "paligemma_ft.train_state")
+    warning = next(
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "paligemma_ft.checkpoints.state"
+    )
     assert f"Checkpoint step 2 in {tmp_path} cannot be restored (" in warning  # Step, folder and the error.
     assert (tmp_path / "2.damaged").is_dir() and not (tmp_path / "2").exists()  # Kept for inspection.
     # The run goes on from step 1 and can write step 2 again.
@@ -132,7 +140,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, layout, c
 def test_a_flipped_byte_is_caught_by_the_checksums(tmp_path, layout, caplog):
     save_steps(tmp_path, layout, [1, 2]).close()
     flip_byte(tmp_path / "2")
-    with caplog.at_level(logging.WARNING, logger="paligemma_ft.train_state"):
+    with caplog.at_level(logging.WARNING, logger="paligemma_ft.checkpoints.state"):
         train_state.restore_latest(train_state.make_manager(tmp_path), *layout)
     # Orbax reads the flipped byte without complaint (its files carry no checksum of the array data): the
     # recorded checksums are what catches it.
@@ -143,20 +151,27 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, layout):
     save_steps(tmp_path, layout, [1, 2]).close()
     truncate(tmp_path / "1")
     flip_byte(tmp_path / "2")
-    with pytest.raises(train_state.CheckpointRestoreError, match=rf"No checkpoint in {tmp_path} can be restored"
-                       r"(.|\n)*step 2: (.|\n)*step 1: "):
+    with pytest.raises(
+        train_state.CheckpointRestoreError,
+        match=rf"No checkpoint in {tmp_path} can be restored"
+        r"(.|\n)*step 2: (.|\n)*step 1: ",
+    ):
         train_state.restore_latest(train_state.make_manager(tmp_path), *layout)
     assert train_state.restore_latest(train_state.make_manager(tmp_path), *layout) is None  # Next run: from 0.
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_alone(tmp_path, layout):
     save_steps(tmp_path, layout, [1]).close()
-    other = jax.eval_shape(lambda: {**make_state(0), "params": {"w": jnp.zeros((64, 96)),
-                                                                  "e": jnp.zeros((16, 8), jnp.bfloat16)}})
+    other = jax.eval_shape(
+        lambda: {**make_state(0), "params": {"w": jnp.zeros((64, 96)), "e": jnp.zeros((16, 8), jnp.bfloat16)}}
+    )
     other = {**other, "opt": jax.eval_shape(optax.adam(1e-3).init, other["params"])}
     shard = jax.tree.map(lambda _: layout[1]["step"], other)
-    with pytest.raises(train_state.CheckpointMismatchError, match=r"step 1 .* another model or optimizer.*"
-                       r"only in the checkpoint: float32\[64, 48\].*only in this config: float32\[64, 96\]"):
+    with pytest.raises(
+        train_state.CheckpointMismatchError,
+        match=r"step 1 .* another model or optimizer.*"
+        r"only in the checkpoint: float32\[64, 48\].*only in this config: float32\[64, 96\]",
+    ):
         train_state.restore_latest(train_state.make_manager(tmp_path), other, shard)
     assert sorted(os.listdir(tmp_path)) == ["1"]  # Not mistaken for damage.
 
@@ -173,16 +188,19 @@ def _fail_arrays(self, directory, *args, **kwargs):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # and orbax's abandoned threads.
 @pytest.mark.parametrize("async_save", [True, False])
 @pytest.mark.parametrize("where", ["arrays", "json"])
-def test_disk_full_during_save_is_clear_and_keeps_the_previous_checkpoint(tmp_path, layout, monkeypatch,
-                                                                          async_save, where):
+def test_disk_full_during_save_is_clear_and_keeps_the_previous_checkpoint(
+    tmp_path, layout, monkeypatch, async_save, where
+):
     manager = save_steps(tmp_path, layout, [1], max_to_keep=1, async_save=async_save)
     if where == "json":
         monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", _fail_json)
     else:
         monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", _fail_arrays)
-    with pytest.raises(train_state.CheckpointSaveError,
-                       match=rf"checkpoint step 2 in {tmp_path}: OSError: .*No space left on device.*"
-                       r"The previous checkpoint, step 1, is intact"):
+    with pytest.raises(
+        train_state.CheckpointSaveError,
+        match=rf"checkpoint step 2 in {tmp_path}: OSError: .*No space left on device.*"
+        r"The previous checkpoint, step 1, is intact",
+    ):
         train_state.save(manager, 2, placed(make_state(2), layout[1]), {"pos": 2})
         manager.wait_until_finished()  # With async saves the error surfaces here (or at the next save).
     monkeypatch.undo()

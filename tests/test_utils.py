@@ -1,18 +1,22 @@
 """Tests for the `/`-joined parameter-name helpers (big_vision's naming)."""
+
 import jax
 import numpy as np
 import pytest
 
-from paligemma_ft.utils import (match_first, names_and_shapes, recover_tree, tree_flatten_with_names,
-                                tree_map_with_names)
+from paligemma_ft.utils import match_first, names_and_shapes, recover_tree, tree_flatten_with_names, tree_map_with_names
 
 
 def _tree():
     return {
         "llm": {"layers": {"attn": {"q_einsum": {"w": np.zeros((2, 2, 8, 4))}}}, "final_norm": {"scale": 1}},
-        "img": {"Transformer": {"encoderblock_1": {"LayerNorm_0": {"scale": 2}},
-                                "encoderblock_0": {"LayerNorm_0": {"scale": 3}}},
-                "pos_embedding": 4},
+        "img": {
+            "Transformer": {
+                "encoderblock_1": {"LayerNorm_0": {"scale": 2}},
+                "encoderblock_0": {"LayerNorm_0": {"scale": 3}},
+            },
+            "pos_embedding": 4,
+        },
         "extra": [5, (6, None, 7)],
     }
 
@@ -20,7 +24,9 @@ def _tree():
 def test_flatten_names_sorted_slash_joined_with_decimal_indices():
     names = [name for name, _ in tree_flatten_with_names(_tree())]
     assert names == [
-        "extra/0", "extra/1/0", "extra/1/2",  # None is an empty sub-tree, as in jax.tree.
+        "extra/0",
+        "extra/1/0",
+        "extra/1/2",  # None is an empty sub-tree, as in jax.tree.
         "img/Transformer/encoderblock_0/LayerNorm_0/scale",
         "img/Transformer/encoderblock_1/LayerNorm_0/scale",
         "img/pos_embedding",
@@ -60,12 +66,15 @@ def test_recover_tree_turns_list_indices_into_string_keys():
     assert recover_tree(*zip(*flat)) == {"llm": {"layers": {"0": 10, "1": 11}}}
 
 
-@pytest.mark.parametrize("names, message", [
-    (["img/head", "img/head/kernel"], "img/head/kernel"),
-    (["img/head/kernel", "img/head"], "img/head"),
-    (["img/head", "img/head"], "appears twice"),
-    (["img//head"], "empty component"),
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["img/head", "img/head/kernel"], "img/head/kernel"),
+        (["img/head/kernel", "img/head"], "img/head"),
+        (["img/head", "img/head"], "appears twice"),
+        (["img//head"], "empty component"),
+    ],
+)
 def test_recover_tree_rejects_colliding_or_bad_names(names, message):
     with pytest.raises(ValueError, match=message):
         recover_tree(names, range(len(names)))
@@ -79,8 +88,10 @@ def test_recover_tree_length_mismatch():
 def test_tree_map_with_names_passes_names_and_keeps_structure():
     tree = {"img": {"head": {"kernel": 1, "bias": 2}}, "llm": [3, None]}
     out = tree_map_with_names(lambda name, x: f"{name}={x}", tree)
-    assert out == {"img": {"head": {"kernel": "img/head/kernel=1", "bias": "img/head/bias=2"}},
-                   "llm": ["llm/0=3", None]}
+    assert out == {
+        "img": {"head": {"kernel": "img/head/kernel=1", "bias": "img/head/bias=2"}},
+        "llm": ["llm/0=3", None],
+    }
     summed = tree_map_with_names(lambda name, x, y: x + y, {"a": 1, "b": 2}, {"a": 10, "b": 20})
     assert summed == {"a": 11, "b": 22}
 
@@ -105,6 +116,8 @@ def test_match_first_reports_invalid_regex():
 
 
 def test_names_and_shapes():
-    tree = {"img": {"pos_embedding": jax.ShapeDtypeStruct((1, 16, 8), np.float32)},
-            "llm": {"final_norm": {"scale": np.zeros((8,))}}}
+    tree = {
+        "img": {"pos_embedding": jax.ShapeDtypeStruct((1, 16, 8), np.float32)},
+        "llm": {"final_norm": {"scale": np.zeros((8,))}},
+    }
     assert names_and_shapes(tree) == {"img/pos_embedding": (1, 16, 8), "llm/final_norm/scale": (8,)}

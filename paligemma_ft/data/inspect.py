@@ -14,6 +14,7 @@ separator; suffix up to the first EOS; pads after it), so a wrong `mask_loss` sh
 `check_batch` flags: loss on prefix/separator or padding, a suffix without EOS that was not truncated, an EOS
 without loss, examples with no loss token, pads that are model input, and counts truncated examples.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,8 +41,8 @@ def token_roles(text: np.ndarray, mask_ar: np.ndarray, tok: tokenizer_lib.Tokeni
     prefix_end = next((p for p, m in enumerate(mask_ar) if m != 0), length)
     roles = ["prefix"] * prefix_end
     sep = tok.sep_ids
-    if sep and prefix_end >= len(sep) and text[prefix_end - len(sep):prefix_end] == sep:
-        roles[prefix_end - len(sep):prefix_end] = ["separator"] * len(sep)
+    if sep and prefix_end >= len(sep) and text[prefix_end - len(sep) : prefix_end] == sep:
+        roles[prefix_end - len(sep) : prefix_end] = ["separator"] * len(sep)
     rest = text[prefix_end:]
     if tok.eos_id in rest:
         eos = rest.index(tok.eos_id)
@@ -56,8 +57,9 @@ def _mask_keys(batch: Mapping[str, Any]) -> list[str]:
     return [k for k in ("mask_ar", "mask_loss", "mask_input") if k in batch]
 
 
-def format_batch_table(batch: Mapping[str, Any], tok: tokenizer_lib.Tokenizer, index: int = 0, *,
-                       patch_size: int = DEFAULT_PATCH) -> str:
+def format_batch_table(
+    batch: Mapping[str, Any], tok: tokenizer_lib.Tokenizer, index: int = 0, *, patch_size: int = DEFAULT_PATCH
+) -> str:
     """One example of a batch as a text table: position, token id, piece, role and masks.
 
     Runs of padding with the same masks are one row. The image is one row, "image x N", N = (R / patch)^2.
@@ -79,8 +81,15 @@ def format_batch_table(batch: Mapping[str, Any], tok: tokenizer_lib.Tokenizer, i
     if "image" in batch:
         image = np.asarray(batch["image"][index])
         tokens = (image.shape[0] // patch_size) * (image.shape[1] // patch_size)
-        rows.append(["-", "-", f"{image.shape[0]}x{image.shape[1]} [{image.min():.2f}, {image.max():.2f}]",
-                     f"image x {tokens}", *["0" if k != "mask_input" else "1" for k in keys]])
+        rows.append(
+            [
+                "-",
+                "-",
+                f"{image.shape[0]}x{image.shape[1]} [{image.min():.2f}, {image.max():.2f}]",
+                f"image x {tokens}",
+                *["0" if k != "mask_input" else "1" for k in keys],
+            ]
+        )
     p = 0
     while p < len(text):
         q = p + 1
@@ -88,11 +97,19 @@ def format_batch_table(batch: Mapping[str, Any], tok: tokenizer_lib.Tokenizer, i
             while q < len(text) and roles[q] == "pad" and all(masks[k][q] == masks[k][p] for k in keys):
                 q += 1
         if q - p > 1:
-            rows.append([f"{p}-{q - 1}", str(int(text[p])), repr(pieces[p])[1:-1], f"pad x {q - p}",
-                         *[str(int(masks[k][p])) for k in keys]])
+            rows.append(
+                [
+                    f"{p}-{q - 1}",
+                    str(int(text[p])),
+                    repr(pieces[p])[1:-1],
+                    f"pad x {q - p}",
+                    *[str(int(masks[k][p])) for k in keys],
+                ]
+            )
         else:
-            rows.append([str(p), str(int(text[p])), repr(pieces[p])[1:-1], roles[p],
-                         *[str(int(masks[k][p])) for k in keys]])
+            rows.append(
+                [str(p), str(int(text[p])), repr(pieces[p])[1:-1], roles[p], *[str(int(masks[k][p])) for k in keys]]
+            )
         p = q
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
@@ -125,8 +142,10 @@ def check_batch(batch: Mapping[str, Any], tok: tokenizer_lib.Tokenizer) -> list[
             for wanted, name in (({"prefix", "separator"}, "prefix"), ({"pad"}, "padding")):
                 bad = positions(loss, wanted)
                 if bad:
-                    problems.append(f"error: {where}: loss on {len(bad)} {name} token(s), first at position "
-                                    f"{bad[0]} ({tok.pieces([int(text[i][bad[0]])])[0]!r})")
+                    problems.append(
+                        f"error: {where}: loss on {len(bad)} {name} token(s), first at position "
+                        f"{bad[0]} ({tok.pieces([int(text[i][bad[0]])])[0]!r})"
+                    )
             if not loss.any():
                 problems.append(f"warning: {where}: no token has loss (the example teaches nothing)")
             no_loss = positions(~loss, {"suffix"})
@@ -147,8 +166,10 @@ def check_batch(batch: Mapping[str, Any], tok: tokenizer_lib.Tokenizer) -> list[
             if positions(~inp, {"prefix", "separator"}):
                 problems.append(f"error: {where}: prefix tokens have mask_input 0")
     if truncated:
-        problems.append(f"warning: {truncated} of {int(valid.sum())} examples truncated at length {text.shape[1]} "
-                        "(their suffix lost its EOS; raise input.text_len?)")
+        problems.append(
+            f"warning: {truncated} of {int(valid.sum())} examples truncated at length {text.shape[1]} "
+            "(their suffix lost its EOS; raise input.text_len?)"
+        )
     if "image" in batch:
         image = np.asarray(batch["image"])[valid]
         if not np.isfinite(image).all():

@@ -17,6 +17,7 @@ Evaluation reads every example of the split exactly once, in order, and pads the
 Batches (numpy): `image f32[b, R, R, 3]` in [-1, 1]; training `text, mask_ar, mask_loss i32[b, text_len + 1]`;
 prompts `text, mask_ar, mask_input i32[b, text_len]`; `_mask bool[b]`; evaluation adds `_meta` (b dicts).
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,6 +61,7 @@ class InputConfig:
       transforms: names from `transforms.TRANSFORMS`, applied in order.
       prefetch: examples read ahead (default: two batches); bounds host memory at large resolutions.
     """
+
     data: Mapping[str, Any]
     prefix: str = "caption en"
     lowercase: bool = False
@@ -102,8 +104,15 @@ class InputConfig:
         return out
 
     def context(self, tok: tokenizer_lib.Tokenizer, kind: str) -> tf_lib.Context:
-        return tf_lib.Context(tok=tok, res=self.res, text_len=self.text_len, prefix=self.prefix, kind=kind,
-                              lowercase=self.lowercase, max_pixels=self.max_image_pixels)
+        return tf_lib.Context(
+            tok=tok,
+            res=self.res,
+            text_len=self.text_len,
+            prefix=self.prefix,
+            kind=kind,
+            lowercase=self.lowercase,
+            max_pixels=self.max_image_pixels,
+        )
 
     def read_options(self, local_batch: int) -> grain.ReadOptions:
         prefetch = self.prefetch if self.prefetch is not None else max(2 * local_batch, 4 * self.num_workers)
@@ -180,8 +189,9 @@ class BadInputReport:
         if path.is_dir():
             path = path / "bad_input.jsonl"
         with self._lock:
-            rows = [{"file": e.file, "line": e.line, "reason": e.reason, "detail": e.detail}
-                    for e in self._entries.values()]
+            rows = [
+                {"file": e.file, "line": e.line, "reason": e.reason, "detail": e.detail} for e in self._entries.values()
+            ]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         return path
 
@@ -189,6 +199,7 @@ class BadInputReport:
 @dataclasses.dataclass(frozen=True)
 class _Bad:
     """Marker for an example that failed (policy "skip"); `meta` keeps where it came from."""
+
     error: BadExample
     meta: dict
 
@@ -196,8 +207,16 @@ class _Bad:
 class _Loader:
     """Reads example `index` of the source and applies the transforms (runs in grain's read threads)."""
 
-    def __init__(self, source, names: Sequence[str], ctx: tf_lib.Context, policy: str, report: BadInputReport,
-                 keys: Sequence[str], with_meta: bool):
+    def __init__(
+        self,
+        source,
+        names: Sequence[str],
+        ctx: tf_lib.Context,
+        policy: str,
+        report: BadInputReport,
+        keys: Sequence[str],
+        with_meta: bool,
+    ):
         self.source, self.names, self.ctx, self.policy, self.report = source, tuple(names), ctx, policy, report
         self.keys, self.with_meta = tuple(keys), with_meta
 
@@ -214,8 +233,10 @@ class _Loader:
             self.report.add_truncated(str(example.get("id", index)))
         missing = [k for k in self.keys if k not in example]
         if missing:
-            raise ValueError(f"input.transforms {list(self.names)} do not produce {missing}; include "
-                             f"{[n for n in tf_lib.DEFAULT_TRANSFORMS if n not in self.names]}.")
+            raise ValueError(
+                f"input.transforms {list(self.names)} do not produce {missing}; include "
+                f"{[n for n in tf_lib.DEFAULT_TRANSFORMS if n not in self.names]}."
+            )
         out = {k: example[k] for k in self.keys}
         if self.with_meta:
             out["_meta"] = {k: example.get(k) for k in META_KEYS}
@@ -245,6 +266,7 @@ class _SkipBad:
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # noqa: PLC0415 - only needed for the defaults.
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -291,13 +313,22 @@ class TrainIterator:
         saved = dict(state.get("fingerprint", {}))
         diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
         if diff:
-            raise ValueError("Cannot resume the input pipeline: the saved state was made with different "
-                             + ", ".join(f"{k} (saved {a}, now {b})" for k, (a, b) in diff.items()) + ".")
+            raise ValueError(
+                "Cannot resume the input pipeline: the saved state was made with different "
+                + ", ".join(f"{k} (saved {a}, now {b})" for k, (a, b) in diff.items())
+                + "."
+            )
         self._it.set_state(state["grain"])
 
 
-def make_train_iter(input_cfg: Any, tok: tokenizer_lib.Tokenizer, *, process_index: int | None = None,
-                    process_count: int | None = None, report: BadInputReport | None = None) -> TrainIterator:
+def make_train_iter(
+    input_cfg: Any,
+    tok: tokenizer_lib.Tokenizer,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    report: BadInputReport | None = None,
+) -> TrainIterator:
     """Endless shuffled training batches of this process's shard of `input.data`.
 
     Args:
@@ -323,15 +354,26 @@ def make_train_iter(input_cfg: Any, tok: tokenizer_lib.Tokenizer, *, process_ind
         report.add(error)
     shard = grain.MapDataset.range(len(source))[pi::pc]
     if len(shard) == 0:
-        raise ValueError(f"input.data has {len(source)} usable examples, none for process {pi} of {pc}."
-                         + (f"\n{report.summary()}" if len(report) else ""))
+        raise ValueError(
+            f"input.data has {len(source)} usable examples, none for process {pi} of {pc}."
+            + (f"\n{report.summary()}" if len(report) else "")
+        )
     loader = _Loader(source, cfg.transforms, cfg.context(tok, "train"), cfg.bad_input, report, TRAIN_KEYS, False)
-    dataset = (shard.shuffle(seed=cfg.shuffle_seed).repeat(None).map(loader)
-               .to_iter_dataset(cfg.read_options(b))
-               .filter(_SkipBad(len(shard), report))
-               .batch(b, drop_remainder=True))
-    fingerprint = {"num_examples": len(source), "shuffle_seed": cfg.shuffle_seed, "batch_size": cfg.batch_size,
-                   "process_index": pi, "process_count": pc}
+    dataset = (
+        shard.shuffle(seed=cfg.shuffle_seed)
+        .repeat(None)
+        .map(loader)
+        .to_iter_dataset(cfg.read_options(b))
+        .filter(_SkipBad(len(shard), report))
+        .batch(b, drop_remainder=True)
+    )
+    fingerprint = {
+        "num_examples": len(source),
+        "shuffle_seed": cfg.shuffle_seed,
+        "batch_size": cfg.batch_size,
+        "process_index": pi,
+        "process_count": pc,
+    }
     return TrainIterator(iter(dataset), b, report, fingerprint)
 
 
@@ -346,9 +388,17 @@ def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1)
     return math.ceil(per_process / local_batch_size(batch_size, process_count, "batch_size"))
 
 
-def make_eval_batches(data_cfg: Any, input_cfg: Any, tok: tokenizer_lib.Tokenizer, batch_size: int, *,
-                      kind: str = "prompt", process_index: int | None = None, process_count: int | None = None,
-                      report: BadInputReport | None = None) -> Iterator[dict]:
+def make_eval_batches(
+    data_cfg: Any,
+    input_cfg: Any,
+    tok: tokenizer_lib.Tokenizer,
+    batch_size: int,
+    *,
+    kind: str = "prompt",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    report: BadInputReport | None = None,
+) -> Iterator[dict]:
     """Every example of `data_cfg` exactly once (this process's share), in fixed-shape batches.
 
     Args:
@@ -381,8 +431,9 @@ def make_eval_batches(data_cfg: Any, input_cfg: Any, tok: tokenizer_lib.Tokenize
     loader = _Loader(source, cfg.transforms, ctx, cfg.bad_input, report, keys, True)
     shard = grain.MapDataset.range(len(source))[pi::pc].map(loader)
     num_batches = num_eval_batches(len(source), batch_size, pc)
-    return _eval_batches(iter(shard.to_iter_dataset(cfg.read_options(b))), len(shard), b, num_batches,
-                         _blank_example(ctx, keys))
+    return _eval_batches(
+        iter(shard.to_iter_dataset(cfg.read_options(b))), len(shard), b, num_batches, _blank_example(ctx, keys)
+    )
 
 
 def _blank_example(ctx: tf_lib.Context, keys: Sequence[str]) -> dict:

@@ -14,6 +14,7 @@ has exactly one caption and a tiny model can learn the mapping. Detection boxes 
 (big_vision reference 9): y_min x_min y_max x_max, each `round(v * 1023)` of the coordinate normalised by the
 image size, clipped to [0, 1023]; boxes are listed in the same left-to-right order, joined by " ; ".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ SIZES = {"small": (0.45, 0.55), "large": (0.8, 0.9)}  # Shape side as a fraction
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """One drawn shape. `box` is (x0, y0, x1, y1) in pixels, x1/y1 exclusive."""
+
     kind: str
     colour: str
     size: str
@@ -48,7 +50,7 @@ class Shape:
 
     @property
     def position(self) -> str:
-        """"top left", "top center", "middle left", "center", ...: the grid cell in words."""
+        """ "top left", "top center", "middle left", "center", ...: the grid cell in words."""
         if (self.row, self.col) == (1, 1):
             return "center"
         return f"{ROWS[self.row]} {COLS[self.col]}"
@@ -57,6 +59,7 @@ class Shape:
 @dataclasses.dataclass(frozen=True)
 class Scene:
     """A generated image: its size, background colour and shapes in caption order (left to right)."""
+
     width: int
     height: int
     background: tuple[int, int, int]
@@ -126,8 +129,7 @@ def _texts(scene: Scene, task: str, rng: np.random.Generator) -> tuple[str, str]
     if task == "caption":
         return "caption en", " and ".join(f"a {s.colour} {s.kind}" for s in scene.shapes)
     if task == "long_caption":
-        return "caption en", " and ".join(f"a {s.size} {s.colour} {s.kind} in the {s.position}"
-                                          for s in scene.shapes)
+        return "caption en", " and ".join(f"a {s.size} {s.colour} {s.kind} in the {s.position}" for s in scene.shapes)
     if task == "count":
         kind = KINDS[int(rng.integers(len(KINDS)))]  # May be absent: "0" is a valid answer.
         count = sum(s.kind == kind for s in scene.shapes)
@@ -140,8 +142,7 @@ def _texts(scene: Scene, task: str, rng: np.random.Generator) -> tuple[str, str]
     raise ValueError(f"Unknown shapes task {task!r}; known: {', '.join(TASKS)}.")
 
 
-def make_example(seed: int, index: int, task: str = "caption",
-                 image_size: int | Sequence[int] = 64) -> dict[str, Any]:
+def make_example(seed: int, index: int, task: str = "caption", image_size: int | Sequence[int] = 64) -> dict[str, Any]:
     """Example `index` of `seed`: `{"image": uint8[H, W, 3], "prefix", "suffix", "scene"}`.
 
     Raises:
@@ -174,8 +175,9 @@ class ShapesSource:
       offset: index of the first example (lets a validation split follow the training split).
     """
 
-    def __init__(self, n: int, seed: int = 0, task: str = "caption", image_size: int | Sequence[int] = 64,
-                 offset: int = 0):
+    def __init__(
+        self, n: int, seed: int = 0, task: str = "caption", image_size: int | Sequence[int] = 64, offset: int = 0
+    ):
         if task not in TASKS:
             raise ValueError(f"input.data.task={task!r} is not a shapes task; known: {', '.join(TASKS)}.")
         if n < 0:
@@ -195,14 +197,28 @@ class ShapesSource:
         index = self.offset + i
         ex = make_example(self.seed, index, self.task, self.image_size)
         file, _ = self.location(i)
-        return {"id": f"shapes-{self.seed}-{index}", "image": ex["image"], "image_path": f"{file}[{index}]",
-                "prefix": ex["prefix"], "suffix": ex["suffix"], "references": [ex["suffix"]],
-                "file": file, "line": index}
+        return {
+            "id": f"shapes-{self.seed}-{index}",
+            "image": ex["image"],
+            "image_path": f"{file}[{index}]",
+            "prefix": ex["prefix"],
+            "suffix": ex["suffix"],
+            "references": [ex["suffix"]],
+            "file": file,
+            "line": index,
+        }
 
 
-def write_shapes_folder(directory: str | os.PathLike, n: int, seed: int = 0, task: str = "caption", *,
-                        n_val: int | None = None, image_size: int | Sequence[int] = 64,
-                        image_format: str = "png") -> dict[str, pathlib.Path]:
+def write_shapes_folder(
+    directory: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    task: str = "caption",
+    *,
+    n_val: int | None = None,
+    image_size: int | Sequence[int] = 64,
+    image_format: str = "png",
+) -> dict[str, pathlib.Path]:
     """Writes a big_vision-style folder: `images/*.png|jpg`, `train.jsonl` and `val.jsonl`.
 
     Lines look like `{"image": "images/train_00000.png", "prefix": "caption en", "suffix": "a red circle"}`.

@@ -17,6 +17,7 @@ Modes: `"train"` gives one example per training target, `"eval"` one per image w
     tfds     one per record (suffix = first ref.)    one per record
     shapes   one per generated image                 same
 """
+
 from __future__ import annotations
 
 import collections
@@ -84,8 +85,11 @@ def resolve_image_path(image_dir: pathlib.Path, name: str, *, allow_outside: boo
         return full
     resolved, root = full.resolve(), image_dir.resolve()
     if not resolved.is_relative_to(root):
-        raise BadExample("path_escape", f"image path {name!r} resolves to {resolved}, outside the image folder "
-                         f"{root}; set input.data.allow_outside=True to allow it")
+        raise BadExample(
+            "path_escape",
+            f"image path {name!r} resolves to {resolved}, outside the image folder "
+            f"{root}; set input.data.allow_outside=True to allow it",
+        )
     return resolved
 
 
@@ -113,8 +117,15 @@ class JsonlSource:
       bad_input: "skip" (list bad lines in `skipped`) or "error" (raise on the first).
     """
 
-    def __init__(self, path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None,
-                 allow_outside: bool = False, references_key: str = "suffix", bad_input: str = "skip"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_dir: str | os.PathLike | None = None,
+        allow_outside: bool = False,
+        references_key: str = "suffix",
+        bad_input: str = "skip",
+    ):
         self.path = pathlib.Path(path).expanduser()
         self.image_dir = pathlib.Path(image_dir).expanduser() if image_dir else self.path.parent
         self.allow_outside, self.references_key = allow_outside, references_key
@@ -165,11 +176,16 @@ class JsonlSource:
         except BadExample as e:
             raise e.located(str(self.path), line_no) from None
         suffixes = _text_list(obj.get("suffix"), "suffix")
-        return {"id": str(obj.get("id", f"{self.path.name}:{line_no}")), "image": image,
-                "image_path": str(path), "prefix": obj.get("prefix"),
-                "suffix": suffixes[0] if suffixes else None,
-                "references": _text_list(obj.get(self.references_key), self.references_key),
-                "file": str(self.path), "line": line_no}
+        return {
+            "id": str(obj.get("id", f"{self.path.name}:{line_no}")),
+            "image": image,
+            "image_path": str(path),
+            "prefix": obj.get("prefix"),
+            "suffix": suffixes[0] if suffixes else None,
+            "references": _text_list(obj.get(self.references_key), self.references_key),
+            "file": str(self.path),
+            "line": line_no,
+        }
 
 
 class CocoSource:
@@ -183,8 +199,15 @@ class CocoSource:
       bad_input: "skip" or "error" for annotations that name an unknown image or have no caption string.
     """
 
-    def __init__(self, annotations: str | os.PathLike, image_dir: str | os.PathLike, *, mode: str = "train",
-                 allow_outside: bool = False, bad_input: str = "skip"):
+    def __init__(
+        self,
+        annotations: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        *,
+        mode: str = "train",
+        allow_outside: bool = False,
+        bad_input: str = "skip",
+    ):
         self.path = pathlib.Path(annotations).expanduser()
         self.image_dir, self.allow_outside = pathlib.Path(image_dir).expanduser(), allow_outside
         self.skipped: list[BadExample] = []
@@ -195,17 +218,25 @@ class CocoSource:
         except FileNotFoundError:
             raise FileNotFoundError(f"input.data.annotations: {self.path} does not exist.") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{self.path}: not a COCO captions file (needs 'images' with 'id' and 'file_name' "
-                             f"and 'annotations' with 'image_id' and 'caption'): {type(e).__name__}: {e}") from None
+            raise ValueError(
+                f"{self.path}: not a COCO captions file (needs 'images' with 'id' and 'file_name' "
+                f"and 'annotations' with 'image_id' and 'caption'): {type(e).__name__}: {e}"
+            ) from None
         refs: dict[Any, list[str]] = collections.defaultdict(list)
         train: list[tuple[Any, str, int]] = []  # (image id, caption, annotation index)
         for k, ann in enumerate(anns):
             ann = ann if isinstance(ann, dict) else {}
             image_id, caption = ann.get("image_id"), ann.get("caption")
             if image_id not in files or not isinstance(caption, str):
-                _record_bad(BadExample("bad_annotation", f"annotation #{k} (id {ann.get('id')}) has an unknown "
-                                       "image_id or no caption string", file=str(self.path)),
-                            bad_input, self.skipped)
+                _record_bad(
+                    BadExample(
+                        "bad_annotation",
+                        f"annotation #{k} (id {ann.get('id')}) has an unknown image_id or no caption string",
+                        file=str(self.path),
+                    ),
+                    bad_input,
+                    self.skipped,
+                )
                 continue
             refs[image_id].append(caption)
             train.append((image_id, caption, k))
@@ -227,9 +258,16 @@ class CocoSource:
             image = read_image_bytes(path)
         except BadExample as e:
             raise BadExample(e.reason, f"image id {image_id}: {e.detail}", file=str(self.path)) from None
-        return {"id": str(image_id), "image": image, "image_path": str(path), "prefix": None,
-                "suffix": caption if caption is not None else (references[0] if references else None),
-                "references": references, "file": str(self.path), "line": None}
+        return {
+            "id": str(image_id),
+            "image": image,
+            "image_path": str(path),
+            "prefix": None,
+            "suffix": caption if caption is not None else (references[0] if references else None),
+            "references": references,
+            "file": str(self.path),
+            "line": None,
+        }
 
 
 class TfdsSource:
@@ -247,13 +285,19 @@ class TfdsSource:
       ValueError / FileNotFoundError: unknown dataset, not prepared, or prepared in a format that needs TF.
     """
 
-    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
-                 fields: Mapping[str, str | None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str | None = None,
+        fields: Mapping[str, str | None] | None = None,
+    ):
         try:
             import tensorflow_datasets as tfds  # noqa: PLC0415 - optional dependency.
         except ImportError:
-            raise ImportError("input.data.source='tfds' needs tensorflow-datasets: "
-                              "pip install 'paligemma-ft[tfds]'.") from None
+            raise ImportError(
+                "input.data.source='tfds' needs tensorflow-datasets: pip install 'paligemma-ft[tfds]'."
+            ) from None
         self.fields = {"image": "image", "suffix": "caption", "prefix": None, **dict(fields or {})}
         self.name, self.split = name, split
         self.skipped: list[BadExample] = []
@@ -262,18 +306,23 @@ class TfdsSource:
         except tfds.core.registered.DatasetNotFoundError:
             raise ValueError(f"input.data.name: TFDS has no dataset {name!r}.") from None
         except ImportError as e:
-            raise ImportError(f"TFDS dataset {name!r} needs TensorFlow to be built ({e}). Prepare it once "
-                              f"where TensorFlow is installed with `tfds build {name} --file_format=array_record`, "
-                              "then read it here without TensorFlow.") from None
+            raise ImportError(
+                f"TFDS dataset {name!r} needs TensorFlow to be built ({e}). Prepare it once "
+                f"where TensorFlow is installed with `tfds build {name} --file_format=array_record`, "
+                "then read it here without TensorFlow."
+            ) from None
         if not builder.is_prepared():
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once as array_record: "
                 f"`tfds build {name} --file_format=array_record --data_dir=...` (catalog datasets usually need "
-                "TensorFlow for that: pip install tensorflow-cpu), then point input.data.data_dir at it.")
+                "TensorFlow for that: pip install tensorflow-cpu), then point input.data.data_dir at it."
+            )
         file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
         if "array_record" not in file_format:
-            raise ValueError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {file_format}, which needs "
-                             "TensorFlow to read; re-prepare it with --file_format=array_record.")
+            raise ValueError(
+                f"TFDS dataset {name!r} in {builder.data_dir} is stored as {file_format}, which needs "
+                "TensorFlow to read; re-prepare it with --file_format=array_record."
+            )
         self.location_name = f"tfds:{name}/{split}"
         self.data = builder.as_data_source(split=split)
 
@@ -295,16 +344,26 @@ class TfdsSource:
         record = self.data[i]
         try:
             image = self._field(record, self.fields["image"])
-            references = _text_list(self._field(record, self.fields["suffix"]), self.fields["suffix"]) \
-                if self.fields.get("suffix") else []
+            references = (
+                _text_list(self._field(record, self.fields["suffix"]), self.fields["suffix"])
+                if self.fields.get("suffix")
+                else []
+            )
             prefix = None
             if self.fields.get("prefix"):
                 prefix = _text_list(self._field(record, self.fields["prefix"]), self.fields["prefix"])[0]
         except BadExample as e:
             raise e.located(self.location_name, i) from None
-        return {"id": f"{self.name}/{self.split}/{i}", "image": image, "image_path": f"{self.location_name}[{i}]",
-                "prefix": prefix, "suffix": references[0] if references else None, "references": references,
-                "file": self.location_name, "line": i}
+        return {
+            "id": f"{self.name}/{self.split}/{i}",
+            "image": image,
+            "image_path": f"{self.location_name}[{i}]",
+            "prefix": prefix,
+            "suffix": references[0] if references else None,
+            "references": references,
+            "file": self.location_name,
+            "line": i,
+        }
 
 
 Source = JsonlSource | CocoSource | TfdsSource | ShapesSource
@@ -321,8 +380,9 @@ def check_data_config(data: Mapping[str, Any]) -> str:
         raise ValueError(f"input.data.source={source!r} is unknown; known: {sorted(SOURCE_KEYS)}.")
     unknown = sorted(set(data) - SOURCE_KEYS[source])
     if unknown:
-        raise ValueError(f"input.data has unknown keys {unknown} for source {source!r}; "
-                         f"known: {sorted(SOURCE_KEYS[source])}.")
+        raise ValueError(
+            f"input.data has unknown keys {unknown} for source {source!r}; known: {sorted(SOURCE_KEYS[source])}."
+        )
     return source
 
 
@@ -343,23 +403,36 @@ def make_source(data: Mapping[str, Any], *, mode: str = "train", bad_input: str 
     if source == "jsonl":
         if not data.get("path"):
             raise ValueError("input.data.path (the JSONL file) is required for source 'jsonl'.")
-        return JsonlSource(data["path"], image_dir=data.get("image_dir"),
-                           allow_outside=bool(data.get("allow_outside", False)),
-                           references_key=data.get("references_key", "suffix"), bad_input=bad_input)
+        return JsonlSource(
+            data["path"],
+            image_dir=data.get("image_dir"),
+            allow_outside=bool(data.get("allow_outside", False)),
+            references_key=data.get("references_key", "suffix"),
+            bad_input=bad_input,
+        )
     if source == "coco":
         for key in ("annotations", "image_dir"):
             if not data.get(key):
                 raise ValueError(f"input.data.{key} is required for source 'coco'.")
-        return CocoSource(data["annotations"], data["image_dir"], mode=mode,
-                          allow_outside=bool(data.get("allow_outside", False)), bad_input=bad_input)
+        return CocoSource(
+            data["annotations"],
+            data["image_dir"],
+            mode=mode,
+            allow_outside=bool(data.get("allow_outside", False)),
+            bad_input=bad_input,
+        )
     if source == "tfds":
         if not data.get("name"):
             raise ValueError("input.data.name (the TFDS dataset) is required for source 'tfds'.")
         return TfdsSource(data["name"], data.get("split", "train"), data.get("data_dir"), data.get("fields"))
     image_size = data.get("image_size", 64)
-    return ShapesSource(int(data.get("n", 512)), int(data.get("seed", 0)), data.get("task", "caption"),
-                        tuple(image_size) if isinstance(image_size, Sequence) else int(image_size),
-                        int(data.get("offset", 0)))
+    return ShapesSource(
+        int(data.get("n", 512)),
+        int(data.get("seed", 0)),
+        data.get("task", "caption"),
+        tuple(image_size) if isinstance(image_size, Sequence) else int(image_size),
+        int(data.get("offset", 0)),
+    )
 
 
 def as_dict(cfg: Any) -> dict:

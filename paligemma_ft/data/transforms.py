@@ -13,6 +13,7 @@ re-quantized to uint8 before `/127.5 - 1` (big_vision's pp op rounds to uint8 fi
 
 Every transform raises `BadExample(reason, detail)` on bad input; the pipeline applies the bad-input policy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,14 +94,18 @@ def decode_image(data: bytes | np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXE
     except Image.DecompressionBombError as e:  # PIL's own limit, at 2x Image.MAX_IMAGE_PIXELS.
         raise BadExample("decompression_bomb", f"image refused: {e}") from None
     except Image.UnidentifiedImageError:  # PIL's message shows the BytesIO object; the first bytes say more.
-        raise BadExample("unreadable_image", "not an image in a format PIL reads (the file starts with "
-                         f"{bytes(data[:8])!r})") from None
+        raise BadExample(
+            "unreadable_image", f"not an image in a format PIL reads (the file starts with {bytes(data[:8])!r})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types (SyntaxError, OSError, ...).
         raise BadExample("unreadable_image", f"not a decodable image: {_describe(e)}") from None
     width, height = im.size
     if width * height > max_pixels:
-        raise BadExample("decompression_bomb", f"image of {width}x{height} = {width * height} pixels exceeds "
-                         f"input.max_image_pixels={max_pixels}; refused before decoding")
+        raise BadExample(
+            "decompression_bomb",
+            f"image of {width}x{height} = {width * height} pixels exceeds "
+            f"input.max_image_pixels={max_pixels}; refused before decoding",
+        )
     if im.format == "PNG":
         _check_png_crcs(bytes(data))
     try:
@@ -132,14 +137,15 @@ def _check_png_crcs(data: bytes) -> None:
     """
     pos = len(_PNG_SIGNATURE)
     while pos + 12 <= len(data):
-        length = struct.unpack(">I", data[pos:pos + 4])[0]
-        kind = data[pos + 4:pos + 8]
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind = data[pos + 4 : pos + 8]
         end = pos + 8 + length
         if end + 4 > len(data):
             return
-        if kind[:1].isupper() and struct.unpack(">I", data[end:end + 4])[0] != zlib.crc32(data[pos + 4:end]):
-            raise BadExample("unreadable_image", f"corrupt PNG: chunk {kind.decode('latin-1')!r} at byte {pos} "
-                             "fails its CRC check")
+        if kind[:1].isupper() and struct.unpack(">I", data[end : end + 4])[0] != zlib.crc32(data[pos + 4 : end]):
+            raise BadExample(
+                "unreadable_image", f"corrupt PNG: chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC check"
+            )
         if kind == b"IEND":
             return
         pos = end + 4
@@ -195,8 +201,12 @@ def resize(image: np.ndarray, res: int) -> np.ndarray:
         return image.astype(np.float32)
     # PIL's BILINEAR widens its triangle filter by the scale factor when shrinking, which is the antialiasing
     # of tf.image.resize(antialias=True). Resizing each channel in mode "F" keeps float precision, as the colab.
-    channels = [Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
-                .resize((res, res), Image.Resampling.BILINEAR) for c in range(image.shape[-1])]
+    channels = [
+        Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F").resize(
+            (res, res), Image.Resampling.BILINEAR
+        )
+        for c in range(image.shape[-1])
+    ]
     return np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=-1)
 
 
@@ -233,8 +243,9 @@ def _references(example: Mapping[str, Any], lowercase: bool) -> list[str]:
     return [r.lower() for r in refs] if lowercase else refs
 
 
-def tokenize_train(example: Example, tok: tokenizer_lib.Tokenizer, prefix: str, text_len: int, *,
-                   lowercase: bool = False) -> Example:
+def tokenize_train(
+    example: Example, tok: tokenizer_lib.Tokenizer, prefix: str, text_len: int, *, lowercase: bool = False
+) -> Example:
     """Adds the training sequence: `text`, `mask_ar`, `mask_loss` as int32[text_len + 1].
 
     The `+ 1` is big_vision's: the trainer feeds `text[:, :-1]` and predicts `text[:, 1:]`. The example's own
@@ -245,12 +256,19 @@ def tokenize_train(example: Example, tok: tokenizer_lib.Tokenizer, prefix: str, 
     """
     suffix = _target_text(example, lowercase)
     arrays, truncated = tokenizer_lib.make_train_example(tok, _prefix_text(example, prefix), suffix, text_len + 1)
-    return {**example, **arrays, "prefix": _prefix_text(example, prefix), "suffix": suffix,
-            "references": _references(example, lowercase), "_truncated": truncated}
+    return {
+        **example,
+        **arrays,
+        "prefix": _prefix_text(example, prefix),
+        "suffix": suffix,
+        "references": _references(example, lowercase),
+        "_truncated": truncated,
+    }
 
 
-def tokenize_prompt(example: Example, tok: tokenizer_lib.Tokenizer, prefix: str, text_len: int, *,
-                    lowercase: bool = False) -> Example:
+def tokenize_prompt(
+    example: Example, tok: tokenizer_lib.Tokenizer, prefix: str, text_len: int, *, lowercase: bool = False
+) -> Example:
     """Adds the decoding prompt: `text`, `mask_ar`, `mask_input` as int32[text_len]; keeps references/meta.
 
     The suffix is the target, so it is not part of the prompt; decoding starts right after the separator.
@@ -260,8 +278,13 @@ def tokenize_prompt(example: Example, tok: tokenizer_lib.Tokenizer, prefix: str,
     """
     used_prefix = _prefix_text(example, prefix)
     arrays, truncated = tokenizer_lib.make_prompt(tok, used_prefix, text_len)
-    return {**example, **arrays, "prefix": used_prefix, "references": _references(example, lowercase),
-            "_truncated": truncated}
+    return {
+        **example,
+        **arrays,
+        "prefix": used_prefix,
+        "references": _references(example, lowercase),
+        "_truncated": truncated,
+    }
 
 
 # ------------------------------------------------------------------------------------------- transforms by name
@@ -280,6 +303,7 @@ class Context:
       lowercase: lower-case suffixes and references (the colab does).
       max_pixels: decompression-bomb limit for `decode`.
     """
+
     tok: tokenizer_lib.Tokenizer
     res: int
     text_len: int
@@ -307,7 +331,11 @@ def _tokenize(ex: Example, ctx: Context) -> Example:
 
 
 TRANSFORMS: dict[str, Callable[[Example, Context], Example]] = {
-    "decode": _decode, "resize": _resize, "value_range": _value_range, "tokenize": _tokenize}
+    "decode": _decode,
+    "resize": _resize,
+    "value_range": _value_range,
+    "tokenize": _tokenize,
+}
 DEFAULT_TRANSFORMS = ("decode", "resize", "value_range", "tokenize")  # `input.transforms` overrides.
 
 

@@ -21,6 +21,7 @@ toolkit for the same tokens. Two things differ from `pycocoevalcap.eval.COCOEval
 METEOR runs only with `meteor=True` and a `java` on the PATH. It starts a JVM that loads METEOR's paraphrase
 tables, which alone takes from seconds to half a minute, so it is off by default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,34 @@ from paligemma_ft.evaluate.ids import check_same_ids
 
 # Punctuation tokens removed after tokenization: pycocoevalcap's list, plus the raw characters that PTB would
 # first have rewritten into one of those tokens (`"` -> `` / '') and brackets (see the module docstring).
-PUNCTUATION_TOKENS = frozenset(["''", "'", "``", "`", '"', "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",",
-                                ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}"])
+PUNCTUATION_TOKENS = frozenset(
+    [
+        "''",
+        "'",
+        "``",
+        "`",
+        '"',
+        "-LRB-",
+        "-RRB-",
+        "-LCB-",
+        "-RCB-",
+        ".",
+        "?",
+        "!",
+        ",",
+        ":",
+        "-",
+        "--",
+        "...",
+        ";",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+    ]
+)
 _CLITIC_NT = re.compile(r"(\w)n't\b")
 _CLITIC = re.compile(r"(\w)'(s|re|ve|ll|d|m)\b")
 # A token is a clitic, a word whose inner joints may be `-./:,@&'` (black-and-white, 3.5, 10:30, m/s, 2,000), or
@@ -88,6 +115,7 @@ def _pycoco_scores(gts: dict, res: dict, *, meteor: bool, warnings: list[str]) -
     elif meteor:
         try:
             from pycocoevalcap.meteor.meteor import Meteor
+
             scorer = Meteor()
             value, per_meteor = scorer.compute_score(gts, res)
             del scorer  # Its __del__ stops the JVM.
@@ -103,6 +131,7 @@ def _pycoco_scores(gts: dict, res: dict, *, meteor: bool, warnings: list[str]) -
 # A resample is a row of multiplicities M[r, i] (how often image i was drawn), summing to N.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _resample_counts(n: int, num: int, seed: int) -> np.ndarray:
     """f64[num, n]: multiplicities of `num` resamples of `n` ids drawn with replacement."""
     draws = np.random.default_rng(seed).integers(0, n, size=(num, n))
@@ -113,6 +142,7 @@ def _resample_counts(n: int, num: int, seed: int) -> np.ndarray:
 def _bleu_stats(gts: dict, res: dict) -> np.ndarray:
     """f64[N, 10] per-example BLEU statistics: testlen, closest reflen, guess_1..4, correct_1..4."""
     from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
     rows = []
     for k in gts:
         c = cook_test(res[k][0], cook_refs(gts[k]), eff="closest")
@@ -140,6 +170,7 @@ class _CiderTables:
     one column (their coefficients add up). This keeps G small: most 3- and 4-grams occur in one image only, and
     all n-grams absent from every reference share column 0 (df = 0). P is the number of (image, reference) pairs.
     """
+
     doc: sp.csr_matrix  # [N, G] 1 where image i belongs to column g's set of images.
     num: sp.csr_matrix  # [P*4, G] sum of min(tf_h, tf_r) * tf_r, row = pair * 4 + order.
     hyp: sp.csr_matrix  # [N*4, G] sum of tf_h^2, row = image * 4 + order.
@@ -151,6 +182,7 @@ class _CiderTables:
 
 def _cider_tables(gts: dict, res: dict) -> _CiderTables:
     from pycocoevalcap.cider.cider_scorer import precook
+
     hyps = [precook(res[k][0]) for k in gts]
     refs = [[precook(r) for r in gts[k]] for k in gts]
     images_of: dict[tuple, list[int]] = {}
@@ -174,16 +206,22 @@ def _cider_tables(gts: dict, res: dict) -> _CiderTables:
             num[0].extend(p * 4 + len(g) - 1 for g in both), num[1].extend(col[g] for g in both)
             num[2].extend(float(min(h[g], r[g]) * r[g]) for g in both)
             pair_image.append(i)
-            penalty.append(math.exp(-float(length(h) - length(r)) ** 2 / (2 * CIDER_SIGMA ** 2)))
+            penalty.append(math.exp(-(float(length(h) - length(r)) ** 2) / (2 * CIDER_SIGMA**2)))
     n, pairs, g = len(gts), len(pair_image), len(column_of_set)
     doc_rows = [i for s in column_of_set for i in s]
     doc_cols = [c for s, c in column_of_set.items() for _ in s]
     # The COO -> CSR conversion sums duplicate entries: that is what merges n-grams into shared columns.
     build = lambda t, rows: sp.csr_matrix((t[2], (t[0], t[1])), shape=(rows, g))  # noqa: E731
     doc = sp.csr_matrix((np.ones(len(doc_rows)), (doc_rows, doc_cols)), shape=(n, g))
-    return _CiderTables(doc, build(num, pairs * 4), build(hyp, n * 4), build(ref, pairs * 4),
-                        np.asarray(pair_image), np.asarray(penalty),
-                        np.asarray([len(rs) for rs in refs], np.float64))
+    return _CiderTables(
+        doc,
+        build(num, pairs * 4),
+        build(hyp, n * 4),
+        build(ref, pairs * 4),
+        np.asarray(pair_image),
+        np.asarray(penalty),
+        np.asarray([len(rs) for rs in refs], np.float64),
+    )
 
 
 def _cider_image_scores(t: _CiderTables, counts: np.ndarray) -> np.ndarray:
@@ -208,7 +246,7 @@ def _cider_resampled(t: _CiderTables, counts: np.ndarray, chunk_elems: int = 4_0
     chunk = max(1, chunk_elems // max(1, t.doc.shape[1], t.num.shape[0]))
     out = []
     for s in range(0, counts.shape[0], chunk):
-        c = counts[s:s + chunk]
+        c = counts[s : s + chunk]
         out.append((c * _cider_image_scores(t, c).T).sum(axis=1) / counts.shape[1])
     return np.concatenate(out)
 
@@ -224,8 +262,14 @@ def _bootstrap(gts: dict, res: dict, per: dict, *, num: int, seed: int) -> dict[
     return out
 
 
-def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *,
-                    bootstrap: int = 1000, seed: int = 0, meteor: bool = False) -> dict[str, Any]:
+def caption_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    meteor: bool = False,
+) -> dict[str, Any]:
     """CIDEr, BLEU-1..4, ROUGE-L (and optionally METEOR) of one caption per id against its references.
 
     Args:
@@ -243,8 +287,10 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     ids = _check_inputs(predictions, references)
     warnings: list[str] = []
     if len(ids) < SMALL_SPLIT:
-        warnings.append(f"CIDEr's IDF is computed from the references: on {len(ids)} images it is noisy "
-                        f"(use >= {SMALL_SPLIT} images to compare runs).")
+        warnings.append(
+            f"CIDEr's IDF is computed from the references: on {len(ids)} images it is noisy "
+            f"(use >= {SMALL_SPLIT} images to compare runs)."
+        )
     gts = {k: [tokenize_caption(r) for r in references[k]] for k in ids}
     res = {k: [tokenize_caption(predictions[k])] for k in ids}
     corpus, per = _pycoco_scores(gts, res, meteor=meteor, warnings=warnings)

@@ -14,6 +14,7 @@ truth do not lower AP). Generated detections carry no confidence, so predictions
 are ranked by their position in the output (the model's first box first), ties across images broken by image
 order.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ _RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 @dataclasses.dataclass(frozen=True)
 class Box:
     """A labelled box; coordinates are fractions of the image height (y) and width (x), in [0, 1]."""
+
     label: str
     y0: float
     x0: float
@@ -53,7 +55,7 @@ def _parse(text: str, loc_bins: int) -> tuple[list[Box], int]:
             continue
         label = " ".join(m.group(3).split())
         y0, x0, y1, x1 = (int(v) for v in _LOC.findall(m.group(1)))
-        if (not label or "<loc" in label or max(y0, x0, y1, x1) >= loc_bins or y1 <= y0 or x1 <= x0):
+        if not label or "<loc" in label or max(y0, x0, y1, x1) >= loc_bins or y1 <= y0 or x1 <= x0:
             bad += 1  # Missing label, another loc group glued on, a bin out of range, or an empty/inverted box.
             continue
         scale = float(loc_bins - 1)
@@ -102,13 +104,13 @@ def _label(box: Box) -> str:
     return " ".join(box.label.lower().split())
 
 
-def _ap_one_label(label: str, preds: Sequence[Sequence[Box]], gts: Sequence[Sequence[Box]],
-                  threshold: float) -> float:
+def _ap_one_label(label: str, preds: Sequence[Sequence[Box]], gts: Sequence[Sequence[Box]], threshold: float) -> float:
     """COCO 101-point AP of one label; predictions ranked by (position in output, image index)."""
     gt = [[g for g in boxes if _label(g) == label] for boxes in gts]
     n_gt = sum(len(g) for g in gt)
-    ranked = sorted((pos, img, p) for img, boxes in enumerate(preds)
-                    for pos, p in enumerate(boxes) if _label(p) == label)
+    ranked = sorted(
+        (pos, img, p) for img, boxes in enumerate(preds) for pos, p in enumerate(boxes) if _label(p) == label
+    )
     used = [[False] * len(g) for g in gt]
     hits = []
     for _, img, p in ranked:
@@ -130,8 +132,9 @@ def _ap_one_label(label: str, preds: Sequence[Sequence[Box]], gts: Sequence[Sequ
     return float(np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0).mean())
 
 
-def average_precision(preds_per_image: Sequence[Sequence[Box]], gts_per_image: Sequence[Sequence[Box]],
-                      iou_threshold: float = 0.5) -> float:
+def average_precision(
+    preds_per_image: Sequence[Sequence[Box]], gts_per_image: Sequence[Sequence[Box]], iou_threshold: float = 0.5
+) -> float:
     """Mean over ground-truth labels of the COCO 101-point AP at one IoU threshold; nan without ground truth.
 
     Args:
@@ -140,8 +143,9 @@ def average_precision(preds_per_image: Sequence[Sequence[Box]], gts_per_image: S
       iou_threshold: minimum IoU of a true positive.
     """
     if len(preds_per_image) != len(gts_per_image):
-        raise ValueError(f"average_precision: {len(preds_per_image)} prediction lists for "
-                         f"{len(gts_per_image)} ground-truth lists")
+        raise ValueError(
+            f"average_precision: {len(preds_per_image)} prediction lists for {len(gts_per_image)} ground-truth lists"
+        )
     labels = sorted({_label(g) for boxes in gts_per_image for g in boxes})
     if not labels:
         return float("nan")
@@ -155,8 +159,9 @@ def _mean_best_iou(preds: Sequence[Box], gts: Sequence[Box]) -> float | None:
     return float(np.mean([max([iou(p, g) for p in preds if _label(p) == _label(g)], default=0.0) for g in gts]))
 
 
-def detection_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *,
-                      loc_bins: int = 1024) -> dict[str, Any]:
+def detection_metrics(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *, loc_bins: int = 1024
+) -> dict[str, Any]:
     """Detection metrics over a split.
 
     Args:
@@ -192,8 +197,15 @@ def detection_metrics(predictions: Mapping[Hashable, str], references: Mapping[H
         warnings.append("No ground-truth boxes in the split: AP is undefined (nan).")
     aps = {t: average_precision(preds, gts, t) for t in COCO_THRESHOLDS}
     ious = [v["iou"] for v in per.values() if v["iou"] is not None]
-    return {"ap50": aps[0.5], "ap75": aps[0.75], "map": float(np.mean(list(aps.values()))),
-            "well_formed_rate": float(np.mean([v["well_formed"] for v in per.values()])),
-            "mean_iou": float(np.mean(ious)) if ious else float("nan"),
-            "malformed_segments": bad_total, "n": len(ids), "per_example": per, "boxes": boxes,
-            "warnings": warnings}
+    return {
+        "ap50": aps[0.5],
+        "ap75": aps[0.75],
+        "map": float(np.mean(list(aps.values()))),
+        "well_formed_rate": float(np.mean([v["well_formed"] for v in per.values()])),
+        "mean_iou": float(np.mean(ious)) if ious else float("nan"),
+        "malformed_segments": bad_total,
+        "n": len(ids),
+        "per_example": per,
+        "boxes": boxes,
+        "warnings": warnings,
+    }

@@ -9,6 +9,7 @@ Batches are dicts of numpy arrays with `_mask bool[B]` (False on padding rows) a
 with `id`, `image_path`, `prefix` and `references` (list of str). Each real example must appear exactly once in
 the split; a repeated id is an error (it would silently weigh the example twice).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,28 @@ from paligemma_ft.evaluate import caption, detection, report, vqa
 log = logging.getLogger(__name__)
 
 # Config keys that belong to whoever feeds the evaluator (data, preprocessing, decoding, schedule): ignored here.
-RUNNER_KEYS = frozenset({"type", "data", "pp_fn", "pp", "split", "source", "batch_size", "max_examples",
-                         "log_steps", "log_percent", "every", "skip_first", "pred", "pred_kw", "max_decode_len",
-                         "sampler", "prompt", "decode"})
+RUNNER_KEYS = frozenset(
+    {
+        "type",
+        "data",
+        "pp_fn",
+        "pp",
+        "split",
+        "source",
+        "batch_size",
+        "max_examples",
+        "log_steps",
+        "log_percent",
+        "every",
+        "skip_first",
+        "pred",
+        "pred_kw",
+        "max_decode_len",
+        "sampler",
+        "prompt",
+        "decode",
+    }
+)
 _ALIASES = {"coco_caption": "caption", "vqav2": "vqa"}
 
 
@@ -69,8 +89,9 @@ def _real_rows(batch: Mapping[str, Any], where: str, *, need_meta: bool) -> list
     mask = np.asarray(batch["_mask"]).astype(bool).reshape(-1)
     meta = batch.get("_meta")
     if meta is None and need_meta:
-        raise ValueError(f"{where}: batch has no '_meta' key (a list of B dicts with id, image_path, prefix, "
-                         "references)")
+        raise ValueError(
+            f"{where}: batch has no '_meta' key (a list of B dicts with id, image_path, prefix, references)"
+        )
     if meta is not None and len(meta) != len(mask):
         raise ValueError(f"{where}: '_meta' has {len(meta)} entries for {len(mask)} rows")
     return [(i, None if meta is None else meta[i]) for i in np.flatnonzero(mask)]
@@ -82,8 +103,12 @@ def _example(meta: Mapping[str, Any], where: str) -> _Example:
     refs = meta.get("references")
     refs = [] if refs is None else [refs] if isinstance(refs, (str, bytes)) else list(refs)
     image = meta.get("image_path")
-    return _Example(_plain(meta["id"]), None if image is None else str(_plain(image)),
-                    str(_plain(meta.get("prefix", ""))), [str(_plain(r)) for r in refs])
+    return _Example(
+        _plain(meta["id"]),
+        None if image is None else str(_plain(image)),
+        str(_plain(meta.get("prefix", ""))),
+        [str(_plain(r)) for r in refs],
+    )
 
 
 def _file_stem(name: str) -> str:
@@ -93,6 +118,7 @@ def _file_stem(name: str) -> str:
 @dataclasses.dataclass
 class Evaluator:
     """Base class: collects one output per real example, scores the split, writes predictions and a gallery."""
+
     name: str
     max_gallery_items: int = 200  # Examples shown in the HTML gallery.
     kind: ClassVar[str] = "prompt"
@@ -100,8 +126,9 @@ class Evaluator:
 
     def __post_init__(self):
         if not isinstance(self.max_gallery_items, int) or self.max_gallery_items < 0:
-            raise ValueError(f"evaluator {self.name!r}: max_gallery_items must be an int >= 0, "
-                             f"got {self.max_gallery_items!r}")
+            raise ValueError(
+                f"evaluator {self.name!r}: max_gallery_items must be an int >= 0, got {self.max_gallery_items!r}"
+            )
 
     def score(self, predictions: dict, references: dict) -> dict[str, Any]:
         """Metrics dict with `per_example` (id -> scores) and `warnings`; see the metric modules."""
@@ -123,8 +150,10 @@ class Evaluator:
             for i, meta in rows:
                 ex = _example(meta, where) if meta is not None else _Example(f"batch{b}_row{i}", None, "", [])
                 if ex.id in examples:
-                    raise ValueError(f"{where}, row {i}: id {ex.id!r} was already scored (ids must be unique "
-                                     "and each example must appear once in the split)")
+                    raise ValueError(
+                        f"{where}, row {i}: id {ex.id!r} was already scored (ids must be unique "
+                        "and each example must appear once in the split)"
+                    )
                 ex.output = outputs[i]
                 examples[ex.id] = ex
         if not examples:
@@ -132,11 +161,19 @@ class Evaluator:
         return list(examples.values())
 
     def _rows(self, examples: list[_Example], result: Mapping[str, Any]) -> list[dict[str, Any]]:
-        return [{"id": ex.id, "image": ex.image, "prompt": ex.prompt, "prediction": ex.output,
-                 "references": ex.references, "score": result["per_example"][ex.id]} for ex in examples]
+        return [
+            {
+                "id": ex.id,
+                "image": ex.image,
+                "prompt": ex.prompt,
+                "prediction": ex.output,
+                "references": ex.references,
+                "score": result["per_example"][ex.id],
+            }
+            for ex in examples
+        ]
 
-    def run(self, predictor: Predictor, batches: Iterable[dict], outdir: str | Path, step: int
-            ) -> dict[str, float]:
+    def run(self, predictor: Predictor, batches: Iterable[dict], outdir: str | Path, step: int) -> dict[str, float]:
         """Scores the whole split; writes `predictions_<name>_step<step>.jsonl` and `gallery_...html`.
 
         Returns:
@@ -147,8 +184,9 @@ class Evaluator:
         per = result["per_example"]
         if len(per) != len(examples) or any(ex.id not in per for ex in examples):
             raise RuntimeError(f"evaluator {self.name!r}: scored {len(per)} examples for {len(examples)} collected")
-        metrics = {k: float(v) for k, v in result.items()
-                   if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+        metrics = {
+            k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+        }
         metrics["n"] = float(len(examples))
         self.warnings = list(result.get("warnings", []))
         for w in self.warnings:
@@ -158,14 +196,21 @@ class Evaluator:
         outdir.mkdir(parents=True, exist_ok=True)
         stem = f"{_file_stem(self.name)}_step{step}"
         report.write_predictions_jsonl(outdir / f"predictions_{stem}.jsonl", rows)
-        report.write_gallery_html(outdir / f"gallery_{stem}.html", rows, title=f"{self.name} at step {step}",
-                                  max_items=self.max_gallery_items, metrics=metrics, warnings=self.warnings)
+        report.write_gallery_html(
+            outdir / f"gallery_{stem}.html",
+            rows,
+            title=f"{self.name} at step {step}",
+            max_items=self.max_gallery_items,
+            metrics=metrics,
+            warnings=self.warnings,
+        )
         return metrics
 
 
 @dataclasses.dataclass
 class CaptionEvaluator(Evaluator):
     """CIDEr, BLEU-1..4, ROUGE-L (METEOR) with bootstrap intervals; see `caption.caption_metrics`."""
+
     bootstrap: int = 1000  # Bootstrap resamples for the 95 % intervals (0: none).
     seed: int = 0  # Seed of the resampling.
     meteor: bool = False  # Also METEOR when Java is present (slow).
@@ -176,13 +221,15 @@ class CaptionEvaluator(Evaluator):
             raise ValueError(f"evaluator {self.name!r}: bootstrap must be an int >= 0, got {self.bootstrap!r}")
 
     def score(self, predictions: dict, references: dict) -> dict[str, Any]:
-        return caption.caption_metrics(predictions, references, bootstrap=self.bootstrap, seed=self.seed,
-                                       meteor=self.meteor)
+        return caption.caption_metrics(
+            predictions, references, bootstrap=self.bootstrap, seed=self.seed, meteor=self.meteor
+        )
 
 
 @dataclasses.dataclass
 class VqaEvaluator(Evaluator):
     """Exact match (`acc`, `acc_any`), VQAv2 accuracy and ANLS; see `vqa.vqa_metrics`."""
+
     anls_theta: float = 0.5  # ANLS threshold on the normalized edit distance.
     lowercase: bool = True  # Case-insensitive exact match.
 
@@ -193,6 +240,7 @@ class VqaEvaluator(Evaluator):
 @dataclasses.dataclass
 class DetectionEvaluator(Evaluator):
     """AP@0.5, AP@0.75, mAP@[.5:.95], well-formed rate and IoU; see `detection.detection_metrics`."""
+
     loc_bins: int = 1024  # Number of <locNNNN> tokens.
 
     def score(self, predictions: dict, references: dict) -> dict[str, Any]:
@@ -212,6 +260,7 @@ class PerplexityEvaluator(Evaluator):
     Each example weighs the same (big_vision's per-example mean, then batch mean), padding rows weigh zero.
     `_meta` is optional here; without it the gallery and JSONL name rows by batch and row.
     """
+
     kind: ClassVar[str] = "train"
 
     def _outputs(self, predictor: Predictor, batch: dict, size: int, where: str) -> list[Any]:
@@ -226,8 +275,12 @@ class PerplexityEvaluator(Evaluator):
         warnings = [] if np.isfinite(losses).all() else [f"{int((~np.isfinite(losses)).sum())} non-finite losses"]
         with np.errstate(over="ignore"):
             perplexity = float(np.exp(loss))
-        return {"loss": loss, "perplexity": perplexity,
-                "per_example": {k: {"loss": float(v)} for k, v in predictions.items()}, "warnings": warnings}
+        return {
+            "loss": loss,
+            "perplexity": perplexity,
+            "per_example": {k: {"loss": float(v)} for k, v in predictions.items()},
+            "warnings": warnings,
+        }
 
     def _rows(self, examples: list[_Example], result: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows = super()._rows(examples, result)
@@ -236,8 +289,12 @@ class PerplexityEvaluator(Evaluator):
         return rows
 
 
-_TYPES: dict[str, type[Evaluator]] = {"caption": CaptionEvaluator, "vqa": VqaEvaluator,
-                                      "detection": DetectionEvaluator, "perplexity": PerplexityEvaluator}
+_TYPES: dict[str, type[Evaluator]] = {
+    "caption": CaptionEvaluator,
+    "vqa": VqaEvaluator,
+    "detection": DetectionEvaluator,
+    "perplexity": PerplexityEvaluator,
+}
 
 
 def evaluator_type(name: str) -> str:
@@ -245,8 +302,7 @@ def evaluator_type(name: str) -> str:
     short = str(name).rsplit(".", 1)[-1]
     short = _ALIASES.get(short, short)
     if short not in _TYPES:
-        raise ValueError(f"unknown evaluator type {name!r}; known: {sorted(_TYPES)} "
-                         f"(aliases: {sorted(_ALIASES)})")
+        raise ValueError(f"unknown evaluator type {name!r}; known: {sorted(_TYPES)} (aliases: {sorted(_ALIASES)})")
     return short
 
 
@@ -266,7 +322,7 @@ def make_evaluator(name: str, cfg: Mapping[str, Any]) -> Evaluator:
     options = {f.name for f in dataclasses.fields(cls) if f.init} - {"name"}
     unknown = sorted(k for k in cfg if k not in options and k not in RUNNER_KEYS)
     if unknown:
-        raise ValueError(f"evaluator {name!r} ({cfg['type']}): unknown config key(s) {unknown}; "
-                         f"its options are {sorted(options)}")
+        raise ValueError(
+            f"evaluator {name!r} ({cfg['type']}): unknown config key(s) {unknown}; its options are {sorted(options)}"
+        )
     return cls(name=name, **{k: v for k, v in cfg.items() if k in options})
-

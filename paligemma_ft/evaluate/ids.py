@@ -1,4 +1,5 @@
 """The check every metric makes first: predictions and references describe the same examples."""
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
@@ -14,8 +15,10 @@ def check_same_ids(predictions: Mapping[Hashable, Any], references: Mapping[Hash
     missing = [k for k in predictions if k not in references]
     extra = [k for k in references if k not in predictions]
     if missing or extra:
-        raise ValueError(f"predictions and references cover different ids: without references {missing[:5]}, "
-                         f"without prediction {extra[:5]}")
+        raise ValueError(
+            f"predictions and references cover different ids: without references {missing[:5]}, "
+            f"without prediction {extra[:5]}"
+        )
     if not predictions:
         raise ValueError(f"{metric}: no examples to score")
     return list(predictions)

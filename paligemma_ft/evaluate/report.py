@@ -4,6 +4,7 @@ A row is a dict with `id`, `image` (path or None), `prompt`, `prediction`, `refe
 (a dict of per-example metrics, or a number); detection rows may add `boxes`
 (`{"prediction": [Box], "references": [Box]}`), drawn on the thumbnails (references green, predictions red).
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,6 +55,7 @@ def _thumbnail(image_path: str | None, boxes: Mapping[str, Sequence[Any]] | None
         return None
     try:
         from PIL import Image, ImageDraw
+
         with Image.open(image_path) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -62,8 +64,9 @@ def _thumbnail(image_path: str | None, boxes: Mapping[str, Sequence[Any]] | None
             for key, color in (("references", (0, 200, 0)), ("prediction", (230, 0, 0))):
                 for box in boxes.get(key, ()):
                     y0, x0, y1, x1 = _coords(box)
-                    draw.rectangle([x0 * im.width, y0 * im.height, x1 * im.width, y1 * im.height],
-                                   outline=color, width=2)
+                    draw.rectangle(
+                        [x0 * im.width, y0 * im.height, x1 * im.width, y1 * im.height], outline=color, width=2
+                    )
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
     except (OSError, ValueError):  # Missing or unreadable file (PIL raises OSError subclasses): placeholder.
@@ -91,9 +94,15 @@ td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
 .warn{color:#a60}.pred{font-weight:bold}.refs{color:#444}"""
 
 
-def write_gallery_html(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, title: str,
-                       max_items: int = 200, metrics: Mapping[str, Any] | None = None,
-                       warnings: Sequence[str] = ()) -> None:
+def write_gallery_html(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    title: str,
+    max_items: int = 200,
+    metrics: Mapping[str, Any] | None = None,
+    warnings: Sequence[str] = (),
+) -> None:
     """Writes a self-contained HTML page: optional metrics and warnings, then one table row per example.
 
     Args:
@@ -105,11 +114,19 @@ def write_gallery_html(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]
       warnings: optional warnings shown above the examples.
     """
     e = lambda v: html.escape(str(v))  # noqa: E731
-    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
-           f"<style>{_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
     if metrics:
-        out.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(_format_number(v))}</td></tr>"
-                                       for k, v in metrics.items()) + "</table>")
+        out.append(
+            "<table>"
+            + "".join(f"<tr><th>{e(k)}</th><td>{e(_format_number(v))}</td></tr>" for k, v in metrics.items())
+            + "</table>"
+        )
     out += [f'<p class="warn">{e(w)}</p>' for w in warnings]
     shown = list(rows[:max_items])
     out.append(f"<p>{len(shown)} of {len(rows)} examples.</p>")
@@ -118,9 +135,11 @@ def write_gallery_html(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]
         uri = _thumbnail(row.get("image"), row.get("boxes"))
         img = f'<img src="{uri}" alt="{e(row.get("image"))}">' if uri else '<div class="ph">no image</div>'
         refs = "".join(f"<li>{e(r)}</li>" for r in row.get("references") or [])
-        out.append(f"<tr><td>{img}</td><td>{e(row.get('id'))}<br><i>{e(row.get('prompt', ''))}</i></td>"
-                   f"<td><div class=\"pred\">{e(row.get('prediction', ''))}</div><ul class=\"refs\">{refs}</ul></td>"
-                   f"<td>{e(_format_score(row.get('score', '')))}</td></tr>")
+        out.append(
+            f"<tr><td>{img}</td><td>{e(row.get('id'))}<br><i>{e(row.get('prompt', ''))}</i></td>"
+            f'<td><div class="pred">{e(row.get("prediction", ""))}</div><ul class="refs">{refs}</ul></td>'
+            f"<td>{e(_format_score(row.get('score', '')))}</td></tr>"
+        )
     out.append("</table></body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(out))

@@ -11,6 +11,7 @@ Metrics come back as `{"<name>/<metric>": float}`; predictions (JSONL) and an HT
 `evaluate_command` is `paligemma-ft evaluate`: it loads the parameters (`--checkpoint`, else `WORKDIR/params.npz`,
 else `config.model_init`), runs the evaluators, prints a table and writes `eval_metrics.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def _plain(tree: Any) -> dict:
     return tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)
 
 
-def run_evals(config: Any, predictor: Any, outdir: str | Path, step: int,
-              names: list[str] | None = None) -> dict[str, float]:
+def run_evals(
+    config: Any, predictor: Any, outdir: str | Path, step: int, names: list[str] | None = None
+) -> dict[str, float]:
     """Runs every evaluator of `config.evals` (or only `names`) with `predictor`; scalar metrics only.
 
     Args:
@@ -51,8 +53,9 @@ def run_evals(config: Any, predictor: Any, outdir: str | Path, step: int,
             raise ValueError(f"config.evals.{name} needs 'type' and 'data' (got keys {sorted(ecfg)})")
         evaluator = make_evaluator(name, ecfg)
         kind = "train" if evaluator_type(ecfg["type"]) == "perplexity" else "prompt"
-        batches = data_lib.make_eval_batches(ecfg["data"], config.input, predictor.tok,
-                                             int(ecfg.get("batch_size", 8)), kind=kind)
+        batches = data_lib.make_eval_batches(
+            ecfg["data"], config.input, predictor.tok, int(ecfg.get("batch_size", 8)), kind=kind
+        )
         predictor.max_decode_len = int(ecfg.get("max_decode_len", 32))
         predictor.sampler = ecfg.get("sampler", "greedy")
         result = evaluator.run(predictor, batches, Path(outdir), step)
@@ -69,7 +72,7 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 def _workdir_step(workdir: str | Path | None) -> int:
     """The last step logged in `workdir/metrics.jsonl` (the step `params.npz` was exported at), else 0."""
-    from paligemma_ft.run_report import MetricsLog  # noqa: PLC0415 - only `evaluate` needs it.
+    from paligemma_ft.training.report import MetricsLog  # noqa: PLC0415 - only `evaluate` needs it.
 
     if workdir is None:
         return 0
@@ -85,9 +88,16 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
 
 
-def evaluate_command(config: Any, workdir: str | Path | None = None, checkpoint: str | None = None, *,
-                     outdir: str | Path | None = None, only: list[str] | None = None, step: int | None = None,
-                     stdout: TextIO | None = None) -> dict[str, float]:
+def evaluate_command(
+    config: Any,
+    workdir: str | Path | None = None,
+    checkpoint: str | None = None,
+    *,
+    outdir: str | Path | None = None,
+    only: list[str] | None = None,
+    step: int | None = None,
+    stdout: TextIO | None = None,
+) -> dict[str, float]:
     """`paligemma-ft evaluate`: runs the config's evaluators on a checkpoint, prints a table, writes files.
 
     Args:
@@ -109,28 +119,36 @@ def evaluate_command(config: Any, workdir: str | Path | None = None, checkpoint:
         checkpoint or a tokenizer that does not fit the model (the message says which).
     """
     import ml_collections  # noqa: PLC0415
+
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - lazy: keeps `--help` instant.
 
     if isinstance(config, dict):
         config = ml_collections.ConfigDict(config)  # run_evals reads `config.input` as an attribute.
     evals = _plain(_get(config, "evals", {}))
     if not evals:
-        raise ValueError("config.evals is empty: nothing to evaluate (add e.g. config.evals.val = "
-                         "dict(type='caption', data=..., batch_size=8))")
+        raise ValueError(
+            "config.evals is empty: nothing to evaluate (add e.g. config.evals.val = "
+            "dict(type='caption', data=..., batch_size=8))"
+        )
     unknown = sorted(set(only or ()) - set(evals))
     if unknown:
         raise ValueError(f"--only {unknown}: no such evaluator in config.evals (known: {sorted(evals)})")
     spec = checkpoint or (str(workdir) if workdir is not None else "") or _get(config, "model_init", "")
     if not spec:
-        raise ValueError("nothing to evaluate: pass --checkpoint SPEC or --workdir DIR (with params.npz), or set "
-                         "config.model_init")
+        raise ValueError(
+            "nothing to evaluate: pass --checkpoint SPEC or --workdir DIR (with params.npz), or set config.model_init"
+        )
     if outdir is None and workdir is None:
         raise ValueError("nowhere to write the results: pass --workdir DIR or --outdir DIR")
     outdir = Path(outdir if outdir is not None else workdir)
     input_cfg = _get(config, "input", {})
-    predictor = load_predictor(spec, _get(config, "tokenizer", None) or None,
-                               preset=_get(config, "model_name_or_preset", "") or None,
-                               model_overrides=_get(config, "model", None), res=_get(input_cfg, "res", None))
+    predictor = load_predictor(
+        spec,
+        _get(config, "tokenizer", None) or None,
+        preset=_get(config, "model_name_or_preset", "") or None,
+        model_overrides=_get(config, "model", None),
+        res=_get(input_cfg, "res", None),
+    )
     step = _workdir_step(workdir if not checkpoint else None) if step is None else int(step)
     metrics = run_evals(config, predictor, outdir, step, names=list(only) if only else None)
     outdir.mkdir(parents=True, exist_ok=True)

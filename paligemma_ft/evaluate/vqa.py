@@ -12,6 +12,7 @@
   1 - lev(a, b) / max(|a|, |b|) if that distance is below theta, else 0, maximised over references; strings are
   lower-cased and their whitespace collapsed first.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,26 +22,97 @@ from typing import Any
 from paligemma_ft.evaluate.ids import check_same_ids
 
 # Characters the official VQAv2 evaluation strips or turns into spaces (see `_strip_punctuation`).
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!")
+_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_DECIMAL = re.compile(r"\.(?!\d)")
 _ARTICLES = frozenset(["a", "an", "the"])
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 # Apostrophe-less spellings -> the contraction. Spellings that are ordinary words ("shed", "wed", "ill", "well",
 # "hell", "its", "lets", "were") are left out on purpose.
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "hows": "how's", "im": "i'm", "isnt": "isn't", "itll": "it'll",
-    "ive": "i've", "maam": "ma'am", "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't",
-    "mustve": "must've", "neednt": "needn't", "oclock": "o'clock", "shant": "shan't", "shes": "she's",
-    "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "theres": "there's", "theyd": "they'd",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "werent": "weren't",
-    "weve": "we've", "whats": "what's", "wheres": "where's", "whos": "who's", "wont": "won't",
-    "wouldnt": "wouldn't", "wouldve": "would've", "yall": "y'all", "youd": "you'd", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldnt": "couldn't",
+    "couldve": "could've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hes": "he's",
+    "hows": "how's",
+    "im": "i'm",
+    "isnt": "isn't",
+    "itll": "it'll",
+    "ive": "i've",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "oclock": "o'clock",
+    "shant": "shan't",
+    "shes": "she's",
+    "shouldnt": "shouldn't",
+    "shouldve": "should've",
+    "thats": "that's",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "wasnt": "wasn't",
+    "werent": "weren't",
+    "weve": "we've",
+    "whats": "what's",
+    "wheres": "where's",
+    "whos": "who's",
+    "wont": "won't",
+    "wouldnt": "wouldn't",
+    "wouldve": "would've",
+    "yall": "y'all",
+    "youd": "you'd",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 
 
@@ -115,8 +187,13 @@ def anls(prediction: str, answers: Sequence[str], theta: float = 0.5) -> float:
     return best
 
 
-def vqa_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *,
-                anls_theta: float = 0.5, lowercase: bool = True) -> dict[str, Any]:
+def vqa_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    *,
+    anls_theta: float = 0.5,
+    lowercase: bool = True,
+) -> dict[str, Any]:
     """All QA metrics over a split.
 
     Args:
@@ -135,11 +212,14 @@ def vqa_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashabl
         answers = references[k]
         if isinstance(answers, str) or not answers:
             raise ValueError(f"references[{k!r}] must be a non-empty list of strings, got {answers!r}")
-        per[k] = {"acc": exact_match(pred, answers[0], lowercase=lowercase),
-                  "acc_any": max(exact_match(pred, a, lowercase=lowercase) for a in answers),
-                  "vqav2_acc": vqa_accuracy(pred, answers),
-                  "anls": anls(pred, answers, anls_theta)}
-    out: dict[str, Any] = {name: sum(p[name] for p in per.values()) / len(per)
-                           for name in ("acc", "acc_any", "vqav2_acc", "anls")}
+        per[k] = {
+            "acc": exact_match(pred, answers[0], lowercase=lowercase),
+            "acc_any": max(exact_match(pred, a, lowercase=lowercase) for a in answers),
+            "vqav2_acc": vqa_accuracy(pred, answers),
+            "anls": anls(pred, answers, anls_theta),
+        }
+    out: dict[str, Any] = {
+        name: sum(p[name] for p in per.values()) / len(per) for name in ("acc", "acc_any", "vqav2_acc", "anls")
+    }
     out.update(n=len(per), per_example=per, warnings=[])
     return out

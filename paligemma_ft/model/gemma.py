@@ -9,6 +9,7 @@ head n uses kv head n // (N / K), fused `qkv_einsum` only when K == N, Gemma 2 p
 Einsum axis legend: B batch, T query length, S key length (cache size when decoding), D width, N query heads,
 K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,21 +31,66 @@ _BIG_NEG = -2.3819763e38
 # Gemma variants (big_vision `gemma.get_config`): width, depth, mlp_dim, heads, kv heads, head dim, query scaling,
 # attention soft-cap, final soft-cap, post norms.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "gemma_2b": dict(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256,
-                     query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=0.0, final_logits_softcap=0.0,
-                     post_norms=False),
-    "gemma_7b": dict(width=3072, depth=28, mlp_dim=24_576, num_heads=16, num_kv_heads=16, head_dim=256,
-                     query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=0.0, final_logits_softcap=0.0,
-                     post_norms=False),
-    "gemma2_2b": dict(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256,
-                      query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=50.0, final_logits_softcap=30.0,
-                      post_norms=True),
-    "gemma2_9b": dict(width=3584, depth=42, mlp_dim=14_336, num_heads=16, num_kv_heads=8, head_dim=256,
-                      query_pre_attn_norm="rsqrt_head_dim", attn_logits_softcap=50.0, final_logits_softcap=30.0,
-                      post_norms=True),
-    "gemma2_27b": dict(width=4608, depth=46, mlp_dim=36_864, num_heads=32, num_kv_heads=16, head_dim=128,
-                       query_pre_attn_norm="rsqrt_emb_per_head", attn_logits_softcap=50.0,
-                       final_logits_softcap=30.0, post_norms=True),
+    "gemma_2b": dict(
+        width=2048,
+        depth=18,
+        mlp_dim=16_384,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=256,
+        query_pre_attn_norm="rsqrt_head_dim",
+        attn_logits_softcap=0.0,
+        final_logits_softcap=0.0,
+        post_norms=False,
+    ),
+    "gemma_7b": dict(
+        width=3072,
+        depth=28,
+        mlp_dim=24_576,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=256,
+        query_pre_attn_norm="rsqrt_head_dim",
+        attn_logits_softcap=0.0,
+        final_logits_softcap=0.0,
+        post_norms=False,
+    ),
+    "gemma2_2b": dict(
+        width=2304,
+        depth=26,
+        mlp_dim=9216,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        query_pre_attn_norm="rsqrt_head_dim",
+        attn_logits_softcap=50.0,
+        final_logits_softcap=30.0,
+        post_norms=True,
+    ),
+    "gemma2_9b": dict(
+        width=3584,
+        depth=42,
+        mlp_dim=14_336,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        query_pre_attn_norm="rsqrt_head_dim",
+        attn_logits_softcap=50.0,
+        final_logits_softcap=30.0,
+        post_norms=True,
+    ),
+    "gemma2_27b": dict(
+        width=4608,
+        depth=46,
+        mlp_dim=36_864,
+        num_heads=32,
+        num_kv_heads=16,
+        head_dim=128,
+        query_pre_attn_norm="rsqrt_emb_per_head",
+        attn_logits_softcap=50.0,
+        final_logits_softcap=30.0,
+        post_norms=True,
+    ),
 }
 for _v in VARIANTS.values():
     _v.update(vocab_size=256_000, norm_eps=1e-6)
@@ -52,12 +98,14 @@ for _v in VARIANTS.values():
 
 def _fan_in_init(in_axis, out_axis, batch_axis=()):
     """Truncated-normal variance scaling over the contracted (fan-in) axes."""
-    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
-                                            out_axis=out_axis, batch_axis=batch_axis)
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis
+    )
 
 
 class Einsum(nn.Module):
     """A single weight `w` applied with an einsum equation."""
+
     shape: tuple[int, ...]
     w_init: Any = nn.initializers.normal()
 
@@ -80,13 +128,16 @@ class RMSNorm(nn.Module):
 
 class Embedder(nn.Module):
     """Token table `input_embedding` [V, D]; `encode` scales by sqrt(D), `decode` is the tied output layer."""
+
     vocab_size: int
     embed_dim: int
 
     def setup(self):
         self.input_embedding_table = self.param(
-            "input_embedding", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0),
-            (self.vocab_size, self.embed_dim))
+            "input_embedding",
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0),
+            (self.vocab_size, self.embed_dim),
+        )
 
     def encode(self, x: jax.Array) -> jax.Array:
         """i32[B, L] → [B, L, D] in the table's dtype (the sqrt(D) factor is cast to it, as big_vision)."""
@@ -103,7 +154,7 @@ def apply_rope(inputs: jax.Array, positions: jax.Array, max_wavelength: int = 10
     """Half-split rotary embedding. inputs [B, T, N, H], positions [B, T] (int)."""
     head_dim = inputs.shape[-1]
     fraction = 2 * jnp.arange(0, head_dim // 2) / head_dim
-    timescale = max_wavelength ** fraction
+    timescale = max_wavelength**fraction
     sinusoid_inp = positions[..., jnp.newaxis] / timescale[jnp.newaxis, jnp.newaxis, :]
     sinusoid_inp = sinusoid_inp[..., jnp.newaxis, :]
     sin, cos = jnp.sin(sinusoid_inp), jnp.cos(sinusoid_inp)
@@ -115,6 +166,7 @@ def apply_rope(inputs: jax.Array, positions: jax.Array, max_wavelength: int = 10
 
 class Attention(nn.Module):
     """Multi-head / multi-query / grouped-query attention with an optional KV cache."""
+
     num_heads: int
     num_kv_heads: int
     features: int
@@ -132,19 +184,25 @@ class Attention(nn.Module):
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"Unknown model.llm.attn_impl {self.attn_impl!r}; use one of {sorted(ATTN_IMPLS)}.")
         if self.attn_impl != "einsum" and self.attn_logits_softcap:
-            raise ValueError(f"model.llm.attn_impl={self.attn_impl!r} cannot apply attn_logits_softcap="
-                             f"{self.attn_logits_softcap} (jax.nn.dot_product_attention has no soft-cap); use "
-                             "attn_impl='einsum' for Gemma 2.")
-        self.attn_vec_einsum = Einsum(shape=(self.num_heads, self.head_dim, self.features),
-                                      w_init=_fan_in_init((0, 1), 2))
+            raise ValueError(
+                f"model.llm.attn_impl={self.attn_impl!r} cannot apply attn_logits_softcap="
+                f"{self.attn_logits_softcap} (jax.nn.dot_product_attention has no soft-cap); use "
+                "attn_impl='einsum' for Gemma 2."
+            )
+        self.attn_vec_einsum = Einsum(
+            shape=(self.num_heads, self.head_dim, self.features), w_init=_fan_in_init((0, 1), 2)
+        )
         if self.use_qkv_einsum:
-            self.qkv_einsum = Einsum(shape=(3, self.num_heads, self.features, self.head_dim),
-                                     w_init=_fan_in_init(2, 3, (0, 1)))
+            self.qkv_einsum = Einsum(
+                shape=(3, self.num_heads, self.features, self.head_dim), w_init=_fan_in_init(2, 3, (0, 1))
+            )
         else:
-            self.q_einsum = Einsum(shape=(self.num_heads, self.features, self.head_dim),
-                                   w_init=_fan_in_init(1, 2, (0,)))
-            self.kv_einsum = Einsum(shape=(2, self.num_kv_heads, self.features, self.head_dim),
-                                    w_init=_fan_in_init(2, 3, (0, 1)))
+            self.q_einsum = Einsum(
+                shape=(self.num_heads, self.features, self.head_dim), w_init=_fan_in_init(1, 2, (0,))
+            )
+            self.kv_einsum = Einsum(
+                shape=(2, self.num_kv_heads, self.features, self.head_dim), w_init=_fan_in_init(2, 3, (0, 1))
+            )
 
     def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array, decode: bool) -> jax.Array:
         """x [B, T, D], positions i32[B, T], attn_mask bool[B, 1, T, S] → [B, T, D]."""
@@ -157,7 +215,7 @@ class Attention(nn.Module):
 
         q = apply_rope(q, positions=positions)
         if self.query_pre_attn_norm == "rsqrt_head_dim":
-            q *= self.head_dim ** -0.5
+            q *= self.head_dim**-0.5
         elif self.query_pre_attn_norm == "rsqrt_emb_per_head":  # Gemma 2 27B: 1/sqrt(width / heads).
             q *= (self.features // self.num_heads) ** -0.5
         elif self.query_pre_attn_norm != "none":
@@ -170,8 +228,9 @@ class Attention(nn.Module):
 
         if self.attn_impl != "einsum" and not decode:  # KV-cache passes keep the einsum path.
             # GQA is native (N query heads over K kv heads); q is already scaled, and the mask is [B, 1, T, S].
-            encoded = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, scale=1.0,
-                                                   implementation=ATTN_IMPLS[self.attn_impl])
+            encoded = jax.nn.dot_product_attention(
+                q, k, v, mask=attn_mask, scale=1.0, implementation=ATTN_IMPLS[self.attn_impl]
+            )
             return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
 
         b, t, n, h = q.shape
@@ -206,6 +265,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """GeGLU: (gelu(x W0) * (x W1)) W_linear; `gating_einsum` [2, D, F], `linear` [F, D] (no `/w`)."""
+
     features: int
     hidden_dim: int
 
@@ -220,6 +280,7 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """h = x + [post_attention_norm](Attn(pre_attention_norm(x))); out = h + [post_ffw_norm](MLP(pre_ffw_norm(h)))."""
+
     num_heads: int
     num_kv_heads: int
     embed_dim: int
@@ -235,10 +296,16 @@ class Block(nn.Module):
 
     def setup(self):
         self.pre_attention_norm = RMSNorm()
-        self.attn = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, features=self.embed_dim,
-                              head_dim=self.head_dim, query_pre_attn_norm=self.query_pre_attn_norm,
-                              attn_logits_softcap=self.attn_logits_softcap, cache_dtype=self.cache_dtype,
-                              attn_impl=self.attn_impl)
+        self.attn = Attention(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            features=self.embed_dim,
+            head_dim=self.head_dim,
+            query_pre_attn_norm=self.query_pre_attn_norm,
+            attn_logits_softcap=self.attn_logits_softcap,
+            cache_dtype=self.cache_dtype,
+            attn_impl=self.attn_impl,
+        )
         if self.post_norms:
             self.post_attention_norm = RMSNorm()
         self.pre_ffw_norm = RMSNorm()
@@ -266,6 +333,7 @@ class Block(nn.Module):
 
 class _Layers(nn.Module):
     """Holds unscanned blocks so their parameters read `layers/{i}/...` as in big_vision."""
+
     depth: int
     block_kw: dict
 
@@ -278,6 +346,7 @@ class _Layers(nn.Module):
 
 class Gemma(nn.Module):
     """The Gemma decoder. Submodules `embedder`, `layers`, `final_norm` (no extra nesting)."""
+
     width: int
     depth: int
     mlp_dim: int
@@ -300,11 +369,20 @@ class Gemma(nn.Module):
 
     def setup(self):
         self.embedder = Embedder(vocab_size=self.vocab_size, embed_dim=self.width)
-        block_kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, embed_dim=self.width,
-                        head_dim=self.head_dim, hidden_dim=self.mlp_dim, query_pre_attn_norm=self.query_pre_attn_norm,
-                        attn_logits_softcap=self.attn_logits_softcap, post_norms=self.post_norms,
-                        dropout=self.dropout, dropout_bdims=tuple(self.dropout_bdims), cache_dtype=self.cache_dtype,
-                        attn_impl=self.attn_impl)
+        block_kw = dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            embed_dim=self.width,
+            head_dim=self.head_dim,
+            hidden_dim=self.mlp_dim,
+            query_pre_attn_norm=self.query_pre_attn_norm,
+            attn_logits_softcap=self.attn_logits_softcap,
+            post_norms=self.post_norms,
+            dropout=self.dropout,
+            dropout_bdims=tuple(self.dropout_bdims),
+            cache_dtype=self.cache_dtype,
+            attn_impl=self.attn_impl,
+        )
         if self.scan:
             block = Block
             policy = _remat_policy(self.remat_policy)
@@ -312,8 +390,12 @@ class Gemma(nn.Module):
                 # static_argnums count `self` as 0: `decode` and `deterministic` are Python bools.
                 block = nn.remat(Block, prevent_cse=False, static_argnums=(5, 6), policy=policy)
             self.layers = nn.scan(
-                block, variable_axes={"params": 0, "cache": 1}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth)(**block_kw)
+                block,
+                variable_axes={"params": 0, "cache": 1},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=self.depth,
+            )(**block_kw)
         else:
             self.layers = _Layers(depth=self.depth, block_kw=block_kw)
         self.final_norm = RMSNorm()
@@ -326,8 +408,16 @@ class Gemma(nn.Module):
         """Tied output layer WITHOUT the final soft-cap (big_vision's `compute_logits`, reference 2.6)."""
         return self.embedder.decode(pre_logits)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array, *, decode: bool = False,
-                 deterministic: bool = True, return_logits: bool = False) -> tuple[jax.Array, dict]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        attn_mask: jax.Array,
+        *,
+        decode: bool = False,
+        deterministic: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[jax.Array, dict]:
         """Runs the layers over embeddings. x [B, T, D], positions i32[B, T], attn_mask bool[B, T, S].
 
         Returns `(pre_logits [B, T, D], out)`; with `return_logits` also `out["logits"]` with the final soft-cap
@@ -350,8 +440,7 @@ class Gemma(nn.Module):
 
     # --- KV-cache decoding (big_vision `gemma_bv.prefill_cache` / `extend_cache`, reference 8.1-8.2) ---
 
-    def prefill_cache(self, x: jax.Array, input_mask: jax.Array, attn_mask: jax.Array, *,
-                      cache_size: int) -> jax.Array:
+    def prefill_cache(self, x: jax.Array, input_mask: jax.Array, attn_mask: jax.Array, *, cache_size: int) -> jax.Array:
         """Fills the cache with the prompt x [B, P, D] and returns the last valid token's logits [B, 1, V].
 
         Rows arrive left-aligned (padding at the end); each is rolled right-aligned so every row's last valid

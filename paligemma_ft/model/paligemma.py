@@ -6,9 +6,11 @@ with × sqrt(width) (image tokens are not scaled), a prefix-LM attention mask fr
 
 Axes: B batch, R image side, P image tokens, L text length, T = P + L, D LLM width, V vocab.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,6 +45,7 @@ class Model(nn.Module):
 
     `model.apply({"params": p}, image, text, mask_ar, train=False)` → `(text_logits f32[B, L, V], out)`.
     """
+
     img: Mapping[str, Any] | None = None
     llm: Mapping[str, Any] | None = None
 
@@ -73,9 +76,15 @@ class Model(nn.Module):
         ztxt = self._llm.embed_tokens(tokens)
         return ztxt, {"llm/ztxt": ztxt}
 
-    def embed_image_and_text(self, image: jax.Array, text: jax.Array, *, input_mask: jax.Array | None = None,
-                             mask_ar: jax.Array | None = None, train: bool = False
-                             ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], dict]:
+    def embed_image_and_text(
+        self,
+        image: jax.Array,
+        text: jax.Array,
+        *,
+        input_mask: jax.Array | None = None,
+        mask_ar: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], dict]:
         """Concatenates [image tokens, text tokens] → ((x [B, T, D], input_mask [B, T], mask_ar [B, T]), out).
 
         Defaults: `input_mask` all True, `mask_ar` all 1. Image positions get mask_ar 0 and input_mask True.
@@ -94,8 +103,9 @@ class Model(nn.Module):
 
     # --- Teacher-forced pass --------------------------------------------------------------------------------
 
-    def prelogits(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array, train: bool = False
-                  ) -> tuple[jax.Array, dict]:
+    def prelogits(
+        self, image: jax.Array, text: jax.Array, mask_ar: jax.Array, train: bool = False
+    ) -> tuple[jax.Array, dict]:
         """The teacher-forced pass up to the final norm: (text pre-logits f32[B, L, D], out).
 
         The trainer uses this with `compute_logits` on the loss positions only, so [B, L, V] float32 logits
@@ -107,7 +117,7 @@ class Model(nn.Module):
         _, out_llm = self._llm(x, positions, attn_mask, deterministic=not train)
         for k, v in out_llm.items():
             out[f"llm/{k}"] = v
-        text_pre_logits = out["llm/pre_logits"][:, out["img/zimg"].shape[1]:, :]
+        text_pre_logits = out["llm/pre_logits"][:, out["img/zimg"].shape[1] :, :]
         return text_pre_logits, out
 
     def compute_logits(self, pre_logits: jax.Array, train: bool = False) -> jax.Array:
@@ -115,8 +125,9 @@ class Model(nn.Module):
         del train
         return self._llm.compute_logits(pre_logits)
 
-    def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array, train: bool = False
-                 ) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, image: jax.Array, text: jax.Array, mask_ar: jax.Array, train: bool = False
+    ) -> tuple[jax.Array, dict]:
         """image f32[B, R, R, 3], text i32[B, L], mask_ar i32[B, L] → (text_logits f32[B, L, V], out)."""
         text_pre_logits, out = self.prelogits(image, text, mask_ar, train=train)
         text_logits = self.compute_logits(text_pre_logits, train=train)
@@ -126,8 +137,7 @@ class Model(nn.Module):
 
     # --- Decoding (reference 8) -------------------------------------------------------------------------------
 
-    def prefill_cache(self, x: jax.Array, input_mask: jax.Array, mask_ar: jax.Array, *, cache_size: int
-                      ) -> jax.Array:
+    def prefill_cache(self, x: jax.Array, input_mask: jax.Array, mask_ar: jax.Array, *, cache_size: int) -> jax.Array:
         """Initializes the KV cache with the prompt x [B, P, D]; returns the first sampled token's logits [B, 1, V]."""
         attn_mask = make_attn_mask(input_mask, mask_ar)
         return self._llm.prefill_cache(x, input_mask, attn_mask, cache_size=cache_size)

@@ -9,9 +9,11 @@ LLM width. With `scan=True` the blocks run in one `nn.scan` and their parameters
 
 Axes: B batch, R image side, P patches (= (R / patch)^2), D width, F mlp dim, E output (LLM) width.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -67,14 +69,17 @@ def _remat_policy(name: str | None):
         return None
     policy = getattr(jax.checkpoint_policies, REMAT_ALIASES.get(name, name), None)
     if policy is None:
-        raise ValueError(f"Unknown remat_policy {name!r}: use 'none', 'full' (= 'nothing_saveable', the default), "
-                         "'dots' (= 'dots_saveable'), 'dots_with_no_batch_dims_saveable' or another "
-                         "jax.checkpoint_policies name.")
+        raise ValueError(
+            f"Unknown remat_policy {name!r}: use 'none', 'full' (= 'nothing_saveable', the default), "
+            "'dots' (= 'dots_saveable'), 'dots_with_no_batch_dims_saveable' or another "
+            "jax.checkpoint_policies name."
+        )
     return policy
 
 
 class MlpBlock(nn.Module):
     """Dense → tanh-GELU → dropout → Dense, flax's default inits as big_vision sets them."""
+
     mlp_dim: int
     dropout: float = 0.0
     dtype_mm: str = "float32"
@@ -91,6 +96,7 @@ class MlpBlock(nn.Module):
 
 class Encoder1DBlock(nn.Module):
     """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
     mlp_dim: int
     num_heads: int
     dropout: float = 0.0
@@ -101,8 +107,11 @@ class Encoder1DBlock(nn.Module):
         out = {}
         y = nn.LayerNorm()(x)
         y = out["sa"] = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-            deterministic=deterministic, dtype=self.dtype_mm)(y, y)
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            deterministic=deterministic,
+            dtype=self.dtype_mm,
+        )(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = out["+sa"] = x + y
         y = nn.LayerNorm()(x)
@@ -114,6 +123,7 @@ class Encoder1DBlock(nn.Module):
 
 class Encoder(nn.Module):
     """The stack of blocks plus `encoder_norm`; scanned (stacked params) or looped."""
+
     depth: int
     mlp_dim: int
     num_heads: int
@@ -133,8 +143,12 @@ class Encoder(nn.Module):
                 # static_argnums counts `self` as 0: `deterministic` is a Python bool.
                 block = nn.remat(Encoder1DBlock, prevent_cse=False, static_argnums=(2,), policy=policy)
             x, _ = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast, length=self.depth)(name="encoderblock", **kw)(x, deterministic)
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )(name="encoderblock", **kw)(x, deterministic)
         else:
             for i in range(self.depth):
                 x, _ = Encoder1DBlock(name=f"encoderblock_{i}", **kw)(x, deterministic)
@@ -147,6 +161,7 @@ class ViT(nn.Module):
 
     Call: `image f32[B, R, R, 3] in [-1, 1]` → `(tokens f32[B, P, E], out)`.
     """
+
     num_classes: int | None = None
     patch_size: Sequence[int] = (16, 16)
     width: int = 768
@@ -167,16 +182,28 @@ class ViT(nn.Module):
             raise ValueError(f"PaliGemma's ViT keeps every token: pool_type must be 'none', got {self.pool_type!r}.")
         out: dict[str, Any] = {}
         image = jnp.asarray(image, self.dtype_mm)
-        x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
-                    name="embedding", dtype=self.dtype_mm)(image)
+        x = nn.Conv(
+            self.width,
+            tuple(self.patch_size),
+            strides=tuple(self.patch_size),
+            padding="VALID",
+            name="embedding",
+            dtype=self.dtype_mm,
+        )(image)
         n, h, w, c = x.shape
         x = jnp.reshape(x, [n, h * w, c])  # Patches row-major: y then x.
         x = x + self._posemb(h, w, c, x.dtype)
         x = nn.Dropout(rate=self.dropout)(x, not train)
         x, out["encoder"] = Encoder(
-            depth=self.depth, mlp_dim=self.mlp_dim or 4 * self.width, num_heads=self.num_heads,
-            dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy, dtype_mm=self.dtype_mm,
-            name="Transformer")(x, deterministic=not train)
+            depth=self.depth,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            dtype_mm=self.dtype_mm,
+            name="Transformer",
+        )(x, deterministic=not train)
         out["encoded"] = x
         out["pre_logits"] = x
         if self.num_classes:
@@ -187,8 +214,9 @@ class ViT(nn.Module):
     def _posemb(self, h: int, w: int, width: int, dtype) -> jax.Array:
         if self.posemb == "learn":
             # big_vision creates the parameter in the activation dtype (dtype_mm).
-            return self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                              (1, h * w, width), dtype)
+            return self.param(
+                "pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)), (1, h * w, width), dtype
+            )
         if self.posemb == "sincos2d":
             return _posemb_sincos_2d(h, w, width, dtype)
         raise ValueError(f"Unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
@@ -200,7 +228,7 @@ def _posemb_sincos_2d(h: int, w: int, width: int, dtype, temperature: float = 10
         raise ValueError(f"sincos2d posemb needs a width divisible by 4, got {width}.")
     y, x = jnp.mgrid[:h, :w]
     omega = jnp.arange(width // 4) / (width // 4 - 1)
-    omega = 1.0 / (temperature ** omega)
+    omega = 1.0 / (temperature**omega)
     y = jnp.einsum("m,d->md", y.flatten(), omega)
     x = jnp.einsum("m,d->md", x.flatten(), omega)
     pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)

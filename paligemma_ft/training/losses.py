@@ -2,6 +2,7 @@
 
 Token-level cross-entropy helpers (`softmax_xent`, `chunked_softmax_xent`) live in `optim.py`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -10,14 +11,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paligemma_ft import optim
 from paligemma_ft.model import Model
+from paligemma_ft.training import optim
 
 PyTree = Any
 
 
-def loss_fn(params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *, model: Model,
-            label_smoothing: float = 0.0, reduction: str = "example_mean") -> jax.Array:
+def loss_fn(
+    params: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: Model,
+    label_smoothing: float = 0.0,
+    reduction: str = "example_mean",
+) -> jax.Array:
     """big_vision's loss: mean over examples of the mean next-token xent on `mask_loss[:, 1:]` positions.
 
     Args:
@@ -31,11 +39,24 @@ def loss_fn(params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *, m
       so `[B, L, vocab]` float32 logits never exist at once.
     """
     text = batch["text"]
-    pre_logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], batch["mask_ar"][:, :-1],
-                                train=True, rngs={"dropout": rng}, method=model.prelogits)
+    pre_logits, _ = model.apply(
+        {"params": params},
+        batch["image"],
+        text[:, :-1],
+        batch["mask_ar"][:, :-1],
+        train=True,
+        rngs={"dropout": rng},
+        method=model.prelogits,
+    )
     mask = batch["mask_loss"][:, 1:]
     if "_mask" in batch:
         mask = mask * batch["_mask"][:, None].astype(mask.dtype)
     embedding = params["llm"]["embedder"]["input_embedding"]
-    return optim.chunked_softmax_xent(pre_logits.astype(jnp.float32), embedding.astype(jnp.float32),
-                                      text[:, 1:], mask, label_smoothing=label_smoothing, reduction=reduction)
+    return optim.chunked_softmax_xent(
+        pre_logits.astype(jnp.float32),
+        embedding.astype(jnp.float32),
+        text[:, 1:],
+        mask,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )

@@ -20,6 +20,7 @@ N(0, 0.02) rows, scan (stacked) and per-layer layouts are converted into each ot
 against `jax.eval_shape` of the model, and every problem is reported in one error before anything is placed.
 `place_params` moves the numpy tree to its shardings leaf by leaf, so the host never holds two copies.
 """
+
 from __future__ import annotations
 
 import functools
@@ -122,10 +123,11 @@ def _read_selected(npz: Any, subtree: str | None, file: str) -> dict[str, np.nda
     root = base + subtree + "/" if subtree else base
     keys = [k for k in npz.files if k.startswith(root)]
     if not keys:
-        tops = sorted({k[len(base):].split("/")[0] for k in npz.files if k.startswith(base)})
-        raise CheckpointError(f"Checkpoint {file!r} has no arrays under {root!r}; the sub-trees under "
-                              f"{base or 'the root'!r} are {tops}.")
-    return {k[len(root):]: _read_member(npz, k, file) for k in keys}
+        tops = sorted({k[len(base) :].split("/")[0] for k in npz.files if k.startswith(base)})
+        raise CheckpointError(
+            f"Checkpoint {file!r} has no arrays under {root!r}; the sub-trees under {base or 'the root'!r} are {tops}."
+        )
+    return {k[len(root) :]: _read_member(npz, k, file) for k in keys}
 
 
 def load_params(path: str | os.PathLike) -> dict[str, Any]:
@@ -150,22 +152,28 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
         with open(file, "rb") as f:
             magic = f.read(4)
             if magic[:2] != b"PK":  # Zip magic. Without this np.load calls any other file "pickled data".
-                raise CheckpointError(f"Checkpoint {file!r} is not an .npz (zip) file"
-                                      f"{' (it is empty)' if not magic else ''}.")
+                raise CheckpointError(
+                    f"Checkpoint {file!r} is not an .npz (zip) file{' (it is empty)' if not magic else ''}."
+                )
             f.seek(0)
             with np.load(f, allow_pickle=False) as npz:
                 arrays = _read_selected(npz, subtree, file)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"Checkpoint {file!r} is not a readable .npz (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"Checkpoint {file!r} is not a readable .npz (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
     try:
         tree = recover_tree(arrays.keys(), arrays.values())
     except ValueError as e:
         raise CheckpointError(f"Checkpoint {file!r}: {e}") from e
-    _LOG.info("Loaded %d arrays (%.1f MB) from %s.", len(arrays),
-              sum(a.nbytes for a in arrays.values()) / 1e6, os.fspath(path))
+    _LOG.info(
+        "Loaded %d arrays (%.1f MB) from %s.",
+        len(arrays),
+        sum(a.nbytes for a in arrays.values()) / 1e6,
+        os.fspath(path),
+    )
     return tree
 
 
@@ -178,8 +186,10 @@ def _storable(name: str, leaf: Any) -> np.ndarray:
     if array.dtype == ml_dtypes.bfloat16:
         return array.view(np.dtype("V2"))
     if array.dtype.kind not in "biufc":
-        raise CheckpointError(f"Cannot save parameter {name!r}: dtype {array.dtype} is not a plain numeric dtype "
-                              "(only bool/int/float/complex and bfloat16 round-trip through .npz).")
+        raise CheckpointError(
+            f"Cannot save parameter {name!r}: dtype {array.dtype} is not a plain numeric dtype "
+            "(only bool/int/float/complex and bfloat16 round-trip through .npz)."
+        )
     return array
 
 
@@ -237,8 +247,10 @@ def check_params(loaded: PyTree, expected: PyTree, *, source: str) -> None:
     mismatched = [(n, s, got[n]) for n, s in want.items() if n in got and got[n] != s]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"Checkpoint {source} does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
-             f"{len(mismatched)} with the wrong shape."]
+    lines = [
+        f"Checkpoint {source} does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(mismatched)} with the wrong shape."
+    ]
     if missing:
         lines.append("  missing (in the model, not in the checkpoint):")
         lines += [f"    {n}  expected shape {s}" for n, s in missing]
@@ -250,8 +262,10 @@ def check_params(loaded: PyTree, expected: PyTree, *, source: str) -> None:
         lines += [f"    {n}  expected shape {s}, found shape {f}" for n, s, f in mismatched]
     got_tops, want_tops = {n.split("/")[0] for n in got}, {n.split("/")[0] for n in want}
     if got and want and not got_tops & want_tops:
-        lines.append(f"  hint: the checkpoint's top-level keys {sorted(got_tops)} share nothing with the model's "
-                     f"{sorted(want_tops)}; a `file.npz:img` / `:llm` selector may be missing or extra.")
+        lines.append(
+            f"  hint: the checkpoint's top-level keys {sorted(got_tops)} share nothing with the model's "
+            f"{sorted(want_tops)}; a `file.npz:img` / `:llm` selector may be missing or extra."
+        )
     raise CheckpointMismatchError("\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched)
 
 
@@ -276,12 +290,20 @@ class _Layout:
 
 
 _LAYOUTS = (
-    _Layout("ViT", r"(?P<pre>(?:.*/)?Transformer/)encoderblock/(?P<rest>.+)",
-            r"(?P<pre>(?:.*/)?Transformer/)encoderblock_(?P<i>\d+)/(?P<rest>.+)",
-            "{pre}encoderblock/{rest}", "{pre}encoderblock_{i}/{rest}"),
-    _Layout("Gemma", r"(?P<pre>(?:.*/)?)layers/(?!\d+/)(?P<rest>.+)",
-            r"(?P<pre>(?:.*/)?)layers/(?P<i>\d+)/(?P<rest>.+)",
-            "{pre}layers/{rest}", "{pre}layers/{i}/{rest}"),
+    _Layout(
+        "ViT",
+        r"(?P<pre>(?:.*/)?Transformer/)encoderblock/(?P<rest>.+)",
+        r"(?P<pre>(?:.*/)?Transformer/)encoderblock_(?P<i>\d+)/(?P<rest>.+)",
+        "{pre}encoderblock/{rest}",
+        "{pre}encoderblock_{i}/{rest}",
+    ),
+    _Layout(
+        "Gemma",
+        r"(?P<pre>(?:.*/)?)layers/(?!\d+/)(?P<rest>.+)",
+        r"(?P<pre>(?:.*/)?)layers/(?P<i>\d+)/(?P<rest>.+)",
+        "{pre}layers/{rest}",
+        "{pre}layers/{i}/{rest}",
+    ),
 )
 
 
@@ -299,8 +321,13 @@ def _convert_layouts(flat: dict[str, np.ndarray], want: Mapping[str, Any], log: 
                     depth = stacked.shape[0]
                     for i in range(depth):  # Views, not copies.
                         flat[layout.unstacked_fmt.format(pre=pre, i=i, rest=rest)] = stacked[i]
-                log.info("Converted %d %s leaves under %r from the scan layout (depth %d) to per-layer names.",
-                         len(group), layout.what, pre, depth)
+                log.info(
+                    "Converted %d %s leaves under %r from the scan layout (depth %d) to per-layer names.",
+                    len(group),
+                    layout.what,
+                    pre,
+                    depth,
+                )
         for pre, group in layout.groups(list(flat), layout.unstacked).items():
             if pre in want_stacked and pre not in want_unstacked:
                 by_rest: dict[str, dict[int, str]] = {}
@@ -309,14 +336,19 @@ def _convert_layouts(flat: dict[str, np.ndarray], want: Mapping[str, Any], log: 
                 for rest, layers in by_rest.items():
                     target = layout.stacked_fmt.format(pre=pre, rest=rest)
                     if sorted(layers) != list(range(len(layers))):
-                        raise CheckpointError(f"Cannot stack {target!r}: layer indices {sorted(layers)} are not "
-                                              f"0..{len(layers) - 1}.")
+                        raise CheckpointError(
+                            f"Cannot stack {target!r}: layer indices {sorted(layers)} are not 0..{len(layers) - 1}."
+                        )
                     try:
                         flat[target] = np.stack([flat.pop(layers[i]) for i in range(len(layers))])
                     except ValueError as e:
                         raise CheckpointError(f"Cannot stack {target!r}: {e}") from e
-                log.info("Converted %d %s leaves under %r from per-layer names to the scan layout.",
-                         len(by_rest), layout.what, pre)
+                log.info(
+                    "Converted %d %s leaves under %r from per-layer names to the scan layout.",
+                    len(by_rest),
+                    layout.what,
+                    pre,
+                )
 
 
 def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -330,9 +362,11 @@ def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
       [1, num_tokens, D] in `posemb`'s dtype (computed in float32 when scipy cannot handle the dtype).
     """
     gs_old, gs_new = math.isqrt(posemb.shape[1]), math.isqrt(num_tokens)
-    if gs_old ** 2 != posemb.shape[1] or gs_new ** 2 != num_tokens:
-        raise ValueError(f"Cannot resample a {posemb.shape[1]}-token position embedding to {num_tokens} tokens: "
-                         "both must be square grids.")
+    if gs_old**2 != posemb.shape[1] or gs_new**2 != num_tokens:
+        raise ValueError(
+            f"Cannot resample a {posemb.shape[1]}-token position embedding to {num_tokens} tokens: "
+            "both must be square grids."
+        )
     grid = posemb.reshape(gs_old, gs_old, -1)
     if grid.dtype not in (np.float32, np.float64):
         grid = grid.astype(np.float32)  # scipy.ndimage has no float16/bfloat16 kernels.
@@ -341,34 +375,53 @@ def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
     return grid.reshape(1, gs_new * gs_new, -1).astype(posemb.dtype, copy=False)
 
 
-def _fit_leaf(name: str, array: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator,
-              log: logging.Logger) -> np.ndarray:
+def _fit_leaf(
+    name: str, array: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator, log: logging.Logger
+) -> np.ndarray:
     """Applies the one adaptation (posemb, vocab, gating transpose) that makes `array` fit `shape`, if any."""
     if _GATING.fullmatch(name) and array.ndim >= 2 and array.shape[:-2] + array.shape[:-3:-1] == shape:
         log.info("Transposed %s from %s (.., 2, F, D) to %s (.., 2, D, F).", name, array.shape, shape)
         return np.swapaxes(array, -1, -2)
-    if (_POSEMB.fullmatch(name) and array.ndim == 3 == len(shape) and array.shape[0] == shape[0] == 1
-            and array.shape[2] == shape[2]):
+    if (
+        _POSEMB.fullmatch(name)
+        and array.ndim == 3 == len(shape)
+        and array.shape[0] == shape[0] == 1
+        and array.shape[2] == shape[2]
+    ):
         try:
             out = resample_posemb(array, shape[1])
         except ValueError as e:
             log.warning("Not resampling %s: %s", name, e)
             return array  # check_params reports the shape mismatch.
-        log.info("Resampled %s bilinearly from %s (%dx%d grid) to %s (%dx%d grid).", name, array.shape,
-                 math.isqrt(array.shape[1]), math.isqrt(array.shape[1]), shape, math.isqrt(shape[1]),
-                 math.isqrt(shape[1]))
+        log.info(
+            "Resampled %s bilinearly from %s (%dx%d grid) to %s (%dx%d grid).",
+            name,
+            array.shape,
+            math.isqrt(array.shape[1]),
+            math.isqrt(array.shape[1]),
+            shape,
+            math.isqrt(shape[1]),
+            math.isqrt(shape[1]),
+        )
         return out
-    if (_EMBEDDER.fullmatch(name) and array.ndim == 2 == len(shape) and array.shape[1] == shape[1]
-            and array.shape[0] < shape[0]):
-        extra = (rng.standard_normal((shape[0] - array.shape[0], shape[1]), dtype=np.float32) * 0.02)
-        log.info("Extended %s from %d to %d rows with N(0, 0.02) rows (as big_vision's gemma.load).", name,
-                 array.shape[0], shape[0])
+    if (
+        _EMBEDDER.fullmatch(name)
+        and array.ndim == 2 == len(shape)
+        and array.shape[1] == shape[1]
+        and array.shape[0] < shape[0]
+    ):
+        extra = rng.standard_normal((shape[0] - array.shape[0], shape[1]), dtype=np.float32) * 0.02
+        log.info(
+            "Extended %s from %d to %d rows with N(0, 0.02) rows (as big_vision's gemma.load).",
+            name,
+            array.shape[0],
+            shape[0],
+        )
         return np.concatenate([array, extra.astype(array.dtype)], axis=0)
     return array
 
 
-def adapt_params(loaded: PyTree, expected: PyTree, *, rng_seed: int = 0,
-                 log: logging.Logger = _LOG) -> dict[str, Any]:
+def adapt_params(loaded: PyTree, expected: PyTree, *, rng_seed: int = 0, log: logging.Logger = _LOG) -> dict[str, Any]:
     """Makes a loaded checkpoint fit the model where big_vision would (does not check; see `check_params`).
 
     * scan <-> per-layer layouts (`img/Transformer/encoderblock[_i]/...`, `llm/layers[/i]/...`), when the
@@ -435,8 +488,14 @@ def _cast_in_place(tree: dict[str, Any], dtype_of: Callable[[str], np.dtype | No
             tree[key] = value.astype(dtype)
 
 
-def load_for_model(path: str | os.PathLike, expected: PyTree, *, dtypes: DtypeSpec = None, rng_seed: int = 0,
-                   log: logging.Logger = _LOG) -> dict[str, Any]:
+def load_for_model(
+    path: str | os.PathLike,
+    expected: PyTree,
+    *,
+    dtypes: DtypeSpec = None,
+    rng_seed: int = 0,
+    log: logging.Logger = _LOG,
+) -> dict[str, Any]:
     """Loads `path`, adapts it to the model (`adapt_params`) and checks it (`check_params`).
 
     Args:
@@ -479,8 +538,13 @@ def _clear(tree: Any) -> None:
             tree.clear()
 
 
-def place_params(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | Callable[[str], Any],
-                 dtypes: DtypeSpec = None, *, consume: bool = True) -> PyTree:
+def place_params(
+    tree: PyTree,
+    shardings: PyTree | jax.sharding.Sharding | Callable[[str], Any],
+    dtypes: DtypeSpec = None,
+    *,
+    consume: bool = True,
+) -> PyTree:
     """Moves a host tree onto devices leaf by leaf: `device_put` to the sharding, then cast on the devices.
 
     Each leaf is put on its sharding in its stored dtype, then cast by a jitted `astype` that donates its input,
@@ -513,7 +577,7 @@ def place_params(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | Calla
     else:
         sharding_of = dict(tree_flatten_with_names(shardings)).get
     plan = []
-    for name, leaf in named:
+    for name, _leaf in named:
         sharding = sharding_of(name)
         if not isinstance(sharding, jax.sharding.Sharding):
             raise ValueError(f"No jax.sharding.Sharding for parameter {name!r} (got {sharding!r}).")

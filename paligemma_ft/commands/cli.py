@@ -12,6 +12,7 @@
 Everything here is callable from Python (`main([...])` returns the exit code), and each command imports its
 module only when it runs, so `paligemma-ft download` does not pay for importing JAX models.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, metavar="PATH",
-                   help="config file configs/NAME.py, optionally NAME.py:ARG for get_config(ARG); "
-                        "override fields with --config.a.b=VALUE (a Python literal, else a string)")
+    p.add_argument(
+        "--config",
+        required=required,
+        metavar="PATH",
+        help="config file configs/NAME.py, optionally NAME.py:ARG for get_config(ARG); "
+        "override fields with --config.a.b=VALUE (a Python literal, else a string)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,37 +66,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, metavar="DIR", help="output folder (checkpoints, logs, config)")
 
     p = sub.add_parser("predict", help="run a checkpoint on image files with one prompt; one line per image")
-    importlib.import_module("paligemma_ft.predict").add_arguments(p)  # Light: JAX loads when it runs.
+    importlib.import_module("paligemma_ft.commands.predict").add_arguments(p)  # Light: JAX loads when it runs.
 
     p = sub.add_parser("evaluate", help="run the config's evaluators on a checkpoint; print a metrics table")
     _add_config_args(p)
-    p.add_argument("--workdir", default=None, metavar="DIR",
-                   help="a run's folder: evaluates DIR/params.npz and writes the results there")
-    p.add_argument("--checkpoint", default=None, metavar="SPEC",
-                   help="parameters to evaluate instead (builtin:demo, .npz, workdir, kaggle:HANDLE); "
-                        "default DIR/params.npz, else config.model_init")
-    p.add_argument("--outdir", default=None, metavar="DIR",
-                   help="where eval_metrics.json, predictions and galleries go (default --workdir)")
-    p.add_argument("--only", action="append", default=None, metavar="NAME",
-                   help="run only this evaluator of config.evals (repeatable)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="a run's folder: evaluates DIR/params.npz and writes the results there",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="SPEC",
+        help="parameters to evaluate instead (builtin:demo, .npz, workdir, kaggle:HANDLE); "
+        "default DIR/params.npz, else config.model_init",
+    )
+    p.add_argument(
+        "--outdir",
+        default=None,
+        metavar="DIR",
+        help="where eval_metrics.json, predictions and galleries go (default --workdir)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this evaluator of config.evals (repeatable)",
+    )
 
     p = sub.add_parser("app", help="a local web page (Streamlit) to try a checkpoint on images")
-    p.add_argument("--checkpoint", default="builtin:demo", metavar="SPEC",
-                   help="builtin:demo (default), a big_vision .npz, a run's workdir or kaggle:HANDLE")
-    p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)")
+    p.add_argument(
+        "--checkpoint",
+        default="builtin:demo",
+        metavar="SPEC",
+        help="builtin:demo (default), a big_vision .npz, a run's workdir or kaggle:HANDLE",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="SPEC",
+        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+    )
     p.add_argument("--port", type=int, default=None, help="local port (default Streamlit's, 8501)")
 
     p = sub.add_parser("plan", help="compile the train step without running it; memory per device, fits or not")
     _add_config_args(p)
     p.add_argument("--workdir", default=None, metavar="DIR", help="also write DIR/plan.json")
-    p.add_argument("--device", default=None, metavar="KIND",
-                   help="plan for this accelerator's memory (H100, H200, A100, 'TPU v4', 'TPU v5e'; default local)")
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="KIND",
+        help="plan for this accelerator's memory (H100, H200, A100, 'TPU v4', 'TPU v5e'; default local)",
+    )
     p.add_argument("--memory-gib", type=float, default=None, metavar="N", help="plan for N GiB per device")
-    p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="plan the mesh over N simulated CPU devices (e.g. 8 for an 8-GPU host)")
-    p.add_argument("--arithmetic-only", action="store_true",
-                   help="skip compiling; estimate activations by arithmetic (faster, rougher)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="plan the mesh over N simulated CPU devices (e.g. 8 for an 8-GPU host)",
+    )
+    p.add_argument(
+        "--arithmetic-only",
+        action="store_true",
+        help="skip compiling; estimate activations by arithmetic (faster, rougher)",
+    )
 
     for name, (_, _, what) in _FUTURE.items():
         p = sub.add_parser(name, help=f"(not implemented yet) {what}")
@@ -144,7 +186,7 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "download":
         if overrides:
             raise UsageError("download takes no --config overrides")
-        from paligemma_ft import kaggle  # noqa: PLC0415
+        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415
 
         return int(kaggle.download_command(args.handle, args.file))
     if args.command == "inspect":
@@ -155,20 +197,22 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "train":
         config = _load(args, overrides)
         try:
-            run = _resolve("paligemma_ft.train", "run")
+            run = _resolve("paligemma_ft.training.loop", "run")
         except ImportError as e:
-            print(f"error: cannot import paligemma_ft.train: {e}", file=sys.stderr)
+            print(f"error: cannot import paligemma_ft.training.loop: {e}", file=sys.stderr)
             return 2
         if run is None:
-            print("error: training is not available: paligemma_ft.train.run is missing from this install",
-                  file=sys.stderr)
+            print(
+                "error: training is not available: paligemma_ft.training.loop.run is missing from this install",
+                file=sys.stderr,
+            )
             return 2
         result = run(config, args.workdir)
         return result if isinstance(result, int) else 0
     if args.command == "predict":
         if overrides:
             raise UsageError("predict takes no --config overrides")
-        from paligemma_ft import predict  # noqa: PLC0415
+        from paligemma_ft.commands import predict  # noqa: PLC0415
 
         return int(predict.main(args))
     if args.command == "evaluate":
@@ -180,17 +224,24 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "app":
         if overrides:
             raise UsageError("app takes no --config overrides")
-        from paligemma_ft import app  # noqa: PLC0415 - Streamlit loads only in the page's own process.
+        from paligemma_ft.commands import app  # noqa: PLC0415 - Streamlit loads only in the page's own process.
 
         return int(app.launch(args.checkpoint, args.tokenizer, port=args.port))
     if args.command == "plan":
         config = _load(args, overrides)
-        from paligemma_ft import plan  # noqa: PLC0415
+        from paligemma_ft.commands import plan  # noqa: PLC0415
 
         if args.devices:
             plan.simulate_cpu_devices(args.devices)
-        return int(plan.run(config, args.workdir, memory_gib=args.memory_gib, device=args.device,
-                            arithmetic_only=args.arithmetic_only))
+        return int(
+            plan.run(
+                config,
+                args.workdir,
+                memory_gib=args.memory_gib,
+                device=args.device,
+                arithmetic_only=args.arithmetic_only,
+            )
+        )
     module, function, _ = _FUTURE[args.command]
     impl = _resolve(module, function)
     if impl is None:

@@ -7,12 +7,13 @@
 Pick a generated sample or upload an image, choose a task (caption, question, detect: boxes drawn on the image,
 or a free prompt) and the decoding options, and see the answer with its latency. Bad uploads (not an image, too
 large, too many pixels) and a checkpoint that cannot be loaded (missing, or a tokenizer that does not fit it) are
-shown as messages in the page. The logic lives in `paligemma_ft.app_logic`; this file only lays out the page.
+shown as messages in the page. The logic lives in `paligemma_ft.commands.app_logic`; this file only lays out the page.
 
-`streamlit run paligemma_ft/app.py` works too: the model then comes from the environment variables
+`streamlit run paligemma_ft/commands/app.py` works too: the model then comes from the environment variables
 `PALIGEMMA_FT_APP_CHECKPOINT` and `PALIGEMMA_FT_APP_TOKENIZER` (what `paligemma-ft app` sets), default the
 demo model.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from typing import Any
 
-from paligemma_ft import app_logic as logic
+from paligemma_ft.commands import app_logic as logic
 
 _DEFAULT_TEXT = {"question": "how many circles are there?", "detect": "circle", "free prompt": "caption en"}
 
@@ -66,8 +67,9 @@ def render_page() -> None:
 
     with st.sidebar:
         st.header("Decoding")
-        sampler = st.selectbox("Sampler", logic.SAMPLERS,
-                               help="greedy is deterministic; the others sample (beam keeps the best of n)")
+        sampler = st.selectbox(
+            "Sampler", logic.SAMPLERS, help="greedy is deterministic; the others sample (beam keeps the best of n)"
+        )
         max_len = st.slider("Max output tokens", 1, 128, 32)
 
     try:
@@ -84,8 +86,11 @@ def render_page() -> None:
         chosen = _choose_image(st)
     with right:
         task = st.radio("Task", logic.TASKS, horizontal=True)
-        text = st.text_input("Question / objects / prompt", _DEFAULT_TEXT[task], key=f"text_{task}") \
-            if task != "caption" else ""
+        text = (
+            st.text_input("Question / objects / prompt", _DEFAULT_TEXT[task], key=f"text_{task}")
+            if task != "caption"
+            else ""
+        )
     if chosen is None:
         return
     image, reference = chosen
@@ -106,9 +111,12 @@ def render_page() -> None:
         st.markdown(f"**Prompt:** `{prompt}`")
         st.subheader("Output")
         st.code(result.text or "(empty)", language=None, wrap_lines=True)
-        st.metric("Latency", f"{result.seconds * 1000:.0f} ms",
-                  help="Wall time of this call. The first call for a new image size, length or sampler also "
-                       "compiles the decoder (seconds); later calls reuse it.")
+        st.metric(
+            "Latency",
+            f"{result.seconds * 1000:.0f} ms",
+            help="Wall time of this call. The first call for a new image size, length or sampler also "
+            "compiles the decoder (seconds); later calls reuse it.",
+        )
         if reference is not None:
             st.markdown(f"**Reference caption of this sample:** {reference}")
         if logic.is_detection(prompt):
@@ -120,8 +128,7 @@ def render_page() -> None:
                 st.warning("Part of the output is not in PaliGemma's `<loc>` box format and was skipped.")
 
 
-def launch(checkpoint: str = logic.DEFAULT_CHECKPOINT, tokenizer: str | None = None, *,
-           port: int | None = None) -> int:
+def launch(checkpoint: str = logic.DEFAULT_CHECKPOINT, tokenizer: str | None = None, *, port: int | None = None) -> int:
     """`paligemma-ft app`: runs `streamlit run` on this page with the model given; returns its exit code.
 
     Args:

@@ -18,6 +18,7 @@ formatted into a message or a log line: only where they come from.
 
 kagglehub is imported inside the functions that need it (it costs ~0.8 s), so reading the table is free.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -148,18 +149,41 @@ def _build_table() -> dict[str, ModelInfo]:
 
     def add(handle: str, file: str, preset: str, res: int, dtype: str, params: int, default: bool) -> None:
         owner, model = handle.split("/")[:2]
-        table[file] = ModelInfo(handle, file, preset, res, dtype, params, params * _BYTES[dtype],
-                                f"{KAGGLE_WEB}/models/{owner}/{model}", default)
+        table[file] = ModelInfo(
+            handle,
+            file,
+            preset,
+            res,
+            dtype,
+            params,
+            params * _BYTES[dtype],
+            f"{KAGGLE_WEB}/models/{owner}/{model}",
+            default,
+        )
 
     for i, res in enumerate(RESOLUTIONS):
         name = f"paligemma-3b-pt-{res}"
         for j, (suffix, dtype) in enumerate(_PG1_FILES):
-            add(f"google/paligemma/jax/{name}/1", name + suffix, f"pg1_3b_{res}", res, dtype,
-                _PARAMS["pg1_3b"][i], j == 0)
+            add(
+                f"google/paligemma/jax/{name}/1",
+                name + suffix,
+                f"pg1_3b_{res}",
+                res,
+                dtype,
+                _PARAMS["pg1_3b"][i],
+                j == 0,
+            )
         for size in ("3b", "10b", "28b"):
             name = f"paligemma2-{size}-pt-{res}"
-            add(f"google/paligemma-2/jax/{name}/1", f"{name}.b16.npz", f"pg2_{size}_{res}", res, "bfloat16",
-                _PARAMS[f"pg2_{size}"][i], True)
+            add(
+                f"google/paligemma-2/jax/{name}/1",
+                f"{name}.b16.npz",
+                f"pg2_{size}_{res}",
+                res,
+                "bfloat16",
+                _PARAMS[f"pg2_{size}"][i],
+                True,
+            )
     return table
 
 
@@ -175,8 +199,9 @@ def known_files(handle: str | KaggleHandle) -> list[ModelInfo]:
 
 def format_table() -> str:
     """The table as aligned text lines: handle, file, preset, dtype, size."""
-    return "\n".join(f"  {m.handle:<45} {m.file:<30} {m.preset:<12} {m.dtype:<9} {_gb(m.size_bytes)}"
-                     for m in RELEASED.values())
+    return "\n".join(
+        f"  {m.handle:<45} {m.file:<30} {m.preset:<12} {m.dtype:<9} {_gb(m.size_bytes)}" for m in RELEASED.values()
+    )
 
 
 def _gb(n: int) -> str:
@@ -191,8 +216,10 @@ def parse_handle(handle: str) -> KaggleHandle:
     """
     parts = handle.strip().strip("/").split("/")
     if len(parts) not in (4, 5) or not all(parts):
-        raise HandleError(f"Kaggle handle {handle!r} is not owner/model/framework/variation[/version], e.g. "
-                          "google/paligemma-2/jax/paligemma2-3b-pt-224/1")
+        raise HandleError(
+            f"Kaggle handle {handle!r} is not owner/model/framework/variation[/version], e.g. "
+            "google/paligemma-2/jax/paligemma2-3b-pt-224/1"
+        )
     version = None
     if len(parts) == 5:
         if not parts[4].isdigit() or int(parts[4]) < 1:
@@ -243,14 +270,16 @@ def _any_cached(h: KaggleHandle) -> bool:
 
 def _ways_to_authenticate() -> str:
     config_dir = os.environ.get("KAGGLE_CONFIG_DIR", "~/.kaggle")
-    return ("Give Kaggle credentials in one of these ways (kagglehub checks them in this order):\n"
-            "  1. in Python: `import kagglehub; kagglehub.login()` (asks for an API token; lasts for the process)\n"
-            "  2. an API token: `export KAGGLE_API_TOKEN=<token>`, or the token saved in ~/.kaggle/access_token\n"
-            "  3. a legacy API key: `export KAGGLE_USERNAME=<user>` and `export KAGGLE_KEY=<key>` (both)\n"
-            '  4. a kaggle.json file {"username": ..., "key": ...} at $KAGGLE_CONFIG_DIR/kaggle.json or '
-            f"~/.kaggle/kaggle.json (here: {Path(config_dir).expanduser() / 'kaggle.json'})\n"
-            "  5. in Colab: KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY) as Colab secrets\n"
-            f"Create a token at {API_TOKEN_PAGE}.")
+    return (
+        "Give Kaggle credentials in one of these ways (kagglehub checks them in this order):\n"
+        "  1. in Python: `import kagglehub; kagglehub.login()` (asks for an API token; lasts for the process)\n"
+        "  2. an API token: `export KAGGLE_API_TOKEN=<token>`, or the token saved in ~/.kaggle/access_token\n"
+        "  3. a legacy API key: `export KAGGLE_USERNAME=<user>` and `export KAGGLE_KEY=<key>` (both)\n"
+        '  4. a kaggle.json file {"username": ..., "key": ...} at $KAGGLE_CONFIG_DIR/kaggle.json or '
+        f"~/.kaggle/kaggle.json (here: {Path(config_dir).expanduser() / 'kaggle.json'})\n"
+        "  5. in Colab: KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY) as Colab secrets\n"
+        f"Create a token at {API_TOKEN_PAGE}."
+    )
 
 
 def credential_source() -> str | None:
@@ -285,15 +314,20 @@ def _check_credentials(what: str) -> str:
     except ValueError as e:  # A malformed kaggle.json; kagglehub's message names the file, not its content.
         raise CredentialsError(f"{e}.\n{_ways_to_authenticate()}") from None
     if not found:
-        raise CredentialsError(f"No Kaggle credentials found, and {what} is not in the kagglehub cache "
-                               f"({cache_root()}).\n{_ways_to_authenticate()}")
+        raise CredentialsError(
+            f"No Kaggle credentials found, and {what} is not in the kagglehub cache "
+            f"({cache_root()}).\n{_ways_to_authenticate()}"
+        )
     return credential_source() or "kagglehub's configuration"
 
 
 def _in_kaggle_notebook() -> bool:
     """True where kagglehub serves models from the notebook's /kaggle/input mount (no credentials, no disk)."""
-    return ("KAGGLE_KERNEL_RUN_TYPE" in os.environ and "KAGGLE_DATA_PROXY_URL" in os.environ  # As kagglesdk.
-            and os.environ.get("DISABLE_KAGGLE_CACHE", "").lower() not in ("true", "1", "t"))
+    return (
+        "KAGGLE_KERNEL_RUN_TYPE" in os.environ
+        and "KAGGLE_DATA_PROXY_URL" in os.environ  # As kagglesdk.
+        and os.environ.get("DISABLE_KAGGLE_CACHE", "").lower() not in ("true", "1", "t")
+    )
 
 
 # ------------------------------------------------------------------------------------------------- HTTP
@@ -318,17 +352,22 @@ def _http_error(h: KaggleHandle, file: str | None, status: int | None, server: s
         return BadCredentialsError(
             f"Kaggle rejected the credentials from {credential_source() or 'kagglehub'} (HTTP 401{server}) while "
             f"fetching {what}. Check them, or create a new API token at {API_TOKEN_PAGE}.\n"
-            f"{_ways_to_authenticate()}")
+            f"{_ways_to_authenticate()}"
+        )
     if status == 403:
         return LicenceError(
             f"Kaggle refused {what} (HTTP 403{server}). The Kaggle account behind your credentials "
             f"({credential_source() or 'none found'}) has not accepted this model's licence: open {h.page_url}, "
-            "sign in with that account, accept the licence on the page, then run again.")
+            "sign in with that account, accept the licence on the page, then run again."
+        )
     if status == 404:
         infos = known_files(h)
         if infos:
-            listing = f"Known files of {infos[0].handle}: " + ", ".join(
-                f"{m.file} ({m.dtype}, {_gb(m.size_bytes)})" for m in infos) + "."
+            listing = (
+                f"Known files of {infos[0].handle}: "
+                + ", ".join(f"{m.file} ({m.dtype}, {_gb(m.size_bytes)})" for m in infos)
+                + "."
+            )
         else:
             listing = f"{h.unversioned} is not in paligemma_ft's table; the known handles and files are:\n"
             listing += format_table()
@@ -348,17 +387,22 @@ def _kaggle_errors(h: KaggleHandle, file: str | None, target: Path | None) -> It
         status = e.response.status_code if e.response is not None else None
         raise _http_error(h, file, status, _server_message(e)) from e
     except (requests.ConnectionError, requests.Timeout) as e:
-        where = (f"the file is not in the cache at {target}" if target is not None else
-                 "an unversioned handle's current version can only be looked up online")
-        raise OfflineError(f"Cannot reach Kaggle ({type(e).__name__}) to fetch {_describe(h, file)}, and {where}. "
-                           "Connect to the network and run again, or use a versioned handle whose files are "
-                           "already in the kagglehub cache.") from e
+        where = (
+            f"the file is not in the cache at {target}"
+            if target is not None
+            else "an unversioned handle's current version can only be looked up online"
+        )
+        raise OfflineError(
+            f"Cannot reach Kaggle ({type(e).__name__}) to fetch {_describe(h, file)}, and {where}. "
+            "Connect to the network and run again, or use a versioned handle whose files are "
+            "already in the kagglehub cache."
+        ) from e
     except kexc.UnauthenticatedError as e:
-        raise CredentialsError(f"Kaggle needs credentials for {_describe(h, file)}.\n"
-                               f"{_ways_to_authenticate()}") from e
+        raise CredentialsError(f"Kaggle needs credentials for {_describe(h, file)}.\n{_ways_to_authenticate()}") from e
     except kexc.DataCorruptionError as e:
-        raise KaggleError(f"The download of {_describe(h, file)} was corrupted (checksum mismatch) and was "
-                          "deleted; run again.") from e
+        raise KaggleError(
+            f"The download of {_describe(h, file)} was corrupted (checksum mismatch) and was deleted; run again."
+        ) from e
     except ValueError as e:  # e.g. a framework kagglehub does not know ("'jaxx' is not a valid ModelFramework").
         raise HandleError(f"kagglehub cannot fetch {_describe(h, file)}: {e}") from e
     except OSError as e:  # Last: requests' exceptions are OSErrors too. A full disk or an unwritable cache.
@@ -400,16 +444,29 @@ def resolve_version(handle: str | KaggleHandle) -> KaggleHandle:
     except OfflineError:
         # Inside a Kaggle notebook kagglehub serves a versioned handle from the notebook's mount.
         if recorded is not None and (_any_cached(h.with_version(recorded)) or _in_kaggle_notebook()):
-            _LOG.warning("Kaggle is unreachable: using version %d of %s (recorded in paligemma_ft's table and "
-                         "in the cache). Write %s/%d to say so.", recorded, h, h, recorded)
+            _LOG.warning(
+                "Kaggle is unreachable: using version %d of %s (recorded in paligemma_ft's table and "
+                "in the cache). Write %s/%d to say so.",
+                recorded,
+                h,
+                h,
+                recorded,
+            )
             return h.with_version(recorded)
         raise
     _RESOLVED[h.unversioned] = version
-    _LOG.warning("Resolved %s to version %d. Write %s/%d in configs: a versioned handle is reproducible and is "
-                 "served from the kagglehub cache offline.", h, version, h, version)
+    _LOG.warning(
+        "Resolved %s to version %d. Write %s/%d in configs: a versioned handle is reproducible and is "
+        "served from the kagglehub cache offline.",
+        h,
+        version,
+        h,
+        version,
+    )
     if recorded is not None and version != recorded:
-        _LOG.warning("paligemma_ft's table records version %d of %s; Kaggle now serves version %d.",
-                     recorded, h, version)
+        _LOG.warning(
+            "paligemma_ft's table records version %d of %s; Kaggle now serves version %d.", recorded, h, version
+        )
     return h.with_version(version)
 
 
@@ -450,15 +507,22 @@ class PreflightResult:
 def _pick_file(h: KaggleHandle, file: str | None) -> tuple[str | None, ModelInfo | None]:
     infos = known_files(h)
     if not infos:
-        _LOG.warning("%s is not in paligemma_ft's table of released PaliGemma checkpoints: it is fetched as "
-                     "given, and its size (hence free disk) cannot be checked beforehand.", h)
+        _LOG.warning(
+            "%s is not in paligemma_ft's table of released PaliGemma checkpoints: it is fetched as "
+            "given, and its size (hence free disk) cannot be checked beforehand.",
+            h,
+        )
         return file, None
     if file is None:
         return infos[0].file, infos[0]
     match = [m for m in infos if m.file == file]
     if not match:
-        _LOG.warning("%r is not among the known files of %s (%s); trying it anyway.", file, h.unversioned,
-                     ", ".join(m.file for m in infos))
+        _LOG.warning(
+            "%r is not among the known files of %s (%s); trying it anyway.",
+            file,
+            h.unversioned,
+            ", ".join(m.file for m in infos),
+        )
     return file, match[0] if match else None
 
 
@@ -468,8 +532,9 @@ def _free_bytes(where: Path) -> int:
     return shutil.disk_usage(where).free
 
 
-def preflight(handle: str | KaggleHandle, file: str | None = None, *, dest_dir: str | os.PathLike | None = None
-              ) -> PreflightResult:
+def preflight(
+    handle: str | KaggleHandle, file: str | None = None, *, dest_dir: str | os.PathLike | None = None
+) -> PreflightResult:
     """Checks, before any compute, that a checkpoint is cached or can be downloaded.
 
     Order: the kagglehub cache (a hit needs nothing else, offline included); inside a Kaggle notebook kagglehub
@@ -494,16 +559,19 @@ def preflight(handle: str | KaggleHandle, file: str | None = None, *, dest_dir: 
     what = _describe(h, file)
     source = _check_credentials(what)
     if info is None:
-        return PreflightResult(h, file, None, None, target, credentials=source,
-                               notes=("size unknown: free disk not checked",))
+        return PreflightResult(
+            h, file, None, None, target, credentials=source, notes=("size unknown: free disk not checked",)
+        )
     partial = target.stat().st_size if target.is_file() else 0  # kagglehub resumes a partial download.
     need = max(info.size_bytes - partial, 0)
     where = Path(dest_dir) if dest_dir is not None else cache_root()
     free = _free_bytes(where)
     if free < need:
-        raise DiskSpaceError(f"Not enough free disk for {what}: it needs about {_gb(need)} ({need} bytes) and "
-                             f"{where} has {_gb(free)} ({free} bytes) free. Free some space, or set "
-                             "KAGGLEHUB_CACHE to a folder on a larger disk.")
+        raise DiskSpaceError(
+            f"Not enough free disk for {what}: it needs about {_gb(need)} ({need} bytes) and "
+            f"{where} has {_gb(free)} ({free} bytes) free. Free some space, or set "
+            "KAGGLEHUB_CACHE to a folder on a larger disk."
+        )
     return PreflightResult(h, file, info, None, target, info.size_bytes, free, source)
 
 
@@ -552,16 +620,20 @@ def resolve_model_init(spec: str) -> Path:
     `checkpoint.load_params`. Example: `kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224/1`.
     """
     if not spec.startswith(SPEC_PREFIX):
-        raise HandleError(f"model_init {spec!r} does not start with {SPEC_PREFIX!r}; expected "
-                          "kaggle:<owner>/<model>/<framework>/<variation>/<version>[:<file>]")
-    handle, _, rest = spec[len(SPEC_PREFIX):].partition(":")
+        raise HandleError(
+            f"model_init {spec!r} does not start with {SPEC_PREFIX!r}; expected "
+            "kaggle:<owner>/<model>/<framework>/<variation>/<version>[:<file>]"
+        )
+    handle, _, rest = spec[len(SPEC_PREFIX) :].partition(":")
     file, _, subtree = rest.partition(":")
     path = download(handle, file or None)
     if path.is_dir():  # A handle outside the table, given without a file: take its only .npz.
         npz = sorted(path.rglob("*.npz"))
         if len(npz) != 1:
-            raise HandleError(f"model_init {spec!r}: the bundle {path} holds {len(npz)} .npz files "
-                              f"({', '.join(p.name for p in npz) or 'none'}); name one as {spec}:<file>.")
+            raise HandleError(
+                f"model_init {spec!r}: the bundle {path} holds {len(npz)} .npz files "
+                f"({', '.join(p.name for p in npz) or 'none'}); name one as {spec}:<file>."
+            )
         path = npz[0]
     return Path(f"{path}:{subtree}") if subtree else path
 
@@ -593,11 +665,16 @@ def resolve_tokenizer(configured: str | None, bundle: str | os.PathLike | None) 
     found = find_tokenizer(bundle) if bundle is not None else None
     if found is not None:
         return str(found)
-    where = f"inside the downloaded bundle {Path(bundle).parent if Path(bundle).is_file() else bundle}" \
-        if bundle is not None else "inside a downloaded bundle (no Kaggle checkpoint is used)"
-    raise KaggleError(f"No tokenizer: none is configured, and none of {', '.join(TOKENIZER_NAMES)} is {where}. "
-                      "Either set the tokenizer path in the config to PaliGemma's paligemma_tokenizer.model "
-                      f"(download it from {TOKENIZER_URL}), or put that file into the bundle folder.")
+    where = (
+        f"inside the downloaded bundle {Path(bundle).parent if Path(bundle).is_file() else bundle}"
+        if bundle is not None
+        else "inside a downloaded bundle (no Kaggle checkpoint is used)"
+    )
+    raise KaggleError(
+        f"No tokenizer: none is configured, and none of {', '.join(TOKENIZER_NAMES)} is {where}. "
+        "Either set the tokenizer path in the config to PaliGemma's paligemma_tokenizer.model "
+        f"(download it from {TOKENIZER_URL}), or put that file into the bundle folder."
+    )
 
 
 def download_command(handle: str, file: str | None) -> int:

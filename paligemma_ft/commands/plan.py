@@ -4,13 +4,14 @@
     paligemma-ft plan --config my.py --config.model_name_or_preset=pg2_3b_224 --device H100 [--arithmetic-only]
 
 Builds everything the trainer builds before it computes (model shapes with `jax.eval_shape`, mesh, parameter and
-optimizer shardings, storage dtypes, the optimizer: `paligemma_ft.train.setup`), then lowers and compiles the
+optimizer shardings, storage dtypes, the optimizer: `paligemma_ft.training.loop.setup`), then lowers and compiles the
 trainer's own `train_step` for abstract inputs on the configured mesh without running it or allocating a
 parameter. It reports per device: parameters, optimizer state, the batch, and XLA's temporary buffers
 (activations, gradients, workspace) from `compiled.memory_analysis()`; with `--arithmetic-only` (or when the
 backend gives no analysis) the temporaries come from a rough arithmetic estimate instead. Compiling on a CPU for a
 GPU or TPU target gives the CPU compiler's figures: the target fuses differently, so treat them as estimates.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,6 +52,7 @@ def _per_device_bytes(shapes: Any, shardings: Any) -> int:
 @dataclasses.dataclass
 class Plan:
     """A memory plan. Byte counts are per device."""
+
     device_kind: str
     devices: int
     mesh: dict[str, int]
@@ -82,8 +84,10 @@ class Plan:
 
 # --- Arithmetic estimate of the step's temporaries ---------------------------------------------------------------
 
-def _tower_activation_bytes(tokens: int, width: int, mlp: int, qkv_width: int, heads: int, depth: int,
-                            policy: str, act: int) -> float:
+
+def _tower_activation_bytes(
+    tokens: int, width: int, mlp: int, qkv_width: int, heads: int, depth: int, policy: str, act: int
+) -> float:
     """Rough bytes for one example's activations in one tower (attention logits/probs in float32).
 
     Saved for the backward pass: the block inputs under "full" remat, matmul outputs under "dots", everything
@@ -91,36 +95,63 @@ def _tower_activation_bytes(tokens: int, width: int, mlp: int, qkv_width: int, h
     """
     scores = 2 * heads * tokens * tokens * 4  # f32 logits and probabilities.
     one_block = tokens * (6 * width + 3 * mlp + 2 * qkv_width) * act + scores
-    saved = {"full": tokens * width * act,
-             "dots": tokens * (3 * width + 2 * qkv_width + 2 * mlp) * act + scores / 2}.get(policy, one_block)
+    saved = {
+        "full": tokens * width * act,
+        "dots": tokens * (3 * width + 2 * qkv_width + 2 * mlp) * act + scores / 2,
+    }.get(policy, one_block)
     return depth * saved + one_block
 
 
 def _policy(name: str | None) -> str:
     name = name or "nothing_saveable"
-    return {"nothing_saveable": "full", "everything_saveable": "none", "dots_saveable": "dots",
-            "dots_with_no_batch_dims_saveable": "dots"}.get(name, name)
+    return {
+        "nothing_saveable": "full",
+        "everything_saveable": "none",
+        "dots_saveable": "dots",
+        "dots_with_no_batch_dims_saveable": "dots",
+    }.get(name, name)
 
 
-def estimate_temp_bytes(model_cfg: dict, res: int, text_len: int, per_device_batch: int, grad_bytes: int,
-                        act_bytes: int = 4, chunk: int = 512) -> float:
+def estimate_temp_bytes(
+    model_cfg: dict,
+    res: int,
+    text_len: int,
+    per_device_batch: int,
+    grad_bytes: int,
+    act_bytes: int = 4,
+    chunk: int = 512,
+) -> float:
     """Rough per-device temporaries of one step: activations of `per_device_batch` examples (per micro-batch),
     gradients and optimizer-update scratch (2 x `grad_bytes`), and one chunk of float32 vocabulary logits."""
     img, llm = flops_lib._resolve(model_cfg)  # noqa: SLF001 - same package.
     p = flops_lib._image_tokens(img, res)  # noqa: SLF001
     t = p + text_len
     per_example = _tower_activation_bytes(
-        p, img["width"], img.get("mlp_dim") or 4 * img["width"], 3 * img["width"], img["num_heads"], img["depth"],
-        _policy(img.get("remat_policy")) if img.get("scan") else "none", act_bytes)
+        p,
+        img["width"],
+        img.get("mlp_dim") or 4 * img["width"],
+        3 * img["width"],
+        img["num_heads"],
+        img["depth"],
+        _policy(img.get("remat_policy")) if img.get("scan") else "none",
+        act_bytes,
+    )
     per_example += _tower_activation_bytes(
-        t, llm["width"], 2 * llm["mlp_dim"], (llm["num_heads"] + 2 * llm["num_kv_heads"]) * llm["head_dim"],
-        llm["num_heads"], llm["depth"], _policy(llm.get("remat_policy")) if llm.get("scan", True) else "none",
-        act_bytes)
+        t,
+        llm["width"],
+        2 * llm["mlp_dim"],
+        (llm["num_heads"] + 2 * llm["num_kv_heads"]) * llm["head_dim"],
+        llm["num_heads"],
+        llm["depth"],
+        _policy(llm.get("remat_policy")) if llm.get("scan", True) else "none",
+        act_bytes,
+    )
     logits = 3 * min(chunk, per_device_batch * text_len) * llm["vocab_size"] * 4
     return per_device_batch * per_example + 2 * grad_bytes + logits
 
 
 # --- The plan ------------------------------------------------------------------------------------------------
+
 
 def _memory_limit(memory_gib: float | None, device: str | None) -> tuple[float | None, str]:
     if memory_gib is not None:
@@ -139,13 +170,18 @@ def _memory_limit(memory_gib: float | None, device: str | None) -> tuple[float |
 def _abstract_batch(batch: int, res: int, text_len: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """The trainer's batch layout (see docs/design.md) as shapes placed on the batch sharding."""
     tokens = jax.ShapeDtypeStruct((batch, text_len + 1), jnp.int32, sharding=sharding)
-    return {"image": jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32, sharding=sharding),
-            "text": tokens, "mask_ar": tokens, "mask_loss": tokens,
-            "_mask": jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=sharding)}
+    return {
+        "image": jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32, sharding=sharding),
+        "text": tokens,
+        "mask_ar": tokens,
+        "mask_loss": tokens,
+        "_mask": jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=sharding),
+    }
 
 
-def make_plan(config: Any, *, memory_gib: float | None = None, device: str | None = None,
-              arithmetic_only: bool = False) -> Plan:
+def make_plan(
+    config: Any, *, memory_gib: float | None = None, device: str | None = None, arithmetic_only: bool = False
+) -> Plan:
     """Builds the trainer's setup for `config` and sizes one training step per device (nothing is allocated).
 
     Args:
@@ -154,7 +190,7 @@ def make_plan(config: Any, *, memory_gib: float | None = None, device: str | Non
         local accelerator's allocator limit, else unknown.
       arithmetic_only: skip compiling; estimate temporaries with `estimate_temp_bytes`.
     """
-    from paligemma_ft import train  # noqa: PLC0415 - the trainer's own setup and step, imported lazily.
+    from paligemma_ft.training import loop as train  # noqa: PLC0415 - the trainer's own setup and step, imported lazily.
 
     s = train.setup(config)
     batch_size = int(config.input.batch_size)
@@ -165,8 +201,9 @@ def make_plan(config: Any, *, memory_gib: float | None = None, device: str | Non
     param_bytes = _per_device_bytes(s.state_abstract["params"], s.state_shard["params"])
     opt_bytes = _per_device_bytes(s.state_abstract["opt"], s.state_shard["opt"])
     batch_bytes = _per_device_bytes(abstract_batch, jax.tree.map(lambda x: x.sharding, abstract_batch))
-    trainable_shapes = [x for x, t in zip(jax.tree.leaves(s.state_abstract["params"]), jax.tree.leaves(s.trainable))
-                        if t]
+    trainable_shapes = [
+        x for x, t in zip(jax.tree.leaves(s.state_abstract["params"]), jax.tree.leaves(s.trainable)) if t
+    ]
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.state_abstract["params"]))
     n_trainable = sum(math.prod(x.shape) for x in trainable_shapes)
     shards = max(1, math.prod(s.mesh.shape[a] for a in sharding_lib.batch_axes(s.mesh)))
@@ -176,16 +213,30 @@ def make_plan(config: Any, *, memory_gib: float | None = None, device: str | Non
 
     compile_s, source = None, "arithmetic estimate (rough)"
     grad_bytes = int(param_bytes * n_trainable / max(n_params, 1))
-    temp = estimate_temp_bytes(model_cfg, s.res, s.text_len, max(1, batch_size // shards // micro), grad_bytes,
-                               act_bytes)
+    temp = estimate_temp_bytes(
+        model_cfg, s.res, s.text_len, max(1, batch_size // shards // micro), grad_bytes, act_bytes
+    )
     peak = param_bytes + opt_bytes + batch_bytes + temp
     if not arithmetic_only:
-        step_cfg = train.StepConfig(label_smoothing=float(_get(config, "label_smoothing", 0.0)),
-                                    reduction=_get(config, "loss_reduction", "example_mean"), micro_batches=micro,
-                                    lr=float(_get(config, "lr", 1.0)))
-        step_fn = jax.jit(functools.partial(train.train_step, model=s.model, tx=s.tx, trainable=s.trainable,
-                                            step_cfg=step_cfg, sched_fn=s.sched_fns[0] if s.sched_fns else None),
-                          donate_argnums=0, in_shardings=(s.state_shard, b_shard), out_shardings=(s.state_shard, repl))
+        step_cfg = train.StepConfig(
+            label_smoothing=float(_get(config, "label_smoothing", 0.0)),
+            reduction=_get(config, "loss_reduction", "example_mean"),
+            micro_batches=micro,
+            lr=float(_get(config, "lr", 1.0)),
+        )
+        step_fn = jax.jit(
+            functools.partial(
+                train.train_step,
+                model=s.model,
+                tx=s.tx,
+                trainable=s.trainable,
+                step_cfg=step_cfg,
+                sched_fn=s.sched_fns[0] if s.sched_fns else None,
+            ),
+            donate_argnums=0,
+            in_shardings=(s.state_shard, b_shard),
+            out_shardings=(s.state_shard, repl),
+        )
         t0 = time.perf_counter()
         compiled = step_fn.lower(s.state_abstract, abstract_batch).compile()
         compile_s = time.perf_counter() - t0
@@ -196,14 +247,29 @@ def make_plan(config: Any, *, memory_gib: float | None = None, device: str | Non
             peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp)
             source = f"XLA memory analysis ({jax.devices()[0].platform} compiler)"
     limit, limit_source = _memory_limit(memory_gib, device)
-    plan = Plan(device_kind=device or jax.devices()[0].device_kind, devices=s.mesh.size, mesh=dict(s.mesh.shape),
-                batch_size=batch_size, per_device_batch=max(1, batch_size // shards), micro_batches=micro, res=s.res, text_len=s.text_len, params=n_params,
-                trainable=n_trainable, param_bytes=param_bytes, opt_bytes=opt_bytes, batch_bytes=batch_bytes,
-                temp_bytes=int(temp), peak_bytes=int(peak), source=source, compile_seconds=compile_s,
-                memory_limit=limit, memory_source=limit_source,
-                flops_per_example=flops_lib.train_flops_per_example(model_cfg, s.res, s.text_len,
-                                                                    trainable=s.trainable),
-                remat={t: _policy(model_cfg[t].get("remat_policy")) for t in ("img", "llm")})
+    plan = Plan(
+        device_kind=device or jax.devices()[0].device_kind,
+        devices=s.mesh.size,
+        mesh=dict(s.mesh.shape),
+        batch_size=batch_size,
+        per_device_batch=max(1, batch_size // shards),
+        micro_batches=micro,
+        res=s.res,
+        text_len=s.text_len,
+        params=n_params,
+        trainable=n_trainable,
+        param_bytes=param_bytes,
+        opt_bytes=opt_bytes,
+        batch_bytes=batch_bytes,
+        temp_bytes=int(temp),
+        peak_bytes=int(peak),
+        source=source,
+        compile_seconds=compile_s,
+        memory_limit=limit,
+        memory_source=limit_source,
+        flops_per_example=flops_lib.train_flops_per_example(model_cfg, s.res, s.text_len, trainable=s.trainable),
+        remat={t: _policy(model_cfg[t].get("remat_policy")) for t in ("img", "llm")},
+    )
     plan.suggestions = suggest(plan)
     return plan
 
@@ -224,22 +290,32 @@ def suggest(plan: Plan) -> list[str]:
         if m * plan.micro_batches > per_device or per_device % (m * plan.micro_batches):
             break
         if state + 2 * grads + activations / m <= budget:
-            out.append(f"Micro-batches: --config.grad_accum_steps={m * plan.micro_batches} (same batch, "
-                       f"~{_gib(state + 2 * grads + activations / m)} GiB per device).")
+            out.append(
+                f"Micro-batches: --config.grad_accum_steps={m * plan.micro_batches} (same batch, "
+                f"~{_gib(state + 2 * grads + activations / m)} GiB per device)."
+            )
             break
     if any(p != "full" for p in plan.remat.values()):
-        out.append("Rematerialization: --config.model.llm.remat_policy=full and --config.model.img.remat_policy=full "
-                   "(recompute each block in the backward pass; ~30 % more compute).")
+        out.append(
+            "Rematerialization: --config.model.llm.remat_policy=full and --config.model.img.remat_policy=full "
+            "(recompute each block in the backward pass; ~30 % more compute)."
+        )
     if plan.trainable > 0.5 * plan.params:
-        out.append("Trainable set: train fewer parameters, e.g. the colab's attention-only recipe "
-                   "config.schedule=[('llm/layers/attn/.*', {...}), ('.*', None)]: frozen parameters carry no "
-                   f"optimizer state (now {_gib(plan.opt_bytes)} GiB per device).")
+        out.append(
+            "Trainable set: train fewer parameters, e.g. the colab's attention-only recipe "
+            "config.schedule=[('llm/layers/attn/.*', {...}), ('.*', None)]: frozen parameters carry no "
+            f"optimizer state (now {_gib(plan.opt_bytes)} GiB per device)."
+        )
     if plan.param_bytes > 0.25 * budget:
-        out.append("Dtypes: --config.frozen_dtype=bfloat16 (frozen weights in 2 bytes) and bfloat16 optimizer "
-                   "moments (e.g. optax_name='big_vision.scale_by_adafactor' keeps momentum in bfloat16).")
+        out.append(
+            "Dtypes: --config.frozen_dtype=bfloat16 (frozen weights in 2 bytes) and bfloat16 optimizer "
+            "moments (e.g. optax_name='big_vision.scale_by_adafactor' keeps momentum in bfloat16)."
+        )
     if state > budget:
-        out.append(f"Sharding: parameters and optimizer state alone need {_gib(state)} GiB per device; shard them "
-                   "over more devices (fsdp) or use a device with more memory.")
+        out.append(
+            f"Sharding: parameters and optimizer state alone need {_gib(state)} GiB per device; shard them "
+            "over more devices (fsdp) or use a device with more memory."
+        )
     return out or ["Lower input.batch_size or input.text_len: nothing else obvious fits."]
 
 
@@ -291,16 +367,25 @@ def simulate_cpu_devices(n: int) -> None:
 
     if xla_bridge.backends_are_initialized():
         if jax.device_count() != n:
-            raise ValueError(f"--devices {n}: JAX already started with {jax.device_count()} devices; run the plan "
-                             "in a fresh process.")
+            raise ValueError(
+                f"--devices {n}: JAX already started with {jax.device_count()} devices; run the plan "
+                "in a fresh process."
+            )
         return
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
     jax.config.update("jax_platforms", "cpu")
 
 
-def run(config: Any, workdir: str | None = None, *, memory_gib: float | None = None, device: str | None = None,
-        arithmetic_only: bool = False, echo: Callable[[str], Any] = print) -> int:
+def run(
+    config: Any,
+    workdir: str | None = None,
+    *,
+    memory_gib: float | None = None,
+    device: str | None = None,
+    arithmetic_only: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> int:
     """Prints the plan (and writes `workdir/plan.json` when given). Returns 0 if it fits or memory is unknown,
     1 if it does not fit."""
     plan = make_plan(config, memory_gib=memory_gib, device=device, arithmetic_only=arithmetic_only)

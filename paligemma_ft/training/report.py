@@ -7,6 +7,7 @@
 Evaluation predictions and HTML galleries are written by the evaluators into `workdir/eval/`; the report links
 them.
 """
+
 from __future__ import annotations
 
 import collections
@@ -96,10 +97,13 @@ def param_overview(params: PyTree, trainable: PyTree, shardings: PyTree | None =
     trainable_total = sum(g["train"] for g in groups.values())
     lines = [f"{'group':<28} {'params':>13} {'trainable':>13}  dtypes / sharding"]
     for name, g in groups.items():
-        lines.append(f"{name:<28} {g['n']:>13,} {g['train']:>13,}  {','.join(sorted(g['dtypes']))} "
-                     f"{' '.join(sorted(g['specs']))}".rstrip())
-    lines.append(f"{'total':<28} {total:>13,} {trainable_total:>13,}  "
-                 f"({100 * trainable_total / max(total, 1):.1f} % trainable)")
+        lines.append(
+            f"{name:<28} {g['n']:>13,} {g['train']:>13,}  {','.join(sorted(g['dtypes']))} "
+            f"{' '.join(sorted(g['specs']))}".rstrip()
+        )
+    lines.append(
+        f"{'total':<28} {total:>13,} {trainable_total:>13,}  ({100 * trainable_total / max(total, 1):.1f} % trainable)"
+    )
     return "\n".join(lines)
 
 
@@ -122,6 +126,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> b
     """Writes the loss curve and one panel per evaluation metric to a PNG; False when matplotlib is missing."""
     try:
         import matplotlib  # noqa: PLC0415 - optional: only the plot needs it.
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
@@ -192,21 +197,31 @@ def console_summary(rows: Sequence[Mapping[str, Any]], eval_dir: str | os.PathLi
     return "\n".join(lines).rstrip()
 
 
-def write_report(workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mesh, overview: str,
-                 timings: Mapping[str, float]) -> pathlib.Path:
+def write_report(
+    workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mesh, overview: str, timings: Mapping[str, float]
+) -> pathlib.Path:
     """Writes `workdir/report.md` (and `curves.png`); returns the report's path."""
     workdir = pathlib.Path(workdir)
     rows = MetricsLog(workdir / "metrics.jsonl").rows()
     has_plot = plot_curves(rows, workdir / "curves.png")
     devices = jax.devices()
-    lines = ["# Training report", "",
-             f"- workdir: `{workdir}`",
-             f"- devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); "
-             f"mesh {dict(mesh.shape)}",
-             f"- model: `{config.get('model_name_or_preset') or 'from checkpoint'}`, "
-             f"init `{config.get('model_init') or 'random'}`",
-             *[f"- {k}: {v:.2f}" for k, v in timings.items()], "",
-             "## Parameters", "", "```", overview, "```", ""]
+    lines = [
+        "# Training report",
+        "",
+        f"- workdir: `{workdir}`",
+        f"- devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); "
+        f"mesh {dict(mesh.shape)}",
+        f"- model: `{config.get('model_name_or_preset') or 'from checkpoint'}`, "
+        f"init `{config.get('model_init') or 'random'}`",
+        *[f"- {k}: {v:.2f}" for k, v in timings.items()],
+        "",
+        "## Parameters",
+        "",
+        "```",
+        overview,
+        "```",
+        "",
+    ]
     if has_plot:
         lines += ["## Curves", "", "![curves](curves.png)", ""]
     changes = before_after(rows)
@@ -232,4 +247,5 @@ def write_report(workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mes
 
 def _plain(config: Any) -> Any:
     from paligemma_ft.config import redact  # noqa: PLC0415
+
     return redact(config.to_dict() if hasattr(config, "to_dict") else dict(config))

@@ -11,6 +11,7 @@ trainer's loss; reference 6 and 7.2) so that big_vision configs keep their meani
 
 Axis legend: B batch, T tokens per example, D width, V vocab, M micro-batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,15 @@ def _as_dict(x: Any) -> dict:
 
 # --- Durations and schedules (big_vision utils.steps / create_learning_rate_schedule) ---------------------------
 
-def steps(prefix: str, config: Any, data_size: int | None = None, batch_size: int | None = None,
-          total_steps: int | None = None, default: Any = ValueError) -> int:
+
+def steps(
+    prefix: str,
+    config: Any,
+    data_size: int | None = None,
+    batch_size: int | None = None,
+    total_steps: int | None = None,
+    default: Any = ValueError,
+) -> int:
     """Reads the duration `prefix` from `config` in steps: `<prefix>_steps|_epochs|_examples|_percent`.
 
     Epochs need `data_size` and `batch_size`, examples need `batch_size`, percent needs `total_steps`. Fractions
@@ -78,14 +86,22 @@ def steps(prefix: str, config: Any, data_size: int | None = None, batch_size: in
             raise ValueError(f"{prefix}_percent must lie in [0, 1], got {pct}.")
         return to_int(pct * total_steps)
     if default is ValueError:
-        raise ValueError(f"Cannot convert {prefix!r} to steps: keys set {keys or 'none'}, batch_size={batch_size}, "
-                         f"data_size={data_size}, total_steps={total_steps}.")
+        raise ValueError(
+            f"Cannot convert {prefix!r} to steps: keys set {keys or 'none'}, batch_size={batch_size}, "
+            f"data_size={data_size}, total_steps={total_steps}."
+        )
     return default
 
 
-def create_learning_rate_schedule(total_steps: int, batch_size: int | None = None, data_size: int | None = None,
-                                  base: float = 1.0, decay_type: str = "stair", scale_with_batchsize: bool = False,
-                                  **kw: Any) -> Schedule:
+def create_learning_rate_schedule(
+    total_steps: int,
+    batch_size: int | None = None,
+    data_size: int | None = None,
+    base: float = 1.0,
+    decay_type: str = "stair",
+    scale_with_batchsize: bool = False,
+    **kw: Any,
+) -> Schedule:
     """big_vision's schedule: `step -> f32[]` learning rate (or multiplier when `base=1`).
 
     Args:
@@ -108,8 +124,9 @@ def create_learning_rate_schedule(total_steps: int, batch_size: int | None = Non
     if unknown := sorted(set(kw) - allowed):
         raise ValueError(f"Unknown schedule argument(s) {unknown}; allowed: {sorted(allowed)}.")
     if decay_type not in ("cosine", "linear", "polynomial", "rsqrt", "stair", "constant"):
-        raise ValueError(f"Unknown decay_type {decay_type!r}; use cosine, linear, polynomial, rsqrt, stair or "
-                         "constant.")
+        raise ValueError(
+            f"Unknown decay_type {decay_type!r}; use cosine, linear, polynomial, rsqrt, stair or constant."
+        )
     warmup = steps("warmup", kw, data_size, batch_size, total_steps, default=0)
     cooldown = steps("cooldown", kw, data_size, batch_size, total_steps, default=0)
     # Runs of 0 or 1 steps are legitimate (eval-only, debugging); otherwise warmup must end before the run does.
@@ -129,8 +146,11 @@ def create_learning_rate_schedule(total_steps: int, batch_size: int | None = Non
         elif decay_type == "cosine":
             lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
         elif decay_type == "rsqrt":
-            lr = jnp.where(step >= warmup, lr / jnp.sqrt(1.0 + (step + shift - warmup) / timescale),
-                           lr / jnp.sqrt(1.0 + shift / timescale))
+            lr = jnp.where(
+                step >= warmup,
+                lr / jnp.sqrt(1.0 + (step + shift - warmup) / timescale),
+                lr / jnp.sqrt(1.0 + shift / timescale),
+            )
         elif decay_type == "stair":
             i = jnp.searchsorted(jnp.asarray(kw.get("steps", []), jnp.float32), step + 1)
             lr = lr * jnp.take(jnp.asarray([1.0] + list(kw.get("mults", [])), jnp.float32), i)
@@ -144,6 +164,7 @@ def create_learning_rate_schedule(total_steps: int, batch_size: int | None = Non
 
 
 # --- Trainable sets ------------------------------------------------------------------------------------------
+
 
 def _schedule_rules(schedule: Any) -> list[tuple[str, Any]]:
     """`config.schedule` as ordered `(regex, dict | None)` rules (a single dict applies to every parameter)."""
@@ -170,16 +191,17 @@ def trainable_mask(params: PyTree, rules: Any) -> PyTree:
     """
     rules = _schedule_rules(rules) if not _is_bool_rules(rules) else list(rules)
     return tree_map_with_names(
-        lambda name, _: match_first(rules, name, what="trainable (config.schedule)") not in (None, False), params)
+        lambda name, _: match_first(rules, name, what="trainable (config.schedule)") not in (None, False), params
+    )
 
 
 def _is_bool_rules(rules: Any) -> bool:
     return isinstance(rules, (list, tuple)) and all(
-        isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], bool) for r in rules)
+        isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], bool) for r in rules
+    )
 
 
-def _rule_masks(params: PyTree, rules: Sequence[tuple[str, Any]], what: str, *, require_all: bool
-                ) -> list[PyTree]:
+def _rule_masks(params: PyTree, rules: Sequence[tuple[str, Any]], what: str, *, require_all: bool) -> list[PyTree]:
     """One bool tree per rule; each parameter is True in at most one of them: its first full match."""
     indexed = [(pattern, i) for i, (pattern, _) in enumerate(rules)]
 
@@ -190,6 +212,7 @@ def _rule_masks(params: PyTree, rules: Sequence[tuple[str, Any]], what: str, *, 
             if require_all:
                 raise
             return -1
+
     idx = tree_map_with_names(index, params)
     return [jax.tree.map(lambda j, i=i: j == i, idx) for i in range(len(rules))]
 
@@ -207,28 +230,46 @@ def param_dtypes(params: PyTree, config: Any) -> PyTree:
             return np.dtype(leaf.dtype)
         target = train_dt if trainable else frozen_dt
         return np.dtype(leaf.dtype if target is None else jnp.dtype(target))
+
     return jax.tree.map(pick, params, mask)
 
 
 # --- The optax chain (big_vision optax.make) -----------------------------------------------------------------
 
-def _adafactor(min_dim_size_to_factor: int = 32, decay_rate: float = 0.8, decay_offset: int = 0,
-               beta2_cap: float = 0.999, clipping_threshold: float | None = None, momentum: float | None = 0.9,
-               dtype_momentum: Any = jnp.bfloat16, eps: float = 1e-30) -> optax.GradientTransformation:
+
+def _adafactor(
+    min_dim_size_to_factor: int = 32,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    beta2_cap: float = 0.999,
+    clipping_threshold: float | None = None,
+    momentum: float | None = 0.9,
+    dtype_momentum: Any = jnp.bfloat16,
+    eps: float = 1e-30,
+) -> optax.GradientTransformation:
     """big_vision's Adafactor variant: factored second moments with a capped 1 - t^-0.8 decay, optional block
     RMS clipping, then momentum kept in `dtype_momentum`; no lr, no weight decay (those come later in the chain)."""
+
     def decay_fn(t: Any, exponent: float) -> jax.Array:
         return jnp.minimum(beta2_cap, 1.0 - (jnp.asarray(t, jnp.float32) + 1.0) ** (-exponent))
+
     return optax.chain(
-        optax.scale_by_factored_rms(factored=True, decay_rate=decay_rate, step_offset=decay_offset,
-                                    min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps,
-                                    decay_rate_fn=decay_fn),
+        optax.scale_by_factored_rms(
+            factored=True,
+            decay_rate=decay_rate,
+            step_offset=decay_offset,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            epsilon=eps,
+            decay_rate_fn=decay_fn,
+        ),
         optax.clip_by_block_rms(clipping_threshold) if clipping_threshold else optax.identity(),
-        optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum) if momentum else optax.identity())
+        optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum) if momentum else optax.identity(),
+    )
 
 
-def _momentum_hp(momentum: float = 0.9, dtype: Any = jnp.bfloat16, nesterov: bool = False
-                 ) -> optax.GradientTransformation:
+def _momentum_hp(
+    momentum: float = 0.9, dtype: Any = jnp.bfloat16, nesterov: bool = False
+) -> optax.GradientTransformation:
     """SGD momentum with a half-precision accumulator (big_vision.momentum_hp)."""
     return optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=dtype)
 
@@ -236,31 +277,45 @@ def _momentum_hp(momentum: float = 0.9, dtype: Any = jnp.bfloat16, nesterov: boo
 # Names that are not plain `optax.<name>` gradient scalers. "adam"/"adamw" are `scale_by_adam`: the lr comes from
 # `config.lr` and the decoupled weight decay from `config.wd`, later in the chain.
 _OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "big_vision.sgd": optax.identity, "sgd": optax.identity,
-    "big_vision.momentum_hp": _momentum_hp, "momentum": _momentum_hp,
-    "big_vision.scale_by_adafactor": _adafactor, "scale_by_adafactor": _adafactor, "adafactor": _adafactor,
-    "adam": optax.scale_by_adam, "adamw": optax.scale_by_adam,
+    "big_vision.sgd": optax.identity,
+    "sgd": optax.identity,
+    "big_vision.momentum_hp": _momentum_hp,
+    "momentum": _momentum_hp,
+    "big_vision.scale_by_adafactor": _adafactor,
+    "scale_by_adafactor": _adafactor,
+    "adafactor": _adafactor,
+    "adam": optax.scale_by_adam,
+    "adamw": optax.scale_by_adam,
 }
 
 
 def _base_optimizer(name: str, kwargs: dict) -> optax.GradientTransformation:
     if "lr" in kwargs or "learning_rate" in kwargs or "weight_decay" in kwargs:
-        raise ValueError("config.optax must not hold lr / learning_rate / weight_decay: use config.lr, "
-                         "config.lr_mults, config.wd and config.wd_mults.")
+        raise ValueError(
+            "config.optax must not hold lr / learning_rate / weight_decay: use config.lr, "
+            "config.lr_mults, config.wd and config.wd_mults."
+        )
     fn = _OPTIMIZERS.get(name)
     if fn is None and name.startswith("scale_by_"):
         fn = getattr(optax, name, None)
     if fn is None:
-        raise ValueError(f"Unknown config.optax_name {name!r}; use one of {sorted(_OPTIMIZERS)} or an "
-                         "optax.scale_by_* name.")
+        raise ValueError(
+            f"Unknown config.optax_name {name!r}; use one of {sorted(_OPTIMIZERS)} or an optax.scale_by_* name."
+        )
     try:
         return fn(**kwargs)
     except TypeError as e:
         raise ValueError(f"config.optax={kwargs} does not fit optimizer {name!r}: {e}") from e
 
 
-def make_optimizer(config: Any, params: PyTree, *, total_steps: int | None = None, batch_size: int | None = None,
-                   data_size: int | None = None) -> tuple[optax.GradientTransformation, list[Schedule]]:
+def make_optimizer(
+    config: Any,
+    params: PyTree,
+    *,
+    total_steps: int | None = None,
+    batch_size: int | None = None,
+    data_size: int | None = None,
+) -> tuple[optax.GradientTransformation, list[Schedule]]:
     """Builds big_vision's optax chain from the config (reference 7.2).
 
     Chain: clip_by_global_norm (trainable only) -> optimizer (trainable only) -> scale(lr) [-> lr_mults] ->
@@ -285,8 +340,9 @@ def make_optimizer(config: Any, params: PyTree, *, total_steps: int | None = Non
     """
     rules = _schedule_rules(_get(config, "schedule", {}))
     masks = _rule_masks(params, rules, "schedule (config.schedule)", require_all=True)
-    frozen = jax.tree.map(lambda *ms: any(ms), *[m for m, (_, s) in zip(masks, rules) if s is None],
-                          jax.tree.map(lambda _: False, params))
+    frozen = jax.tree.map(
+        lambda *ms: any(ms), *[m for m, (_, s) in zip(masks, rules) if s is None], jax.tree.map(lambda _: False, params)
+    )
     trainable = jax.tree.map(operator.not_, frozen)
 
     offset = int(_get(config, "schedule_step_offset", 0) or 0)
@@ -319,9 +375,11 @@ def make_optimizer(config: Any, params: PyTree, *, total_steps: int | None = Non
 
     wd = _get(config, "wd", 0.0) or 0.0
     wd_mults = _get(config, "wd_mults", [(".*/kernel$", 1.0)])
-    wd_txs = [optax.add_decayed_weights(wd * mult, m)  # Decoupled: scaled by the schedule only, never by lr.
-              for m, (_, mult) in zip(_rule_masks(params, wd_mults, "config.wd_mults", require_all=False), wd_mults)
-              if wd * mult]
+    wd_txs = [
+        optax.add_decayed_weights(wd * mult, m)  # Decoupled: scaled by the schedule only, never by lr.
+        for m, (_, mult) in zip(_rule_masks(params, wd_mults, "config.wd_mults", require_all=False), wd_mults)
+        if wd * mult
+    ]
 
     # Frozen leaves: `masked` above gave them no state; zeroing here also cancels weight decay on them.
     zero_tx = optax.masked(optax.set_to_zero(), frozen)
@@ -334,6 +392,7 @@ def count_state_arrays(opt_state: PyTree) -> int:
 
 
 # --- Losses --------------------------------------------------------------------------------------------------
+
 
 def _token_nll(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
     """Per-token cross-entropy f32[...] against one-hot targets smoothed to 1 - ls (true) and ls / (V - 1)."""
@@ -360,15 +419,23 @@ def _reduce(nll: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
         return jnp.sum(nll) / jnp.maximum(jnp.sum(maskf), 1.0)
     if reduction == "example_mean":
         if nll.ndim < 2:
-            raise ValueError("reduction='example_mean' needs per-example token axes ([B, T] labels); use "
-                             "'token_mean' or 'none' for a flat [M] list of positions.")
+            raise ValueError(
+                "reduction='example_mean' needs per-example token axes ([B, T] labels); use "
+                "'token_mean' or 'none' for a flat [M] list of positions."
+            )
         axes = tuple(range(1, nll.ndim))
         return jnp.mean(jnp.sum(nll, axis=axes) / jnp.maximum(jnp.sum(maskf, axis=axes), 1.0))
     raise ValueError(f"Unknown reduction {reduction!r}; use example_mean, token_mean or none.")
 
 
-def softmax_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, label_smoothing: float = 0.0,
-                 reduction: str = "example_mean") -> jax.Array:
+def softmax_xent(
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    reduction: str = "example_mean",
+) -> jax.Array:
     """big_vision's PaliGemma training loss.
 
     Args:
@@ -386,9 +453,16 @@ def softmax_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, label
     return _reduce(_token_nll(logits, labels, label_smoothing), mask, reduction)
 
 
-def chunked_softmax_xent(pre_logits: jax.Array, embedding: jax.Array, labels: jax.Array, mask: jax.Array, *,
-                         chunk: int = 512, label_smoothing: float = 0.0, reduction: str = "example_mean"
-                         ) -> jax.Array:
+def chunked_softmax_xent(
+    pre_logits: jax.Array,
+    embedding: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    chunk: int = 512,
+    label_smoothing: float = 0.0,
+    reduction: str = "example_mean",
+) -> jax.Array:
     """`softmax_xent(pre_logits @ embedding.T, ...)` computed `chunk` positions at a time.
 
     Only f32[chunk, V] logits exist at once, forward and backward (each chunk is rematerialized in the backward
@@ -421,8 +495,10 @@ def chunked_softmax_xent(pre_logits: jax.Array, embedding: jax.Array, labels: ja
 
 # --- Gradient accumulation -----------------------------------------------------------------------------------
 
-def accumulate_gradients(loss_and_grad_fn: Callable[[PyTree, PyTree], tuple[Any, PyTree]], params: PyTree,
-                         batch: PyTree, micro_batches: int) -> tuple[Any, PyTree]:
+
+def accumulate_gradients(
+    loss_and_grad_fn: Callable[[PyTree, PyTree], tuple[Any, PyTree]], params: PyTree, batch: PyTree, micro_batches: int
+) -> tuple[Any, PyTree]:
     """Mean of `loss_and_grad_fn(params, micro_batch)` over `micro_batches` equal slices of `batch` (jittable).
 
     With equal-sized micro-batches, the mean of per-micro-batch example means is the full-batch example mean, so
@@ -442,7 +518,8 @@ def accumulate_gradients(loss_and_grad_fn: Callable[[PyTree, PyTree], tuple[Any,
     if len(sizes) != 1 or next(iter(sizes)) % micro_batches:
         raise ValueError(f"Batch sizes {sorted(sizes)} must be equal and divisible by micro_batches={micro_batches}.")
     split = jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1), batch)
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1), batch
+    )
     first = jax.tree.map(lambda x: x[0], split)
     out_shape = jax.eval_shape(loss_and_grad_fn, params, first)
     acc_dtype = lambda s: jnp.float32 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype  # noqa: E731

@@ -1,12 +1,13 @@
 """What the demo app does, without Streamlit: read an upload, build a prompt, run the model, draw boxes.
 
-The page (`paligemma_ft/app.py`) only lays out widgets and calls these functions, so each behaviour, including
+The page (`paligemma_ft/commands/app.py`) only lays out widgets and calls these functions, so each behaviour, including
 every refusal the page shows as a message, is testable as a plain function:
 
     image = read_upload(uploaded_bytes, "cat.jpg")          # uint8[H, W, 3]; UploadError with a message
     prompt = build_prompt("detect", "circle")                # "detect circle"
     result = run_prediction(predictor, image, prompt)        # text, seconds, boxes
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,9 @@ class Prediction:
     malformed: bool = False
 
 
-def read_upload(data: bytes, name: str = "upload", *, max_bytes: int = MAX_UPLOAD_BYTES,
-                max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_upload(
+    data: bytes, name: str = "upload", *, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Decodes an uploaded file into `uint8[H, W, 3]`.
 
     Raises:
@@ -71,23 +73,29 @@ def read_upload(data: bytes, name: str = "upload", *, max_bytes: int = MAX_UPLOA
         message names the file and what to do.
     """
     if len(data) > max_bytes:
-        raise UploadError(f"{name} is {len(data) / 2**20:.1f} MB; the app accepts images up to "
-                          f"{max_bytes / 2**20:.0f} MB. Resize or re-encode it (e.g. as JPEG) and try again.")
+        raise UploadError(
+            f"{name} is {len(data) / 2**20:.1f} MB; the app accepts images up to "
+            f"{max_bytes / 2**20:.0f} MB. Resize or re-encode it (e.g. as JPEG) and try again."
+        )
     try:
         return decode_image(bytes(data), max_pixels=max_pixels)
     except BadExample as e:
         if e.reason == "decompression_bomb":
             detail = e.detail.split(";")[0].rstrip(". ")
-            raise UploadError(f"{name} is too large ({detail}). The app accepts up to {max_pixels:,} pixels; "
-                              "downscale it first.") from None
+            raise UploadError(
+                f"{name} is too large ({detail}). The app accepts up to {max_pixels:,} pixels; downscale it first."
+            ) from None
         if e.reason == "empty_image":
             raise UploadError(f"{name} is empty (0 bytes).") from None
-        raise UploadError(f"{name} is not an image the app can read ({e.detail}). Upload a "
-                          f"{', '.join(t.upper() for t in IMAGE_TYPES)} file.") from None
+        raise UploadError(
+            f"{name} is not an image the app can read ({e.detail}). Upload a "
+            f"{', '.join(t.upper() for t in IMAGE_TYPES)} file."
+        ) from None
 
 
-def sample_images(n: int = NUM_SAMPLES, *, seed: int = SAMPLE_SEED, size: int = SAMPLE_SIZE
-                  ) -> list[tuple[str, np.ndarray, str]]:
+def sample_images(
+    n: int = NUM_SAMPLES, *, seed: int = SAMPLE_SEED, size: int = SAMPLE_SIZE
+) -> list[tuple[str, np.ndarray, str]]:
     """`n` generated shapes scenes as `(name, uint8[size, size, 3], reference caption)`."""
     out = []
     for i in range(n):
@@ -111,8 +119,9 @@ def build_prompt(task: str, text: str = "", *, lang: str = "en") -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if not text:
-        what = {"question": "a question", "detect": "what to detect (e.g. circle ; square)",
-                "free prompt": "a prompt"}[task]
+        what = {"question": "a question", "detect": "what to detect (e.g. circle ; square)", "free prompt": "a prompt"}[
+            task
+        ]
         raise UploadError(f"Type {what} first.")
     if task == "question":
         return f"answer {lang} {text}"
@@ -126,8 +135,9 @@ def is_detection(prompt: str) -> bool:
     return prompt.split(" ", 1)[0] in ("detect", "segment")
 
 
-def run_prediction(predictor: Any, image: np.ndarray, prompt: str, *, sampler: str = "greedy",
-                   max_decode_len: int = 32) -> Prediction:
+def run_prediction(
+    predictor: Any, image: np.ndarray, prompt: str, *, sampler: str = "greedy", max_decode_len: int = 32
+) -> Prediction:
     """Runs `predictor` (a `paligemma_ft.predictor.Predictor`) on one `uint8[H, W, 3]` image.
 
     Raises:
@@ -146,7 +156,7 @@ def run_prediction(predictor: Any, image: np.ndarray, prompt: str, *, sampler: s
 
 def draw_prediction(image: np.ndarray, prediction: Prediction) -> Any:
     """A PIL image of `image` with the prediction's boxes drawn and labelled."""
-    from paligemma_ft.predict import draw_boxes  # noqa: PLC0415 - the same drawing as `paligemma-ft predict`.
+    from paligemma_ft.commands.predict import draw_boxes  # noqa: PLC0415 - the same drawing as `paligemma-ft predict`.
 
     return draw_boxes(image, prediction.boxes)
 
@@ -165,8 +175,9 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
         try:
             predictor = load_predictor(checkpoint, tokenizer or None)
         except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-            raise ModelLoadError(f"Cannot load checkpoint {checkpoint!r} with tokenizer "
-                                 f"{tokenizer or 'builtin:tiny (default)'}: {e}") from None
+            raise ModelLoadError(
+                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tokenizer or 'builtin:tiny (default)'}: {e}"
+            ) from None
     return predictor, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
@@ -175,14 +186,29 @@ def model_specs(environ: dict[str, str] | Any) -> tuple[str, str | None]:
     return environ.get(ENV_CHECKPOINT) or DEFAULT_CHECKPOINT, environ.get(ENV_TOKENIZER) or None
 
 
-def streamlit_command(page: str, port: int | None = None, *, address: str = "127.0.0.1",
-                      headless: bool = True) -> list[str]:
+def streamlit_command(
+    page: str, port: int | None = None, *, address: str = "127.0.0.1", headless: bool = True
+) -> list[str]:
     """The `streamlit run` argument list for the page (upload limit, no usage statistics, local address)."""
     import sys  # noqa: PLC0415
 
-    cmd = [sys.executable, "-m", "streamlit", "run", page, "--server.maxUploadSize", str(MAX_UPLOAD_MB),
-           "--server.address", address, "--browser.gatherUsageStats", "false",
-           "--server.headless", "true" if headless else "false", "--client.toolbarMode", "viewer"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        page,
+        "--server.maxUploadSize",
+        str(MAX_UPLOAD_MB),
+        "--server.address",
+        address,
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.headless",
+        "true" if headless else "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
     if port is not None:
         cmd += ["--server.port", str(int(port))]
     return cmd

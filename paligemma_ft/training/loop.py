@@ -7,6 +7,7 @@ each with `step`), the resolved config to `workdir/config.json`, evaluation pred
 `workdir/eval/`, the fine-tuned parameters to `workdir/params.npz` (big_vision's layout) and a report to
 `workdir/report.md` with `curves.png` at the end.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,19 +26,19 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from paligemma_ft import checkpoint as ckpt_lib
 from paligemma_ft import config as config_lib
 from paligemma_ft import data as data_lib
 from paligemma_ft import flops
-from paligemma_ft import optim
 from paligemma_ft import predictor as predictor_lib
-from paligemma_ft import run_report
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft import tokenizer as tokenizer_lib
-from paligemma_ft import train_state
+from paligemma_ft.checkpoints import npz as ckpt_lib
+from paligemma_ft.checkpoints import state as train_state
 from paligemma_ft.evaluate.runner import run_evals
-from paligemma_ft.losses import loss_fn
 from paligemma_ft.model import Model
+from paligemma_ft.training import optim
+from paligemma_ft.training import report as run_report
+from paligemma_ft.training.losses import loss_fn
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -57,14 +58,23 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """The static settings of `train_step` (hashable, so one jit covers them)."""
+
     label_smoothing: float = 0.0
     reduction: str = "example_mean"
     micro_batches: int = 1
     lr: float = 1.0
 
 
-def train_step(state: dict, batch: Mapping[str, jax.Array], *, model: Model, tx: optax.GradientTransformation,
-               trainable: PyTree, step_cfg: StepConfig = StepConfig(), sched_fn: Any = None) -> tuple[dict, dict]:
+def train_step(
+    state: dict,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: Model,
+    tx: optax.GradientTransformation,
+    trainable: PyTree,
+    step_cfg: StepConfig = StepConfig(),
+    sched_fn: Any = None,
+) -> tuple[dict, dict]:
     """One update. Pure: `state = {"params", "opt", "step" i32[], "rng" key}` in, the next state and metrics out.
 
     Args:
@@ -77,15 +87,16 @@ def train_step(state: dict, batch: Mapping[str, jax.Array], *, model: Model, tx:
     """
     rng, step_rng = jax.random.split(state["rng"])
     step_rng = jax.random.fold_in(step_rng, state["step"])
-    grad_fn = jax.value_and_grad(functools.partial(
-        loss_fn, model=model, label_smoothing=step_cfg.label_smoothing, reduction=step_cfg.reduction))
-    loss, grads = optim.accumulate_gradients(lambda p, b: grad_fn(p, b, step_rng), state["params"], batch,
-                                             step_cfg.micro_batches)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, model=model, label_smoothing=step_cfg.label_smoothing, reduction=step_cfg.reduction)
+    )
+    loss, grads = optim.accumulate_gradients(
+        lambda p, b: grad_fn(p, b, step_rng), state["params"], batch, step_cfg.micro_batches
+    )
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # apply_updates promotes e.g. float16 + float32 zero; keep every leaf's storage dtype (frozen ones unchanged).
-    params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"],
-                          trainable)
+    params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"], trainable)
     trained = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable)) if t]
     metrics = {"train/loss": loss, "train/grad_norm": optim.global_norm_of(trained)}
     if sched_fn is not None:
@@ -104,8 +115,16 @@ def make_model(config: Any) -> tuple[Model, int | None, str | None]:
     return Model(**cfg), res, path
 
 
-def init_params(model: Model, config: Any, shapes: PyTree, path: str | None, shardings: PyTree,
-                dtypes: PyTree, res: int, text_len: int) -> PyTree:
+def init_params(
+    model: Model,
+    config: Any,
+    shapes: PyTree,
+    path: str | None,
+    shardings: PyTree,
+    dtypes: PyTree,
+    res: int,
+    text_len: int,
+) -> PyTree:
     """Parameters born sharded: loaded from `path` leaf by leaf, or a random init jitted to the shardings."""
     if path is not None:
         host = ckpt_lib.load_for_model(path, shapes)
@@ -115,6 +134,7 @@ def init_params(model: Model, config: Any, shapes: PyTree, path: str | None, sha
         z = jnp.zeros((1, text_len), jnp.int32)
         p = model.init(jax.random.PRNGKey(int(_get(config, "seed", 0))), jnp.zeros((1, res, res, 3)), z, z)
         return jax.tree.map(lambda x, d: x.astype(d), p["params"], dtypes)
+
     return jax.jit(init, out_shardings=shardings)()
 
 
@@ -148,39 +168,51 @@ class _Setup:
 def setup(config: Any) -> _Setup:
     """Everything decided before compute: model, tokenizer, mesh, shapes, shardings, optimizer (errors early)."""
     if "data_dir" in config and not config.data_dir:
-        raise ValueError("config.data_dir is not set: pass --config.data_dir=DIR (the config file's docstring shows "
-                         "the folder layout it expects)")
+        raise ValueError(
+            "config.data_dir is not set: pass --config.data_dir=DIR (the config file's docstring shows "
+            "the folder layout it expects)"
+        )
     model, res, path = make_model(config)
     tok_spec = _get(config, "tokenizer", "")
     if str(_get(config, "model_init", "")).startswith("kaggle:") and not tok_spec:
-        from paligemma_ft import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
+        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
+
         tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
     tok = tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
     res = int(_get(config.input, "res", res or 224))
     text_len = int(_get(config.input, "text_len", 128))
     devices = jax.devices()
     if n := _get(config, "num_devices"):  # Use only the first n devices (tests; sharing a host).
-        devices = devices[:int(n)]
+        devices = devices[: int(n)]
     mesh = sharding_lib.make_mesh([tuple(a) for a in _get(config, "mesh", DEFAULT_MESH)], devices)
     strategy = [tuple(r) for r in _get(config, "sharding_strategy", DEFAULT_SHARDING)]
     sharding_lib.check_batch_divisible(int(config.input.batch_size), mesh)
     shapes = predictor_lib.init_shapes(model, res, text_len + 1)
-    tokenizer_lib.check_vocab(tok, shapes["llm"]["embedder"]["input_embedding"].shape[0],
-                              source=path or _get(config, "model_name_or_preset", "the config"))
+    tokenizer_lib.check_vocab(
+        tok,
+        shapes["llm"]["embedder"]["input_embedding"].shape[0],
+        source=path or _get(config, "model_name_or_preset", "the config"),
+    )
     p_shard = sharding_lib.infer_sharding(shapes, strategy, mesh)
     dtypes = optim.param_dtypes(shapes, config)
-    tx, sched_fns = optim.make_optimizer(config, shapes, total_steps=int(config.total_steps),
-                                         batch_size=int(config.input.batch_size))
+    tx, sched_fns = optim.make_optimizer(
+        config, shapes, total_steps=int(config.total_steps), batch_size=int(config.input.batch_size)
+    )
     trainable = optim.trainable_mask(shapes, _get(config, "schedule", {}))
     shapes = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
     opt_shapes = jax.eval_shape(tx.init, shapes)
     o_shard = sharding_lib.opt_state_sharding(opt_shapes, shapes, strategy, mesh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shard = {"params": p_shard, "opt": o_shard, "step": repl, "rng": repl}
-    state_abstract = {"params": shapes, "opt": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32),
-                      "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    return _Setup(model, tok, mesh, res, text_len, shapes, state_shard, state_abstract, trainable, tx, sched_fns,
-                  path, dtypes)
+    state_abstract = {
+        "params": shapes,
+        "opt": opt_shapes,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    return _Setup(
+        model, tok, mesh, res, text_len, shapes, state_shard, state_abstract, trainable, tx, sched_fns, path, dtypes
+    )
 
 
 class _Loggers:
@@ -193,11 +225,13 @@ class _Loggers:
             return
         try:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional.
+
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
         except ImportError:
             pass
         if wb := _get(config, "wandb"):
             import wandb  # noqa: PLC0415 - optional: only when configured.
+
             wb = wb.to_dict() if hasattr(wb, "to_dict") else dict(wb)
             self.wandb = wandb.init(**wb, config=config_lib.redact(config.to_dict()), resume="allow")
 
@@ -254,23 +288,41 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     else:
         if loggers.jsonl.path.exists():
             loggers.jsonl.path.unlink()  # No checkpoint: whatever was logged is redone from step 0.
-        params = init_params(s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res,
-                             s.text_len + 1)
+        params = init_params(
+            s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res, s.text_len + 1
+        )
         opt = jax.jit(s.tx.init, out_shardings=s.state_shard["opt"])(params)
-        state = {"params": params, "opt": opt, "step": jax.device_put(jnp.int32(0), repl),
-                 "rng": jax.device_put(jax.random.PRNGKey(int(_get(config, "seed", 0))), repl)}
+        state = {
+            "params": params,
+            "opt": opt,
+            "step": jax.device_put(jnp.int32(0), repl),
+            "rng": jax.device_put(jax.random.PRNGKey(int(_get(config, "seed", 0))), repl),
+        }
         step = 0
     overview = run_report.param_overview(state["params"], s.trainable, s.state_shard["params"])
     if _get(config, "quiet", False) is False:
         print(f"Devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(s.mesh.shape)}")
         print(overview)
 
-    step_cfg = StepConfig(label_smoothing=float(_get(config, "label_smoothing", 0.0)),
-                          reduction=_get(config, "loss_reduction", "example_mean"),
-                          micro_batches=int(_get(config, "grad_accum_steps", 1)), lr=float(_get(config, "lr", 1.0)))
-    step_fn = jax.jit(functools.partial(train_step, model=s.model, tx=s.tx, trainable=s.trainable, step_cfg=step_cfg,
-                                        sched_fn=s.sched_fns[0] if s.sched_fns else None),
-                      donate_argnums=0, in_shardings=(s.state_shard, b_shard), out_shardings=(s.state_shard, repl))
+    step_cfg = StepConfig(
+        label_smoothing=float(_get(config, "label_smoothing", 0.0)),
+        reduction=_get(config, "loss_reduction", "example_mean"),
+        micro_batches=int(_get(config, "grad_accum_steps", 1)),
+        lr=float(_get(config, "lr", 1.0)),
+    )
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=s.model,
+            tx=s.tx,
+            trainable=s.trainable,
+            step_cfg=step_cfg,
+            sched_fn=s.sched_fns[0] if s.sched_fns else None,
+        ),
+        donate_argnums=0,
+        in_shardings=(s.state_shard, b_shard),
+        out_shardings=(s.state_shard, repl),
+    )
     predictor = predictor_lib.Predictor(s.model, None, s.tok, res=s.res)
     evals = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in (_get(config, "evals", {})).items()}
 
@@ -288,8 +340,13 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     timings: dict[str, float] = {}
     last.update(evaluate(step))  # Step 0, or the restored step (its evaluations were rewound).
     ckpt_steps = int(_get(config, "ckpt_steps", 0) or 0)
-    bar = tqdm.tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                    disable=_get(config, "quiet", False) or jax.process_index() != 0)
+    bar = tqdm.tqdm(
+        total=total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=_get(config, "quiet", False) or jax.process_index() != 0,
+    )
     compiled = None
     try:
         while step < total_steps:
@@ -300,17 +357,24 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
                 compiled = step_fn.lower(state, batch).compile()
                 timings["compile seconds"] = time.perf_counter() - t
                 loss_tokens = float(np.asarray(jax.device_get(batch["mask_loss"]))[:, 1:].sum(1).mean())
-                fpe = flops.train_flops_per_example({"img": s.model.img, "llm": s.model.llm}, s.res, s.text_len,
-                                                    loss_tokens=round(loss_tokens), trainable=s.trainable)
+                fpe = flops.train_flops_per_example(
+                    {"img": s.model.img, "llm": s.model.llm},
+                    s.res,
+                    s.text_len,
+                    loss_tokens=round(loss_tokens),
+                    trainable=s.trainable,
+                )
             t = time.perf_counter()
             state, metrics = compiled(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t
             step += 1
             if not np.isfinite(metrics["train/loss"]) or not np.isfinite(metrics["train/grad_norm"]):
-                raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss {metrics['train/loss']}, "
-                                         f"grad norm {metrics['train/grad_norm']}); last good checkpoint: step "
-                                         f"{manager.latest_step()} in {workdir / 'checkpoints'}")
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step} (loss {metrics['train/loss']}, "
+                    f"grad norm {metrics['train/grad_norm']}); last good checkpoint: step "
+                    f"{manager.latest_step()} in {workdir / 'checkpoints'}"
+                )
             metrics["train/step_seconds"] = dt
             metrics["train/examples_per_sec"] = batch_size / max(dt, 1e-9)
             if (mfu := flops.mfu(fpe, metrics["train/examples_per_sec"], num_devices=s.mesh.size)) is not None:
@@ -318,8 +382,11 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
             loggers.write(step, metrics)
             last.update(metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics.get('train/lr', 0):.3g}",
-                            ex_per_s=f"{metrics['train/examples_per_sec']:.1f}")
+            bar.set_postfix(
+                loss=f"{metrics['train/loss']:.4f}",
+                lr=f"{metrics.get('train/lr', 0):.3g}",
+                ex_per_s=f"{metrics['train/examples_per_sec']:.1f}",
+            )
             if (ckpt_steps and step % ckpt_steps == 0) or step == total_steps:
                 train_state.save(manager, step, state, train_iter.get_state())
             if step < total_steps:

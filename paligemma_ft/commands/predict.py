@@ -12,6 +12,7 @@ images the files are `OUT_0.png`, `OUT_1.png`, ... (0-based, in `--image` order)
 Images are checked (readable, decodable) before the model is loaded, and decoded in fixed-size batches (the last
 one padded), so the decode function compiles once however many images there are.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,24 +28,45 @@ if TYPE_CHECKING:  # The CLI imports this module to build its parser: numpy, JAX
     from paligemma_ft.evaluate.detection import Box
 
 DRAW_TASKS = ("detect", "segment")  # Prompts whose outputs hold <loc> boxes.
-_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-            (240, 50, 230), (128, 128, 0))
+_COLOURS = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (128, 128, 0),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `predict` flags (shared by the CLI and anything that wants to parse them)."""
-    p.add_argument("--checkpoint", default="builtin:demo", metavar="SPEC",
-                   help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir or kaggle:HANDLE")
-    p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)")
-    p.add_argument("--image", action="append", required=True, metavar="PATH",
-                   help="an image file; repeat for several images")
+    p.add_argument(
+        "--checkpoint",
+        default="builtin:demo",
+        metavar="SPEC",
+        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir or kaggle:HANDLE",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="SPEC",
+        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+    )
+    p.add_argument(
+        "--image", action="append", required=True, metavar="PATH", help="an image file; repeat for several images"
+    )
     p.add_argument("--prompt", required=True, help='the prefix, e.g. "caption en", "detect cat ; dog"')
-    p.add_argument("--draw", default=None, metavar="OUT.png",
-                   help="with a detect/segment prompt: write the image with the boxes drawn (OUT_<i>.png for "
-                        "several images)")
-    p.add_argument("--sampler", default="greedy",
-                   help="greedy, temperature(t), top_k(k), nucleus(p), beam(n) (default greedy)")
+    p.add_argument(
+        "--draw",
+        default=None,
+        metavar="OUT.png",
+        help="with a detect/segment prompt: write the image with the boxes drawn (OUT_<i>.png for several images)",
+    )
+    p.add_argument(
+        "--sampler", default="greedy", help="greedy, temperature(t), top_k(k), nucleus(p), beam(n) (default greedy)"
+    )
     p.add_argument("--max-decode-len", type=int, default=32, help="tokens to generate at most (default 32)")
     p.add_argument("--preset", default=None, help="model preset (default: inferred from the checkpoint)")
     p.add_argument("--res", type=int, default=None, help="image side (default: the checkpoint's)")
@@ -119,7 +141,7 @@ def predict_batched(predictor: Any, images: Sequence[np.ndarray], prompt: str, b
 
     out: list[str] = []
     for start in range(0, len(images), batch_size):
-        chunk = list(images[start:start + batch_size])
+        chunk = list(images[start : start + batch_size])
         size = min(batch_size, len(images))
         real = len(chunk)
         batch = predictor.prompt_batch(chunk + [chunk[0]] * (size - real), prompt)
@@ -128,10 +150,22 @@ def predict_batched(predictor: Any, images: Sequence[np.ndarray], prompt: str, b
     return out
 
 
-def predict_command(checkpoint: str, tokenizer: str | None, image_paths: Sequence[str], prompt: str, *,
-                    draw: str | None = None, sampler: str = "greedy", max_decode_len: int = 32,
-                    preset: str | None = None, res: int | None = None, batch_size: int = 8, seed: int = 0,
-                    stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def predict_command(
+    checkpoint: str,
+    tokenizer: str | None,
+    image_paths: Sequence[str],
+    prompt: str,
+    *,
+    draw: str | None = None,
+    sampler: str = "greedy",
+    max_decode_len: int = 32,
+    preset: str | None = None,
+    res: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
     """Prints `<path>\\t<prediction>` per image; draws detections with `draw`. Returns the exit code (0).
 
     Raises:
@@ -149,8 +183,10 @@ def predict_command(checkpoint: str, tokenizer: str | None, image_paths: Sequenc
     if not prompt.strip():
         raise ValueError("--prompt is empty; e.g. --prompt 'caption en'")
     if draw is not None and prompt.split()[0] not in DRAW_TASKS:
-        raise ValueError(f"--draw needs a prompt that starts with {' or '.join(DRAW_TASKS)} (got {prompt!r}); "
-                         "other outputs have no boxes to draw")
+        raise ValueError(
+            f"--draw needs a prompt that starts with {' or '.join(DRAW_TASKS)} (got {prompt!r}); "
+            "other outputs have no boxes to draw"
+        )
     if draw is not None and any(p.exists() and not p.is_dir() for p in Path(draw).parents):
         raise ValueError(f"--draw {draw}: cannot be written, a parent of it is a file")
     if max_decode_len < 1 or batch_size < 1:
@@ -159,8 +195,9 @@ def predict_command(checkpoint: str, tokenizer: str | None, image_paths: Sequenc
         raise ValueError(f"--res must be >= 1, got {res}")
     parse_sampler(sampler)  # A bad --sampler fails before the model loads.
     images = read_images(image_paths)
-    predictor = load_predictor(checkpoint, tokenizer, preset=preset, res=res, max_decode_len=max_decode_len,
-                               sampler=sampler, seed=seed)
+    predictor = load_predictor(
+        checkpoint, tokenizer, preset=preset, res=res, max_decode_len=max_decode_len, sampler=sampler, seed=seed
+    )
     prompt_tokens = len(predictor.tok.encode(prompt, add_bos=True)) + len(predictor.tok.sep_ids)
     predictor.prompt_len = max(predictor.prompt_len, prompt_tokens)  # A long prompt is never cut.
     predictions = predict_batched(predictor, images, prompt, batch_size)
@@ -181,6 +218,16 @@ def predict_command(checkpoint: str, tokenizer: str | None, image_paths: Sequenc
 
 def main(args: argparse.Namespace) -> int:
     """The `predict` command from parsed flags (see `add_arguments`)."""
-    return predict_command(args.checkpoint, args.tokenizer, args.image, args.prompt, draw=args.draw,
-                           sampler=args.sampler, max_decode_len=args.max_decode_len, preset=args.preset,
-                           res=args.res, batch_size=args.batch_size, seed=args.seed)
+    return predict_command(
+        args.checkpoint,
+        args.tokenizer,
+        args.image,
+        args.prompt,
+        draw=args.draw,
+        sampler=args.sampler,
+        max_decode_len=args.max_decode_len,
+        preset=args.preset,
+        res=args.res,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )

@@ -21,10 +21,12 @@ Conventions bridged here (big_vision ↔ HF):
 
 Axes: D width, N heads, K kv heads, H head dim, F mlp dim, V vocab, p patch size, C channels.
 """
+
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,7 +49,7 @@ def hf_vocab_size(vocab_size: int) -> int:
     return -(-(vocab_size + 1) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
 
 
-def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> "transformers.PaliGemmaConfig":
+def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> transformers.PaliGemmaConfig:
     """Builds the HF config equivalent to our `dict(img=..., llm=...)` model config at `image_size` pixels.
 
     PaliGemma 2 (a `Gemma2Config` text model) is chosen when the LLM has post-norms, i.e. is Gemma 2.
@@ -69,20 +71,36 @@ def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> "transf
         raise ValueError(f"image_size={image_size} is not a multiple of model.img.patch_size={patch[0]}.")
 
     vision = transformers.SiglipVisionConfig(
-        hidden_size=img["width"], intermediate_size=img.get("mlp_dim") or 4 * img["width"],
-        num_hidden_layers=img["depth"], num_attention_heads=img["num_heads"], num_channels=3,
-        image_size=image_size, patch_size=patch[0], hidden_act="gelu_pytorch_tanh",  # flax's tanh GELU.
-        layer_norm_eps=1e-6, vision_use_head=False,  # pool_type="none": every token, no MAP head.
-        projection_dim=llm["width"])
+        hidden_size=img["width"],
+        intermediate_size=img.get("mlp_dim") or 4 * img["width"],
+        num_hidden_layers=img["depth"],
+        num_attention_heads=img["num_heads"],
+        num_channels=3,
+        image_size=image_size,
+        patch_size=patch[0],
+        hidden_act="gelu_pytorch_tanh",  # flax's tanh GELU.
+        layer_norm_eps=1e-6,
+        vision_use_head=False,  # pool_type="none": every token, no MAP head.
+        projection_dim=llm["width"],
+    )
 
     vocab = hf_vocab_size(llm["vocab_size"])
     common = dict(
-        vocab_size=vocab, hidden_size=llm["width"], intermediate_size=llm["mlp_dim"],
-        num_hidden_layers=llm["depth"], num_attention_heads=llm["num_heads"],
-        num_key_value_heads=llm["num_kv_heads"], head_dim=llm["head_dim"],
+        vocab_size=vocab,
+        hidden_size=llm["width"],
+        intermediate_size=llm["mlp_dim"],
+        num_hidden_layers=llm["depth"],
+        num_attention_heads=llm["num_heads"],
+        num_key_value_heads=llm["num_kv_heads"],
+        head_dim=llm["head_dim"],
         rms_norm_eps=1e-6,  # big_vision hard-codes 1e-6 whatever `norm_eps` says.
         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-        attention_bias=False, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        attention_bias=False,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     if llm["post_norms"]:
         if llm["query_pre_attn_norm"] == "rsqrt_emb_per_head":  # Gemma 2 27B: 1/sqrt(width / heads).
             scalar = llm["width"] // llm["num_heads"]
@@ -91,27 +109,42 @@ def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> "transf
         else:
             raise ValueError(f"model.llm.query_pre_attn_norm={llm['query_pre_attn_norm']!r} has no HF equivalent.")
         text = transformers.Gemma2Config(
-            **common, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
+            **common,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=scalar,
             attn_logit_softcapping=llm["attn_logits_softcap"] or None,
             final_logit_softcapping=llm["final_logits_softcap"] or None,
-            sliding_window=_NO_SLIDING_WINDOW, layer_types=["full_attention"] * llm["depth"])
+            sliding_window=_NO_SLIDING_WINDOW,
+            layer_types=["full_attention"] * llm["depth"],
+        )
     else:
-        for key, ok in (("attn_logits_softcap", not llm["attn_logits_softcap"]),
-                        ("final_logits_softcap", not llm["final_logits_softcap"]),
-                        ("query_pre_attn_norm", llm["query_pre_attn_norm"] == "rsqrt_head_dim")):
+        for key, ok in (
+            ("attn_logits_softcap", not llm["attn_logits_softcap"]),
+            ("final_logits_softcap", not llm["final_logits_softcap"]),
+            ("query_pre_attn_norm", llm["query_pre_attn_norm"] == "rsqrt_head_dim"),
+        ):
             if not ok:
-                raise ValueError(f"model.llm.{key}={llm[key]!r} needs post_norms=True (Gemma 2): HF's Gemma 1 "
-                                 "has no soft-caps and scales queries by 1/sqrt(head_dim).")
+                raise ValueError(
+                    f"model.llm.{key}={llm[key]!r} needs post_norms=True (Gemma 2): HF's Gemma 1 "
+                    "has no soft-caps and scales queries by 1/sqrt(head_dim)."
+                )
         text = transformers.GemmaConfig(**common, hidden_act="gelu_pytorch_tanh")
 
     return transformers.PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_index=llm["vocab_size"], vocab_size=vocab,
-        projection_dim=llm["width"], hidden_size=llm["width"], tie_word_embeddings=True)
+        vision_config=vision,
+        text_config=text,
+        image_token_index=llm["vocab_size"],
+        vocab_size=vocab,
+        projection_dim=llm["width"],
+        hidden_size=llm["width"],
+        tie_word_embeddings=True,
+    )
 
 
 # --- Parameters -----------------------------------------------------------------------------------------------
 
-def _to_torch(x: Any) -> "torch.Tensor":
+
+def _to_torch(x: Any) -> torch.Tensor:
     """A numpy/jax array → a contiguous torch tensor of the same dtype (bfloat16 goes through float32 exactly)."""
     import torch
 
@@ -138,8 +171,10 @@ def _numbered(tree: Mapping[str, Any], prefix: str, where: str) -> list[Mapping[
     while f"{prefix}{len(out)}" in tree:
         out.append(tree[f"{prefix}{len(out)}"])
     if not out:
-        raise ValueError(f"No layers under {where!r}: expected a scanned block or {prefix}0, {prefix}1, ...; "
-                         f"found keys {sorted(tree)}.")
+        raise ValueError(
+            f"No layers under {where!r}: expected a scanned block or {prefix}0, {prefix}1, ...; "
+            f"found keys {sorted(tree)}."
+        )
     return out
 
 
@@ -172,13 +207,18 @@ def _linear(kernel: Any) -> np.ndarray:
 def _vision_state(img: Mapping[str, Any]) -> dict[str, np.ndarray]:
     pre = "model.vision_tower."  # HF 5.x in-memory names (save_pretrained writes its own layout).
     # Conv kernel HWIO [p, p, C, D] → OIHW [D, C, p, p]; patches stay row-major (y then x) on both sides.
-    sd = {pre + "embeddings.patch_embedding.weight": np.asarray(img["embedding"]["kernel"]).transpose(3, 2, 0, 1),
-          pre + "embeddings.patch_embedding.bias": np.asarray(img["embedding"]["bias"]),
-          pre + "embeddings.position_embedding.weight": np.asarray(img["pos_embedding"])[0]}  # [1, P, D] → [P, D]
+    sd = {
+        pre + "embeddings.patch_embedding.weight": np.asarray(img["embedding"]["kernel"]).transpose(3, 2, 0, 1),
+        pre + "embeddings.patch_embedding.bias": np.asarray(img["embedding"]["bias"]),
+        pre + "embeddings.position_embedding.weight": np.asarray(img["pos_embedding"])[0],
+    }  # [1, P, D] → [P, D]
     enc = img["Transformer"]
     # scan=True: one stacked `encoderblock`; scan=False: `encoderblock_{i}`.
-    blocks = (_unstack(enc["encoderblock"], "img/Transformer/encoderblock") if "encoderblock" in enc
-              else _numbered(enc, "encoderblock_", "img/Transformer"))
+    blocks = (
+        _unstack(enc["encoderblock"], "img/Transformer/encoderblock")
+        if "encoderblock" in enc
+        else _numbered(enc, "encoderblock_", "img/Transformer")
+    )
     for i, blk in enumerate(blocks):
         lp = f"{pre}encoder.layers.{i}."
         for hf, ours in (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1")):
@@ -216,8 +256,11 @@ def _text_state(llm: Mapping[str, Any]) -> dict[str, np.ndarray]:
     # (image features replace it) and the padding ids are never real tokens.
     padded = np.zeros((hf_vocab_size(vocab), width), table.dtype)
     padded[:vocab] = table
-    sd = {pre + "embed_tokens.weight": padded, "lm_head.weight": padded,  # Tied output layer.
-          pre + "norm.weight": np.asarray(llm["final_norm"]["scale"])}
+    sd = {
+        pre + "embed_tokens.weight": padded,
+        "lm_head.weight": padded,  # Tied output layer.
+        pre + "norm.weight": np.asarray(llm["final_norm"]["scale"]),
+    }
     # scan=True: `llm/layers/...` stacked on a leading depth axis; scan=False: `llm/layers/{i}/...`.
     layers = llm["layers"]
     blocks = _numbered(layers, "", "llm/layers") if "0" in layers else _unstack(layers, "llm/layers")
@@ -248,7 +291,7 @@ def _text_state(llm: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return sd
 
 
-def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, "torch.Tensor"]:
+def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Converts our parameter tree (`{"img": ..., "llm": ...}`, scanned or not) to HF's state dict.
 
     The result loads with `PaliGemmaForConditionalGeneration(to_hf_config(...)).load_state_dict(sd, strict=True)`.
@@ -264,16 +307,23 @@ def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, "torch.Tensor"]:
         params = params["params"]
     missing = [k for k in ("img", "llm") if k not in params]
     if missing:
-        raise ValueError(f"to_hf_state_dict needs the full PaliGemma tree; top-level key(s) {missing} missing "
-                         f"(found {sorted(params)}).")
+        raise ValueError(
+            f"to_hf_state_dict needs the full PaliGemma tree; top-level key(s) {missing} missing "
+            f"(found {sorted(params)})."
+        )
     sd = {**_vision_state(params["img"]), **_text_state(params["llm"])}
     tensors = {name: _to_torch(v) for name, v in sd.items()}
     tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"]  # Same tensor: tied.
     return tensors
 
 
-def to_hf_model(params: Mapping[str, Any], model_config: Mapping[str, Any], *, image_size: int,
-                attn_implementation: str | None = None) -> "transformers.PaliGemmaForConditionalGeneration":
+def to_hf_model(
+    params: Mapping[str, Any],
+    model_config: Mapping[str, Any],
+    *,
+    image_size: int,
+    attn_implementation: str | None = None,
+) -> transformers.PaliGemmaForConditionalGeneration:
     """Builds an HF `PaliGemmaForConditionalGeneration` holding `params`, in eval mode.
 
     Every HF weight must come from `params`: a missing, unexpected or mis-shaped one raises. The torch dtype
@@ -287,17 +337,25 @@ def to_hf_model(params: Mapping[str, Any], model_config: Mapping[str, Any], *, i
     # `from_pretrained` with an in-memory state dict builds the model on the meta device (no random init of a
     # 3B model) and creates the non-persistent buffers (RoPE frequencies, embed scale) itself.
     model, info = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state, output_loading_info=True,
-        dtype=state["model.language_model.embed_tokens.weight"].dtype, **kw)
+        None,
+        config=config,
+        state_dict=state,
+        output_loading_info=True,
+        dtype=state["model.language_model.embed_tokens.weight"].dtype,
+        **kw,
+    )
     problems = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
-        raise ValueError(f"The converted parameters do not fit HF's PaliGemma built from the config: {problems} "
-                         f"{info.get('error_msgs') or ''}".rstrip())
+        raise ValueError(
+            f"The converted parameters do not fit HF's PaliGemma built from the config: {problems} "
+            f"{info.get('error_msgs') or ''}".rstrip()
+        )
     return model.eval()
 
 
-def export_hf(params: Mapping[str, Any], model_config: Mapping[str, Any], image_size: int,
-              outdir: str | os.PathLike) -> str:
+def export_hf(
+    params: Mapping[str, Any], model_config: Mapping[str, Any], image_size: int, outdir: str | os.PathLike
+) -> str:
     """Writes an HF `PaliGemmaForConditionalGeneration` folder (config + safetensors) to `outdir`.
 
     `PaliGemmaForConditionalGeneration.from_pretrained(outdir)` reloads it. The tokenizer/processor files are not

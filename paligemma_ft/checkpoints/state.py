@@ -17,6 +17,7 @@ Damage that orbax cannot see is caught here:
   folder, the cause and the last complete checkpoint, wherever orbax reports it (the save call itself, the next
   save, or `wait_until_finished` / `close`); the previous checkpoints are never touched by a failed save.
 """
+
 from __future__ import annotations
 
 import collections
@@ -71,11 +72,15 @@ class Manager(ocp.CheckpointManager):
     def _save_error(self, error: Exception) -> CheckpointSaveError:
         step, directory = self._saving, pathlib.Path(os.fspath(self.directory))
         previous = [s for s in _finished_steps(directory) if step is None or s < step]
-        kept = (f"The previous checkpoint, step {previous[-1]}, is intact: free the space (or fix the cause) and "
-                "run the same command again to resume from it." if previous else
-                "There is no earlier complete checkpoint; the run would start again from step 0.")
-        return CheckpointSaveError(f"Could not save checkpoint step {step} in {directory}: "
-                                   f"{type(error).__name__}: {error}. {kept}")
+        kept = (
+            f"The previous checkpoint, step {previous[-1]}, is intact: free the space (or fix the cause) and "
+            "run the same command again to resume from it."
+            if previous
+            else "There is no earlier complete checkpoint; the run would start again from step 0."
+        )
+        return CheckpointSaveError(
+            f"Could not save checkpoint step {step} in {directory}: {type(error).__name__}: {error}. {kept}"
+        )
 
     def wait_until_finished(self) -> None:
         try:
@@ -92,15 +97,13 @@ class Manager(ocp.CheckpointManager):
             raise self._save_error(e) from e
 
 
-def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2,
-                 async_save: bool = True) -> Manager:
+def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True) -> Manager:
     """A `Manager` over `directory` (created if needed) keeping the last `max_to_keep` steps.
 
     Temporary folders of saves that never finished (a killed run) are deleted when the manager opens.
     """
     _remove_unfinished(pathlib.Path(os.path.abspath(os.fspath(directory))))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     return Manager(os.path.abspath(os.fspath(directory)), options=options, item_handlers=handlers)
 
@@ -140,8 +143,7 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     for dim in reversed(range(bits.ndim)):
         position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride % 2**32)
         stride *= bits.shape[dim]
-    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
-                      jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32)])
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32)])
 
 
 @jax.jit
@@ -170,8 +172,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, data_state: M
     if CHECKSUM_KEY in data_state:
         raise ValueError(f"data_state must not use the reserved key {CHECKSUM_KEY!r}.")
     data = {**dict(data_state), CHECKSUM_KEY: state_checksums(state)}
-    manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data)))
+    manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)))
 
 
 def _layout(tree: PyTree) -> collections.Counter:
@@ -198,7 +199,8 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, abstract_state: PyT
             f"Checkpoint step {step} in {manager.directory} was saved for another model or optimizer: it holds "
             f"{sum(saved.values())} arrays, this config's training state has {sum(wanted.values())}; only in the "
             f"checkpoint: {_few(extra)}; only in this config: {_few(missing)}. Use a new --workdir for this config, "
-            "or run with the config the checkpoint was written with (see config.json next to it).")
+            "or run with the config the checkpoint was written with (see config.json next to it)."
+        )
 
 
 def _few(items: list) -> str:
@@ -207,17 +209,19 @@ def _few(items: list) -> str:
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> tuple[PyTree, dict]:
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        data=ocp.args.JsonRestore()))
+    out = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    )
     data = dict(out["data"])
     expected = data.pop(CHECKSUM_KEY, None)
     if expected is not None:  # Checkpoints written before checksums existed are taken as they are.
         got = state_checksums(out["state"])
         bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
         if bad:
-            raise CorruptCheckpointError(f"{len(bad)} of {len(expected)} arrays differ from the checksums recorded "
-                                         f"when the checkpoint was saved: {', '.join(bad[:5])}"
-                                         + (" ..." if len(bad) > 5 else ""))
+            raise CorruptCheckpointError(
+                f"{len(bad)} of {len(expected)} arrays differ from the checksums recorded "
+                f"when the checkpoint was saved: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+            )
     return out["state"], data
 
 
@@ -233,12 +237,14 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path | Non
         path.rename(target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host only.
+
         multihost_utils.sync_global_devices(f"paligemma_ft_move_aside_{step}")
     return target if target.exists() else None
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree, shardings: PyTree
-                   ) -> tuple[PyTree, dict] | None:
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: PyTree, shardings: PyTree
+) -> tuple[PyTree, dict] | None:
     """`(state, data_state)` of the latest readable checkpoint, placed on `shardings`; None when there is none.
 
     A checkpoint that fails to restore or to match its checksums is moved aside (`<step>.damaged`) with a
@@ -256,8 +262,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree, shard
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         return None
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract_state, shardings)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
     failures = []
     for step in steps:
         try:
@@ -269,15 +274,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree, shard
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             failures.append(f"step {step}: {reason}")
             moved = _move_aside(manager, step)
-            log.warning("Checkpoint step %d in %s cannot be restored (%s); it was moved to %s and the previous "
-                        "checkpoint is tried instead.", step, manager.directory, reason, moved)
+            log.warning(
+                "Checkpoint step %d in %s cannot be restored (%s); it was moved to %s and the previous "
+                "checkpoint is tried instead.",
+                step,
+                manager.directory,
+                reason,
+                moved,
+            )
             continue
         if failures:
             manager.reload()  # Forget the moved steps, so that they can be saved again.
-            log.warning("Resuming from checkpoint step %d in %s; newer damaged checkpoints: %s.", step,
-                        manager.directory, "; ".join(failures))
+            log.warning(
+                "Resuming from checkpoint step %d in %s; newer damaged checkpoints: %s.",
+                step,
+                manager.directory,
+                "; ".join(failures),
+            )
         return restored
     manager.reload()
-    raise CheckpointRestoreError(f"No checkpoint in {manager.directory} can be restored:\n  " + "\n  ".join(failures)
-                                 + "\nThe damaged folders were renamed to <step>.damaged; run again to start from "
-                                 "step 0, or restore a backup.")
+    raise CheckpointRestoreError(
+        f"No checkpoint in {manager.directory} can be restored:\n  "
+        + "\n  ".join(failures)
+        + "\nThe damaged folders were renamed to <step>.damaged; run again to start from "
+        "step 0, or restore a backup."
+    )

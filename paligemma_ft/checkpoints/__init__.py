@@ -1,0 +1,1 @@
+"""Checkpoints: big_vision .npz files, orbax training state, Hugging Face and Kaggle."""

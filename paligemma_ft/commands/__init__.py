@@ -1,0 +1,1 @@
+"""The `paligemma-ft` command and its subcommands (thin layers over the library)."""

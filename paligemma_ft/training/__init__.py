@@ -1,0 +1,1 @@
+"""Training: the loop, the step, optimizers, losses and the run's report."""
