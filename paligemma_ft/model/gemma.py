@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from paligemma_ft.model import lora as lora_lib
 from paligemma_ft.model.vit import _remat_policy
 
 # `attn_impl` values: the einsum path below is big_vision's, bit for bit; the others call
@@ -104,15 +105,18 @@ def _fan_in_init(in_axis, out_axis, batch_axis=()):
 
 
 class Einsum(nn.Module):
-    """A single weight `w` applied with an einsum equation."""
+    """A single weight `w` applied with an einsum equation (plus its LoRA update when `lora` targets it)."""
 
     shape: tuple[int, ...]
     w_init: Any = nn.initializers.normal()
+    lora: lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-        w = self.param("w", self.w_init, self.shape)
-        return jnp.einsum(eqn, x, w)
+        w = lora_lib.weight(self, "w", self.w_init, tuple(self.shape), self.lora)
+        y = jnp.einsum(eqn, x, w)
+        d = lora_lib.delta(self, "w", eqn, x, tuple(self.shape), self.lora)
+        return y if d is None else y + d
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +179,7 @@ class Attention(nn.Module):
     attn_logits_softcap: float | None
     cache_dtype: str | None = None
     attn_impl: str = "einsum"
+    lora: lora_lib.LoraSpec | None = None
 
     @property
     def use_qkv_einsum(self) -> bool:
@@ -190,18 +195,22 @@ class Attention(nn.Module):
                 "attn_impl='einsum' for Gemma 2."
             )
         self.attn_vec_einsum = Einsum(
-            shape=(self.num_heads, self.head_dim, self.features), w_init=_fan_in_init((0, 1), 2)
+            shape=(self.num_heads, self.head_dim, self.features), w_init=_fan_in_init((0, 1), 2), lora=self.lora
         )
         if self.use_qkv_einsum:
             self.qkv_einsum = Einsum(
-                shape=(3, self.num_heads, self.features, self.head_dim), w_init=_fan_in_init(2, 3, (0, 1))
+                shape=(3, self.num_heads, self.features, self.head_dim),
+                w_init=_fan_in_init(2, 3, (0, 1)),
+                lora=self.lora,
             )
         else:
             self.q_einsum = Einsum(
-                shape=(self.num_heads, self.features, self.head_dim), w_init=_fan_in_init(1, 2, (0,))
+                shape=(self.num_heads, self.features, self.head_dim), w_init=_fan_in_init(1, 2, (0,)), lora=self.lora
             )
             self.kv_einsum = Einsum(
-                shape=(2, self.num_kv_heads, self.features, self.head_dim), w_init=_fan_in_init(2, 3, (0, 1))
+                shape=(2, self.num_kv_heads, self.features, self.head_dim),
+                w_init=_fan_in_init(2, 3, (0, 1)),
+                lora=self.lora,
             )
 
     def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array, decode: bool) -> jax.Array:
@@ -268,14 +277,21 @@ class FeedForward(nn.Module):
 
     features: int
     hidden_dim: int
+    lora: lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w_gating = self.param("gating_einsum", _fan_in_init(1, 2, (0,)), (2, self.features, self.hidden_dim))
-        gate = nn.gelu(jnp.dot(x, w_gating[0]))
-        activations = gate * jnp.dot(x, w_gating[1])
-        w_linear = self.param("linear", _fan_in_init(0, 1), (self.hidden_dim, self.features))
-        return jnp.dot(activations, w_linear)
+        gating_shape = (2, self.features, self.hidden_dim)
+        w_gating = lora_lib.weight(self, "gating_einsum", _fan_in_init(1, 2, (0,)), gating_shape, self.lora)
+        up, gate = jnp.dot(x, w_gating[1]), jnp.dot(x, w_gating[0])
+        if (d := lora_lib.delta(self, "gating_einsum", "BTD,SDF->SBTF", x, gating_shape, self.lora)) is not None:
+            gate, up = gate + d[0], up + d[1]
+        activations = nn.gelu(gate) * up
+        linear_shape = (self.hidden_dim, self.features)
+        w_linear = lora_lib.weight(self, "linear", _fan_in_init(0, 1), linear_shape, self.lora)
+        out = jnp.dot(activations, w_linear)
+        d = lora_lib.delta(self, "linear", "BTF,FD->BTD", activations, linear_shape, self.lora)
+        return out if d is None else out + d
 
 
 class Block(nn.Module):
@@ -293,6 +309,7 @@ class Block(nn.Module):
     dropout_bdims: tuple[int, ...] = ()
     cache_dtype: str | None = None
     attn_impl: str = "einsum"
+    lora: lora_lib.LoraSpec | None = None
 
     def setup(self):
         self.pre_attention_norm = RMSNorm()
@@ -305,11 +322,12 @@ class Block(nn.Module):
             attn_logits_softcap=self.attn_logits_softcap,
             cache_dtype=self.cache_dtype,
             attn_impl=self.attn_impl,
+            lora=self.lora,
         )
         if self.post_norms:
             self.post_attention_norm = RMSNorm()
         self.pre_ffw_norm = RMSNorm()
-        self.mlp = FeedForward(features=self.embed_dim, hidden_dim=self.hidden_dim)
+        self.mlp = FeedForward(features=self.embed_dim, hidden_dim=self.hidden_dim, lora=self.lora)
         if self.post_norms:
             self.post_ffw_norm = RMSNorm()
         if self.dropout:
@@ -366,6 +384,7 @@ class Gemma(nn.Module):
     scan: bool = True
     remat_policy: str = "nothing_saveable"
     attn_impl: str = "einsum"  # "einsum" (big_vision's), "xla", "cudnn" or "auto": see ATTN_IMPLS.
+    lora: lora_lib.LoraSpec | None = None  # Adapters / quantized weights (model/lora.py).
 
     def setup(self):
         self.embedder = Embedder(vocab_size=self.vocab_size, embed_dim=self.width)
@@ -382,6 +401,7 @@ class Gemma(nn.Module):
             dropout_bdims=tuple(self.dropout_bdims),
             cache_dtype=self.cache_dtype,
             attn_impl=self.attn_impl,
+            lora=self.lora,
         )
         if self.scan:
             block = Block

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from paligemma_ft.model.gemma import Gemma
+from paligemma_ft.model.lora import LoraSpec
 from paligemma_ft.model.presets import resolve_img_config, resolve_llm_config
 from paligemma_ft.model.vit import ViT
 
@@ -44,15 +45,17 @@ class Model(nn.Module):
     """PaliGemma 1 or 2. `img` and `llm` are config dicts with big_vision's keys (see `presets`).
 
     `model.apply({"params": p}, image, text, mask_ar, train=False)` → `(text_logits f32[B, L, V], out)`.
+    `lora` adds adapters and/or quantized frozen weights to both towers (model/lora.py).
     """
 
     img: Mapping[str, Any] | None = None
     llm: Mapping[str, Any] | None = None
+    lora: LoraSpec | None = None
 
     def setup(self):
         llm_cfg = resolve_llm_config(self.llm)
-        self._llm = Gemma(**llm_cfg, name="llm")
-        self._img_model = ViT(**resolve_img_config(self.img, llm_width=llm_cfg["width"]), name="img")
+        self._llm = Gemma(**llm_cfg, lora=self.lora, name="llm")
+        self._img_model = ViT(**resolve_img_config(self.img, llm_width=llm_cfg["width"]), lora=self.lora, name="img")
 
     # --- Embeddings ---------------------------------------------------------------------------------------
 

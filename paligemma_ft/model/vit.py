@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_ft.model import layers
+from paligemma_ft.model.lora import LoraSpec
+
 # Widths, depths, MLP dims and heads of the named ViT sizes (big_vision's `decode_variant`).
 _VARIANTS = {
     #          width, depth, mlp_dim, heads
@@ -83,15 +86,16 @@ class MlpBlock(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype_mm: str = "float32"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         inits = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6))
         d = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, dtype=self.dtype_mm, **inits)(x)
+        x = layers.Dense(self.mlp_dim, dtype=self.dtype_mm, lora=self.lora, **inits)(x)
         x = nn.gelu(x)  # approximate=True (tanh form), as big_vision: the erf form changes logits.
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
-        return nn.Dense(d, dtype=self.dtype_mm, **inits)(x)
+        return layers.Dense(d, dtype=self.dtype_mm, lora=self.lora, **inits)(x)
 
 
 class Encoder1DBlock(nn.Module):
@@ -101,21 +105,25 @@ class Encoder1DBlock(nn.Module):
     num_heads: int
     dropout: float = 0.0
     dtype_mm: str = "float32"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, dict]:
         out = {}
         y = nn.LayerNorm()(x)
-        y = out["sa"] = nn.MultiHeadDotProductAttention(
+        y = out["sa"] = layers.MultiHeadDotProductAttention(  # flax's numerics and names, LoRA-capable.
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
             deterministic=deterministic,
             dtype=self.dtype_mm,
+            lora=self.lora,
         )(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = out["+sa"] = x + y
         y = nn.LayerNorm()(x)
-        y = out["mlp"] = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm)(y, deterministic)
+        y = out["mlp"] = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm, lora=self.lora)(
+            y, deterministic
+        )
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = out["+mlp"] = x + y
         return x, out
@@ -131,11 +139,14 @@ class Encoder(nn.Module):
     scan: bool = False
     remat_policy: str = "nothing_saveable"
     dtype_mm: str = "float32"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, dict]:
         out: dict[str, Any] = {}
-        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, dtype_mm=self.dtype_mm)
+        kw = dict(
+            mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, dtype_mm=self.dtype_mm, lora=self.lora
+        )
         if self.scan:
             policy = _remat_policy(self.remat_policy)
             block = Encoder1DBlock
@@ -175,6 +186,7 @@ class ViT(nn.Module):
     scan: bool = False
     remat_policy: str = "nothing_saveable"
     dtype_mm: str = "float32"
+    lora: LoraSpec | None = None  # Adapters / quantized kernels (model/lora.py); None: plain flax layers' math.
 
     @nn.compact
     def __call__(self, image: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
@@ -202,13 +214,14 @@ class ViT(nn.Module):
             scan=self.scan,
             remat_policy=self.remat_policy,
             dtype_mm=self.dtype_mm,
+            lora=self.lora,
             name="Transformer",
         )(x, deterministic=not train)
         out["encoded"] = x
         out["pre_logits"] = x
         if self.num_classes:
             kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
-            x = out["logits"] = nn.Dense(self.num_classes, name="head", **kw)(x)
+            x = out["logits"] = layers.Dense(self.num_classes, name="head", lora=self.lora, **kw)(x)
         return x, out
 
     def _posemb(self, h: int, w: int, width: int, dtype) -> jax.Array:
