@@ -15,6 +15,9 @@ Counting rules (the ones the MFU figure uses, written down so that numbers from 
   boolean pytree like the parameters (what `paligemma_ft.training.optim.trainable_mask` returns). Names are big_vision's
   (`img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel`, `llm/layers/attn/q_einsum/w`; unscanned layouts
   have `encoderblock_{i}` and `layers/{i}`).
+* LoRA (`lora`, a `model.lora.LoraSpec`): an adapted `y = x · W` adds `x · A` [k → r] and `h · B` [r → n], counted
+  like any two products (their weights are trainable, so `dW` always counts and `dh` always flows). A quantized
+  base weight (`W_q` in a trainable tree) counts as the frozen `W`.
 
 Axes: P image tokens, L text tokens, T = P + L, D LLM width, Dv ViT width, F / Fv MLP dims, N heads, K kv heads,
 H head dim, V vocab, S keys attended when decoding.
@@ -130,6 +133,8 @@ def as_predicate(trainable: Trainable) -> Callable[[str], bool]:
     table = {name: bool(v) for name, v in tree_flatten_with_names(trainable)}
 
     def lookup(name: str) -> bool:
+        if name not in table and name + "_q" in table:  # A quantized (QLoRA) base weight: codes, never trained.
+            return table[name + "_q"]
         if name not in table:
             raise ValueError(
                 f"The trainable tree has no parameter {name!r} (is it for another model, or the "
@@ -146,8 +151,9 @@ def as_predicate(trainable: Trainable) -> Callable[[str], bool]:
 class _Count:
     """Walks the model's products in forward order, tracking which activations need gradients."""
 
-    def __init__(self, trainable: Trainable):
+    def __init__(self, trainable: Trainable, lora: Any = None):
         self.is_trainable = as_predicate(trainable)
+        self.lora = lora
         self.flops: dict[str, float] = collections.defaultdict(float)  # "<part>/<pass>" -> FLOPs.
         self.params: dict[str, int] = collections.defaultdict(int)  # name -> elements (scanned: all layers).
 
@@ -169,6 +175,12 @@ class _Count:
             self.flops[f"{part}/backward_act"] += f
         if trained:
             self.flops[f"{part}/backward_weight"] += f
+        if not tied and self.lora is not None and self.lora.adapts(weight):  # x·A then h·B, both A and B trained.
+            r = self.lora.rank
+            self.flops[f"{part}/forward"] += 2.0 * m * r * (k + n)
+            self.flops[f"{part}/backward_weight"] += 2.0 * m * r * (k + n)
+            self.flops[f"{part}/backward_act"] += 2.0 * m * r * n + (2.0 * m * k * r if live else 0.0)
+            trained = True
         if bias is not None:
             trained |= self.param(bias, n)
         return live or trained
@@ -255,13 +267,18 @@ def image_tokens(model_cfg: Mapping[str, Any], res: int) -> int:
 
 
 def _walk_train(
-    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None, trainable: Trainable
+    model_cfg: Mapping[str, Any],
+    res: int,
+    text_len: int,
+    loss_tokens: int | None,
+    trainable: Trainable,
+    lora: Any = None,
 ) -> _Count:
     img, llm = _resolve(model_cfg)
     loss_tokens = text_len if loss_tokens is None else int(loss_tokens)
     if not 0 <= loss_tokens <= text_len:
         raise ValueError(f"loss_tokens={loss_tokens} must lie in [0, text_len={text_len}].")
-    c = _Count(trainable)
+    c = _Count(trainable, lora)
     live = _vit(c, img, res, llm["width"])
     # Text embeddings come from the (tied) table: a gather, no product, but a trainable table makes them live.
     live |= c.param("llm/embedder/input_embedding", llm["vocab_size"] * llm["width"])
@@ -271,7 +288,12 @@ def _walk_train(
 
 
 def train_flops_breakdown(
-    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None, trainable: Trainable = True
+    model_cfg: Mapping[str, Any],
+    res: int,
+    text_len: int,
+    loss_tokens: int | None = None,
+    trainable: Trainable = True,
+    lora: Any = None,
 ) -> dict[str, float]:
     """FLOPs of one training example by part and pass.
 
@@ -280,19 +302,25 @@ def train_flops_breakdown(
       res: image side in pixels; text_len: L, the model's text input length (`config.input.text_len`).
       loss_tokens: positions carrying loss (the suffix tokens); default all L.
       trainable: see the module docstring.
+      lora: the model's `LoraSpec` (adapters counted), or None.
 
     Returns:
       `{"img/forward": f, "img/backward_act": f, "img/backward_weight": f, "llm/...": ..., "logits/...": ...}`
       (absent keys are 0).
     """
-    return dict(_walk_train(model_cfg, res, text_len, loss_tokens, trainable).flops)
+    return dict(_walk_train(model_cfg, res, text_len, loss_tokens, trainable, lora).flops)
 
 
 def train_flops_per_example(
-    model_cfg: Mapping[str, Any], res: int, text_len: int, loss_tokens: int | None = None, trainable: Trainable = True
+    model_cfg: Mapping[str, Any],
+    res: int,
+    text_len: int,
+    loss_tokens: int | None = None,
+    trainable: Trainable = True,
+    lora: Any = None,
 ) -> float:
     """Useful FLOPs of one training example: forward plus the backward products the trainable set needs."""
-    return float(sum(train_flops_breakdown(model_cfg, res, text_len, loss_tokens, trainable).values()))
+    return float(sum(train_flops_breakdown(model_cfg, res, text_len, loss_tokens, trainable, lora).values()))
 
 
 def forward_flops_per_example(

@@ -211,12 +211,15 @@ def load_predictor(
     preset: str | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     res: int | None = None,
+    adapters: str | None = None,
     **kwargs: Any,
 ) -> Predictor:
     """A `Predictor` for a checkpoint spec (see the module docstring) on the default device.
 
     Args:
-      checkpoint: `builtin:demo`, a `.npz`, a run's workdir or `kaggle:<handle>`.
+      checkpoint: `builtin:demo`, a `.npz`, a run's workdir or `kaggle:<handle>`; or a LoRA run's `adapters.npz`
+        alone, whose base is the checkpoint it records.
+      adapters: a LoRA run's `adapters.npz` to merge into `checkpoint` (which must be the base it was trained on).
       tokenizer: a tokenizer spec; default `builtin:tiny` for builtin models, otherwise required.
       preset: a model preset; default: inferred from the checkpoint's shapes.
       res: image side; default the preset's / the checkpoint's position embeddings'.
@@ -225,6 +228,11 @@ def load_predictor(
     Raises:
       FileNotFoundError / ValueError: a missing file, or a tokenizer that does not fit the model (named).
     """
+    if adapters is None and checkpoint.endswith(".npz") and os.path.isfile(checkpoint):
+        from paligemma_ft import adapters as adapters_lib  # noqa: PLC0415 - LoRA only.
+
+        if adapters_lib.is_adapters_file(checkpoint):  # The adapters name their base.
+            checkpoint, adapters = adapters_lib.load_adapters(checkpoint)[1]["base"]["spec"], checkpoint
     path = resolve_checkpoint(checkpoint)
     if tokenizer is None:
         if not checkpoint.startswith("builtin:"):
@@ -239,5 +247,12 @@ def load_predictor(
     res = int(res or ckpt_res or 224)
     shapes = init_shapes(model, res, 8)
     tokenizer_lib.check_vocab(tok, shapes["llm"]["embedder"]["input_embedding"].shape[0], source=path)
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt_lib.load_for_model(path, shapes))
+    host = ckpt_lib.load_for_model(path, shapes)
+    if adapters is not None:  # Merged on the host: inference needs no adapter arithmetic.
+        from paligemma_ft import adapters as adapters_lib  # noqa: PLC0415 - LoRA only.
+        from paligemma_ft.utils import recover_tree, tree_flatten_with_names  # noqa: PLC0415
+
+        merged = adapters_lib.apply_adapters(dict(tree_flatten_with_names(host)), adapters, base=checkpoint)
+        host = recover_tree(list(merged), list(merged.values()))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), host)
     return Predictor(model, params, tok, res=res, **kwargs)

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default DIR/params.npz, else config.model_init",
     )
     p.add_argument(
+        "--adapters",
+        default=None,
+        metavar="ADAPTERS.npz",
+        help="a LoRA run's adapters.npz, merged into the checkpoint (default config.model_init: its base)",
+    )
+    p.add_argument(
         "--outdir",
         default=None,
         metavar="DIR",
@@ -219,7 +225,9 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         config = _load(args, overrides)
         from paligemma_ft.evaluate.runner import evaluate_command  # noqa: PLC0415
 
-        evaluate_command(config, args.workdir, args.checkpoint, outdir=args.outdir, only=args.only)
+        evaluate_command(
+            config, args.workdir, args.checkpoint, outdir=args.outdir, only=args.only, adapters=args.adapters
+        )
         return 0
     if args.command == "app":
         if overrides:

@@ -267,7 +267,9 @@ def make_plan(
         compile_seconds=compile_s,
         memory_limit=limit,
         memory_source=limit_source,
-        flops_per_example=flops_lib.train_flops_per_example(model_cfg, s.res, s.text_len, trainable=s.trainable),
+        flops_per_example=flops_lib.train_flops_per_example(
+            model_cfg, s.res, s.text_len, trainable=s.trainable, lora=s.model.lora
+        ),
         remat={t: _policy(model_cfg[t].get("remat_policy")) for t in ("img", "llm")},
     )
     plan.suggestions = suggest(plan)

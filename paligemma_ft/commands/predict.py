@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir or kaggle:HANDLE",
     )
     p.add_argument(
+        "--adapters",
+        default=None,
+        metavar="ADAPTERS.npz",
+        help="a LoRA run's adapters.npz, merged into --checkpoint (its base); or pass it as --checkpoint alone",
+    )
+    p.add_argument(
         "--tokenizer",
         default=None,
         metavar="SPEC",
@@ -163,6 +169,7 @@ def predict_command(
     res: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    adapters: str | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -196,7 +203,14 @@ def predict_command(
     parse_sampler(sampler)  # A bad --sampler fails before the model loads.
     images = read_images(image_paths)
     predictor = load_predictor(
-        checkpoint, tokenizer, preset=preset, res=res, max_decode_len=max_decode_len, sampler=sampler, seed=seed
+        checkpoint,
+        tokenizer,
+        preset=preset,
+        res=res,
+        max_decode_len=max_decode_len,
+        sampler=sampler,
+        seed=seed,
+        adapters=adapters,
     )
     prompt_tokens = len(predictor.tok.encode(prompt, add_bos=True)) + len(predictor.tok.sep_ids)
     predictor.prompt_len = max(predictor.prompt_len, prompt_tokens)  # A long prompt is never cut.
@@ -230,4 +244,5 @@ def main(args: argparse.Namespace) -> int:
         res=args.res,
         batch_size=args.batch_size,
         seed=args.seed,
+        adapters=args.adapters,
     )

@@ -97,6 +97,7 @@ def evaluate_command(
     only: list[str] | None = None,
     step: int | None = None,
     stdout: TextIO | None = None,
+    adapters: str | None = None,
 ) -> dict[str, float]:
     """`paligemma-ft evaluate`: runs the config's evaluators on a checkpoint, prints a table, writes files.
 
@@ -110,6 +111,8 @@ def evaluate_command(
       only: evaluator names to run (default all of `config.evals`).
       step: the step in the file names; default the last step logged in `workdir/metrics.jsonl`, else 0.
       stdout: where the table is printed (default `sys.stdout`).
+      adapters: a LoRA run's `adapters.npz` merged into the checkpoint (then default `config.model_init`, the
+        base, rather than `workdir`'s merged params.npz).
 
     Returns:
       `{"<eval name>/<metric>": float}`, as written to `eval_metrics.json` under "metrics".
@@ -133,7 +136,8 @@ def evaluate_command(
     unknown = sorted(set(only or ()) - set(evals))
     if unknown:
         raise ValueError(f"--only {unknown}: no such evaluator in config.evals (known: {sorted(evals)})")
-    spec = checkpoint or (str(workdir) if workdir is not None else "") or _get(config, "model_init", "")
+    spec = checkpoint or (str(workdir) if workdir is not None and not adapters else "")
+    spec = spec or _get(config, "model_init", "")
     if not spec:
         raise ValueError(
             "nothing to evaluate: pass --checkpoint SPEC or --workdir DIR (with params.npz), or set config.model_init"
@@ -148,6 +152,7 @@ def evaluate_command(
         preset=_get(config, "model_name_or_preset", "") or None,
         model_overrides=_get(config, "model", None),
         res=_get(input_cfg, "res", None),
+        adapters=adapters,
     )
     step = _workdir_step(workdir if not checkpoint else None) if step is None else int(step)
     metrics = run_evals(config, predictor, outdir, step, names=list(only) if only else None)

@@ -144,6 +144,8 @@ def spec_from_config(config: Any) -> LoraSpec | None:
         targets=parse_targets(get("targets", ())),
         quant=str(get("quant", "none")),
     )
+    if spec.quant != "none" and not spec.rank:
+        raise ValueError(f"config.lora.quant={spec.quant!r} needs config.lora.rank > 0 (QLoRA trains adapters).")
     if spec.rank and not spec.targets:
         raise ValueError(
             "config.lora.rank > 0 but config.lora.targets is empty: name the weights to adapt, e.g. ['llm/layers/.*']."
@@ -276,10 +278,10 @@ def merged_delta(a: Any, b: Any, roles: str, scale: float, xp: Any = jnp) -> Any
 
 
 def merge(flat: Mapping[str, Any], scale: float, quant_mode: str = "none", xp: Any = jnp) -> dict[str, Any]:
-    """A flat {name: array} with adapters → the base layout with W + scale·A·B in W's dtype, adapters removed.
+    """A flat {name: array} with adapters → the base layout with W + scale·A·B, adapters removed.
 
     Quantized weights (`_q`/`_qscale`) are dequantized first (pass `quant_mode`), so the result always has the
-    base model's names. Merging is exact up to one rounding of W + ΔW in W's dtype.
+    base model's names. Merged weights are float32 (W + ΔW rounded once); other leaves keep their dtype.
     """
     out: dict[str, Any] = {}
     for name, v in flat.items():
@@ -302,7 +304,7 @@ def merge(flat: Mapping[str, Any], scale: float, quant_mode: str = "none", xp: A
             scale,
             xp,
         )
-        out[base] = (xp.asarray(w, xp.float32) + d).astype(w.dtype)
+        out[base] = xp.asarray(w, xp.float32) + d  # float32: a bfloat16 W would round a small update away.
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
+from paligemma_ft import adapters as adapters_lib
 from paligemma_ft import config as config_lib
 from paligemma_ft import data as data_lib
 from paligemma_ft import flops
@@ -36,6 +37,7 @@ from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.checkpoints import state as train_state
 from paligemma_ft.evaluate.runner import run_evals
 from paligemma_ft.model import Model
+from paligemma_ft.model import lora as lora_lib
 from paligemma_ft.training import optim
 from paligemma_ft.training import report as run_report
 from paligemma_ft.training.losses import loss_fn
@@ -87,12 +89,26 @@ def train_step(
     """
     rng, step_rng = jax.random.split(state["rng"])
     step_rng = jax.random.fold_in(step_rng, state["step"])
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, model=model, label_smoothing=step_cfg.label_smoothing, reduction=step_cfg.reduction)
+    loss_of = functools.partial(
+        loss_fn, model=model, label_smoothing=step_cfg.label_smoothing, reduction=step_cfg.reduction
     )
-    loss, grads = optim.accumulate_gradients(
-        lambda p, b: grad_fn(p, b, step_rng), state["params"], batch, step_cfg.micro_batches
-    )
+    # Differentiate the trainable leaves only: frozen ones may be integer (a quantized LoRA base), and their
+    # gradients are never used. Frozen leaves get zero "gradients" (dead code for XLA) so the tree keeps its shape.
+    mask, tree = jax.tree.leaves(trainable), jax.tree.structure(state["params"])
+    leaves = jax.tree.leaves(state["params"])
+
+    def grad_fn(p: PyTree, b: Any) -> tuple[jax.Array, PyTree]:
+        trained = [x for x, t in zip(jax.tree.leaves(p), mask) if t]
+
+        def of_trained(tr: list) -> jax.Array:
+            it = iter(tr)
+            return loss_of(jax.tree.unflatten(tree, [next(it) if t else x for x, t in zip(leaves, mask)]), b, step_rng)
+
+        loss, g = jax.value_and_grad(of_trained)(trained)
+        it = iter(g)
+        return loss, jax.tree.unflatten(tree, [next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, mask)])
+
+    loss, grads = optim.accumulate_gradients(grad_fn, state["params"], batch, step_cfg.micro_batches)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # apply_updates promotes e.g. float16 + float32 zero; keep every leaf's storage dtype (frozen ones unchanged).
@@ -112,7 +128,7 @@ def make_model(config: Any) -> tuple[Model, int | None, str | None]:
     init = _get(config, "model_init", "") or ""
     path = predictor_lib.resolve_checkpoint(init) if init else None
     cfg, res = predictor_lib.model_config(_get(config, "model_name_or_preset", ""), path, _get(config, "model"))
-    return Model(**cfg), res, path
+    return Model(**cfg, lora=lora_lib.spec_from_config(config)), res, path
 
 
 def init_params(
@@ -124,8 +140,22 @@ def init_params(
     dtypes: PyTree,
     res: int,
     text_len: int,
+    identity: dict | None = None,
 ) -> PyTree:
-    """Parameters born sharded: loaded from `path` leaf by leaf, or a random init jitted to the shardings."""
+    """Parameters born sharded: loaded from `path` leaf by leaf, or a random init jitted to the shardings.
+
+    With LoRA, `identity` (a dict) receives the base's identity (`adapters.base_identity`) for `adapters.npz`.
+    """
+    if path is not None and model.lora is not None:  # The checkpoint holds the base; adapters are initialised.
+        z = jnp.zeros((1, text_len), jnp.int32)
+        base = Model(img=model.img, llm=model.llm)
+        args = (jnp.zeros((1, res, res, 3)), z, z)
+        params, ident = adapters_lib.load_params(
+            path, model, base, model.lora, shardings, dtypes, args, int(_get(config, "seed", 0)), config.model_init
+        )
+        if identity is not None:
+            identity.update(ident)
+        return params
     if path is not None:
         host = ckpt_lib.load_for_model(path, shapes)
         return ckpt_lib.place_params(host, shardings, dtypes)
@@ -173,6 +203,7 @@ def setup(config: Any) -> _Setup:
             "the folder layout it expects)"
         )
     model, res, path = make_model(config)
+    config = adapters_lib.training_config(config, model.lora)  # LoRA: only adapters train (a copy of config).
     tok_spec = _get(config, "tokenizer", "")
     if str(_get(config, "model_init", "")).startswith("kaggle:") and not tok_spec:
         from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
@@ -288,9 +319,12 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     else:
         if loggers.jsonl.path.exists():
             loggers.jsonl.path.unlink()  # No checkpoint: whatever was logged is redone from step 0.
+        identity: dict = {}
         params = init_params(
-            s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res, s.text_len + 1
+            s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res, s.text_len + 1, identity
         )
+        if s.model.lora is not None and jax.process_index() == 0:  # Recorded in adapters.npz at the end.
+            adapters_lib.write_identity(workdir, identity or adapters_lib.identity_of_params(params, s.model, config))
         opt = jax.jit(s.tx.init, out_shardings=s.state_shard["opt"])(params)
         state = {
             "params": params,
@@ -363,6 +397,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
                     s.text_len,
                     loss_tokens=round(loss_tokens),
                     trainable=s.trainable,
+                    lora=s.model.lora,
                 )
             t = time.perf_counter()
             state, metrics = compiled(state, batch)
@@ -405,7 +440,10 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     if restored_step is None or restored_step < total_steps:
         last.update(evaluate(total_steps))
     if jax.process_index() == 0:
-        ckpt_lib.save_params(workdir / "params.npz", jax.device_get(state["params"]))
+        if s.model.lora is not None:  # params.npz with the adapters merged, adapters.npz (+ PEFT folder).
+            adapters_lib.export_run(workdir, state["params"], s.model, s.path, s.res)
+        else:
+            ckpt_lib.save_params(workdir / "params.npz", jax.device_get(state["params"]))
         rows = loggers.jsonl.rows()
         steps_s = [r["train/step_seconds"] for r in rows if "train/step_seconds" in r][1:]
         if steps_s:

@@ -104,6 +104,14 @@ def param_overview(params: PyTree, trainable: PyTree, shardings: PyTree | None =
     lines.append(
         f"{'total':<28} {total:>13,} {trainable_total:>13,}  ({100 * trainable_total / max(total, 1):.1f} % trainable)"
     )
+    adapters = [(n, leaf) for n, leaf in flat if n.endswith(("_lora_a", "_lora_b"))]
+    if adapters:  # LoRA (model/lora.py): adapters sit next to their weights, in the groups above.
+        n_adapt = sum(int(math.prod(leaf.shape)) for _, leaf in adapters)
+        lines.append(f"{'LoRA adapters':<28} {n_adapt:>13,} {'':>13}  on {len(adapters) // 2} weights")
+    quantized = [(n, leaf) for n, leaf in flat if n.endswith("_q")]
+    if quantized:  # QLoRA: nf4 packs two weights per uint8 code.
+        n_q = sum(int(math.prod(leaf.shape)) * (2 if np.dtype(leaf.dtype) == np.uint8 else 1) for _, leaf in quantized)
+        lines.append(f"{'quantized base weights':<28} {n_q:>13,} {'':>13}  {len(quantized)} weights")
     return "\n".join(lines)
 
 
