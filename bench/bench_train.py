@@ -3,12 +3,14 @@
     python bench/bench_train.py                                          # CPU: tiny_pg1, float32
     python bench/bench_train.py --preset pg2_3b_224 --batch 32 --dtype bfloat16 --hf       # one GPU
     python bench/bench_train.py --remat full none dots --attn einsum cudnn --loss chunked full   # before/after
+    python bench/bench_train.py --preset pg2_3b_224 --recipes full lora qlora --hf   # LoRA r16 vs HF + PEFT (+ bnb)
 
-Rows: every combination of recipe (`full` fine-tune, `attn`: the colab's `llm/layers/attn/.*` only), remat policy,
-attention implementation and loss (`chunked`: vocabulary logits only for text positions, chunk by chunk, as the
-trainer; `full`: all [B, L, V] logits at once, the "before"). Random weights and numpy batches (no grain, no
-orbax): the script imports only `paligemma_ft.model / optim / losses / flops / hf`, so it runs on a bare JAX + PyTorch
-image with `PYTHONPATH=.`. Appends a table to bench/RESULTS.md with the device named.
+Rows: every combination of recipe (`full` fine-tune, `attn`: the colab's `llm/layers/attn/.*` only, `lora`:
+rank-16 adapters on every LLM layer weight over a frozen base in the run's dtype, `qlora`: the same over an NF4
+base), remat policy, attention implementation and loss (`chunked`: vocabulary logits only for text positions,
+chunk by chunk, as the trainer; `full`: all [B, L, V] logits at once, the "before"). Random weights and numpy
+batches (no grain, no orbax): the script imports only `paligemma_ft.model / optim / losses / flops / hf`, so it
+runs on a bare JAX + PyTorch image with `PYTHONPATH=.`. Appends a table to bench/RESULTS.md with the device named.
 
 The step is the trainer's (`paligemma_ft.training.loop.train_step`) minus its metrics and RNG bookkeeping:
 value_and_grad of the trainer's loss (`paligemma_ft.training.losses.loss_fn`), the optax update from
@@ -38,12 +40,24 @@ import optax  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from paligemma_ft import flops  # noqa: E402
 from paligemma_ft.model import Model, get_preset  # noqa: E402
+from paligemma_ft.model import lora as lora_lib  # noqa: E402
 from paligemma_ft.training import (
     losses,  # noqa: E402
     optim,  # noqa: E402
 )
 
-RECIPES = {"full": ".*", "attn": "llm/layers/attn/.*"}  # Trainable regex per recipe.
+RECIPES = {"full": ".*", "attn": "llm/layers/attn/.*", "lora": ".*_lora_[ab]", "qlora": ".*_lora_[ab]"}  # Trainable.
+LORA_RANK, LORA_TARGETS = 16, ("llm/layers/.*",)  # The LoRA recipes: PEFT's r=16 on every LLM linear layer.
+
+
+def lora_spec(recipe: str) -> lora_lib.LoraSpec | None:
+    if recipe not in ("lora", "qlora"):
+        return None
+    quant = "nf4" if recipe == "qlora" else "none"
+    targets = lora_lib.parse_targets(LORA_TARGETS)
+    return lora_lib.LoraSpec(rank=LORA_RANK, alpha=2.0 * LORA_RANK, targets=targets, quant=quant)
+
+
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 
 
@@ -73,8 +87,18 @@ def full_loss(params, batch, rng, *, model):
 
 
 def train_step(state, batch, *, loss, tx, trainable):
-    """One update as the trainer's: gradients, optax update, every leaf back to its storage dtype."""
-    value, grads = jax.value_and_grad(loss)(state["params"], batch, jax.random.PRNGKey(0))
+    """One update as the trainer's: gradients (of trainable leaves only), optax update, storage dtypes kept."""
+    mask, tree = jax.tree.leaves(trainable), jax.tree.structure(state["params"])
+    leaves = jax.tree.leaves(state["params"])
+
+    def of_trained(tr):
+        it = iter(tr)
+        params = jax.tree.unflatten(tree, [next(it) if t else x for x, t in zip(leaves, mask)])
+        return loss(params, batch, jax.random.PRNGKey(0))
+
+    value, g = jax.value_and_grad(of_trained)([x for x, t in zip(leaves, mask) if t])
+    it = iter(g)
+    grads = jax.tree.unflatten(tree, [next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, mask)])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"], trainable)
@@ -107,10 +131,16 @@ def make_batch(b: int, res: int, text_len: int, loss_tokens: int, vocab: int, se
 def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, loss_tokens, scan=True):
     """(jitted step, abstract state, init fn, batch, model config, res)."""
     cfg, res = model_config(preset, dtype, remat, attn, scan)
-    model = Model(**cfg)
+    model = Model(**cfg, lora=lora_spec(recipe))
     z = jnp.zeros((1, text_len), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), shapes)
+    # Float leaves in `dtype`, LoRA adapters in float32, quantized codes as they are.
+    store = lambda name, s: jnp.dtype(  # noqa: E731
+        s.dtype if not jnp.issubdtype(s.dtype, jnp.floating) else jnp.float32 if lora_lib.is_adapter(name) else dtype
+    )
+    shapes = jax.tree_util.tree_map_with_path(
+        lambda path, s: jax.ShapeDtypeStruct(s.shape, store(jax.tree_util.keystr(path), s)), shapes
+    )
     schedule = [(RECIPES[recipe], {"decay_type": "constant"}), (".*", None)]
     config = dict(optax_name="scale_by_adam", lr=1e-4, wd=0.0, grad_clip_norm=1.0, schedule=schedule)
     tx, _ = optim.make_optimizer(config, shapes, total_steps=1000)
@@ -121,7 +151,7 @@ def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, l
     @jax.jit
     def init():
         p = model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
-        p = jax.tree.map(lambda x: x.astype(dtype), p)
+        p = jax.tree.map(lambda x, s: x.astype(s.dtype), p, shapes)
         return {"params": p, "opt": tx.init(p)}
 
     vocab = shapes["llm"]["embedder"]["input_embedding"].shape[0]
@@ -153,7 +183,9 @@ def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     stats = jax.devices()[0].memory_stats() or {}
     ex_s = args.batch / dt
-    useful = flops.train_flops_per_example(cfg, res, args.text_len, args.loss_tokens, RECIPES[recipe])
+    useful = flops.train_flops_per_example(
+        cfg, res, args.text_len, args.loss_tokens, RECIPES[recipe], lora=lora_spec(recipe)
+    )
     n_tokens = flops.image_tokens(cfg, res) + args.text_len
     return dict(
         examples_per_s=ex_s,
@@ -170,25 +202,49 @@ def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
 
 
 def bench_hf(args, recipe, cfg, res) -> dict:
-    """The same model, batch, sequence and trainable set through transformers (SDPA) + torch AdamW."""
+    """The same model, batch, sequence and trainable set through transformers (SDPA) + torch AdamW; the LoRA
+    recipes through PEFT (r=16, alpha 32, every LLM linear layer), `qlora` over a bitsandbytes NF4 base."""
     import torch
 
     from paligemma_ft.checkpoints import hf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    base_recipe = "attn" if recipe in ("lora", "qlora") else recipe  # A plain base: PEFT adds the adapters.
     _, _, init, batch, _, _ = build(
-        args.preset, "float32", None, "einsum", recipe, "chunked", args.batch, args.text_len, args.loss_tokens
+        args.preset, "float32", None, "einsum", base_recipe, "chunked", args.batch, args.text_len, args.loss_tokens
     )
     host = jax.device_get(jax.jit(lambda: init()["params"])())
-    model = hf.to_hf_model(host, cfg, image_size=res, attn_implementation="sdpa").to(device, tdtype)
+    model = hf.to_hf_model(host, cfg, image_size=res, attn_implementation="sdpa")
     del host
+    if recipe == "qlora":  # Reload through bitsandbytes' 4-bit NF4 Linear layers (needs a CUDA GPU).
+        import tempfile
+
+        import transformers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            quant = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=tdtype
+            )
+            model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+                tmp, quantization_config=quant, dtype=tdtype, device_map={"": device}, attn_implementation="sdpa"
+            )
+    else:
+        model = model.to(device, tdtype)
+    if recipe in ("lora", "qlora"):
+        import peft
+
+        targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=targets, lora_dropout=0.0)
+        model = peft.get_peft_model(model, config)
     model.train()
-    pattern = {"full": None, "attn": "language_model.layers."}[recipe]
+    pattern = {"full": None, "attn": "language_model.layers.", "lora": "lora_", "qlora": "lora_"}[recipe]
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(pattern is None or (pattern in name and ".self_attn." in name))
-        if p.requires_grad:
+        wanted = pattern is None or (pattern in name and (".self_attn." in name or "lora_" in pattern))
+        p.requires_grad_(wanted)
+        if wanted:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **({"fused": True} if device == "cuda" else {}))
     n_img = flops.image_tokens(cfg, res)

@@ -106,8 +106,9 @@ class LoraSpec:
         return self.alpha / self.rank if self.rank else 0.0
 
     def adapts(self, name: str) -> bool:
-        """Whether the weight `name` gets an adapter: the first target that fully matches decides."""
-        if not self.rank:
+        """Whether the weight `name` gets an adapter: it is adaptable (`ROLES`) and the first target that fully
+        matches it says so."""
+        if not self.rank or layer_roles(name) is None:
             return False
         for pattern, adapt in self.targets:
             if re.fullmatch(pattern, name):
