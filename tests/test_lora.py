@@ -224,8 +224,9 @@ def test_quantized_base_with_adapters(mode):
 
 @pytest.mark.parametrize("preset", ["tiny_pg2", "tiny_pg1_mha"])
 def test_train_flops_count_adapters_like_the_traced_gradient(preset):
-    from paligemma_ft import flops  # noqa: PLC0415
     from test_flops import _loss_fn  # noqa: PLC0415
+
+    from paligemma_ft import flops  # noqa: PLC0415
 
     cfg, res = get_preset(preset)
     for tower in ("img", "llm"):
