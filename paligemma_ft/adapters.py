@@ -45,10 +45,7 @@ def training_config(config: Any, spec: lora_lib.LoraSpec | None) -> Any:
     rest, so `trainable_mask`, `make_optimizer` and `param_dtypes` need no LoRA knowledge. `lora.base_dtype`
     becomes `frozen_dtype`.
     """
-    if spec is None or not spec.rank:
-        if spec is not None and (dt := _get(config.lora, "base_dtype")):
-            config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-            config.frozen_dtype = dt
+    if spec is None:  # (spec_from_config refuses quantization without adapters.)
         return config
     plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     schedule = plain.get("schedule") or {}

@@ -140,6 +140,7 @@ def test_targets_select_and_exclude_in_order():
         lora.LoraSpec(rank=1, quant="nf3")
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training():
     spec = lora.LoraSpec(rank=4, alpha=8.0, targets=ALL, dropout=0.5)
     _, model, res = _models("tiny_pg1", spec)
@@ -190,6 +191,7 @@ def test_int8_matches_bitsandbytes_rowwise():
     np.testing.assert_allclose(back, w, atol=np.abs(w).max() / 127 / 2 + 1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_base_with_adapters(mode):
     spec = lora.LoraSpec(rank=4, alpha=8.0, targets=ALL, quant=mode)

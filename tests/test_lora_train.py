@@ -43,6 +43,7 @@ def _flat(path):
     return dict(tree_flatten_with_names(ckpt_lib.load_params(path)))
 
 
+@pytest.mark.slow
 def test_lora_run_freezes_the_base_and_exports(tmp_path, capsys):
     workdir = tmp_path / "run"
     config = lora_config(**{"lora.dropout": 0.1})

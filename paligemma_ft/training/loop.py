@@ -451,7 +451,8 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
         report = run_report.write_report(workdir, config, s.mesh, overview, timings)
         if not _get(config, "quiet", False):
             print(run_report.console_summary(rows, workdir / "eval", limit=int(_get(config, "show_predictions", 3))))
-            print(f"Wrote {workdir / 'params.npz'}, {report} and {workdir / 'metrics.jsonl'}.")
+            lora_files = f"{workdir / 'adapters.npz'}, {workdir / 'peft'}, " if s.model.lora is not None else ""
+            print(f"Wrote {workdir / 'params.npz'}, {lora_files}{report} and {workdir / 'metrics.jsonl'}.")
     loggers.close()
     manager.close()
     return last
