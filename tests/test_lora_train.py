@@ -13,8 +13,9 @@ from PIL import Image
 
 from paligemma_ft import adapters as adapters_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
-from paligemma_ft.commands import predict
+from paligemma_ft.commands import plan, predict
 from paligemma_ft.config import load_config
+from paligemma_ft.evaluate.runner import evaluate_command
 from paligemma_ft.model import lora
 from paligemma_ft.training import loop as train
 from paligemma_ft.utils import tree_flatten_with_names
@@ -93,6 +94,15 @@ def test_lora_run_freezes_the_base_and_exports(tmp_path, capsys):
         )
         lines.append(buf.getvalue())
     assert lines[0] == lines[1] == lines[2] and lines[0].startswith(str(image))
+    # evaluate: the base + --adapters scores exactly like the run's merged export.
+    evals = {"val": dict(type="caption", batch_size=8, max_decode_len=8, bootstrap=0, data=dict(_DATA, n=8))}
+    scores = [
+        evaluate_command(
+            lora_config(evals=evals), None, spec, outdir=tmp_path / f"eval{i}", adapters=adapters, stdout=io.StringIO()
+        )
+        for i, (spec, adapters) in enumerate(((str(workdir), None), ("builtin:demo", str(workdir / "adapters.npz"))))
+    ]
+    assert scores[0] == scores[1] and "val/cider" in scores[0]
     # The PEFT folder is there (tests/test_lora_peft.py checks it against transformers + peft).
     assert json.loads((workdir / "peft" / "adapter_config.json").read_text())["r"] == 8
 
@@ -145,11 +155,35 @@ def test_qlora_nf4_run_trains_and_merges_from_the_original_base(tmp_path):
     shapes = dict(tree_flatten_with_names(s.state_abstract["params"]))
     assert shapes["llm/layers/attn/q_einsum/w_q"].dtype == np.uint8
     assert shapes["llm/layers/attn/q_einsum/w_qscale"].dtype == np.float32  # base_dtype float32 by default.
-    # params.npz merges the adapters into the original (unquantized) demo weights.
+    # The quantized base is bitwise what quantizing the demo checkpoint gives, after training too.
+    from paligemma_ft.checkpoints import state as train_state  # noqa: PLC0415
+
+    s4 = train.setup(lora_config(**{"lora.quant": "nf4", "lora.base_dtype": "bfloat16", "total_steps": 4}))
+    manager = train_state.make_manager(workdir / "checkpoints")
+    state, _ = train_state.restore_latest(manager, s4.state_abstract, s4.state_shard)
+    manager.close()
+    final = dict(tree_flatten_with_names(jax.device_get(state["params"])))
     base = _flat(ckpt_lib.split_selector(s.path)[0])
+    want_q = lora.quantize_flat(base, s4.model.lora)
+    for k in [k for k in final if k.endswith(lora.CODES)]:
+        assert final[k].tobytes() == want_q[k].tobytes(), k
+        np.testing.assert_array_equal(final[k + "scale"], want_q[k + "scale"].astype(final[k + "scale"].dtype))
+    # params.npz merges the adapters into the original (unquantized) demo weights.
     adapters, meta = adapters_lib.load_adapters(workdir / "adapters.npz")
     assert meta["quant"] == "nf4"
     want = adapters_lib.apply_adapters(base, str(workdir / "adapters.npz"), base="builtin:demo")
     merged = _flat(workdir / "params.npz")
     for k in want:
         np.testing.assert_allclose(merged[k], want[k], atol=1e-6, err_msg=k)
+
+
+def test_plan_counts_adapters_and_a_quantized_base():
+    plans = {q: plan.make_plan(lora_config(**{"lora.quant": q}), memory_gib=1) for q in ("none", "nf4")}
+    s = train.setup(lora_config())
+    n_adapters = sum(
+        int(np.prod(x.shape)) for k, x in tree_flatten_with_names(s.state_abstract["params"]) if lora.is_adapter(k)
+    )
+    assert plans["none"].trainable == plans["nf4"].trainable == n_adapters
+    # NF4 codes take half a byte per weight (plus block scales) instead of float32's four.
+    assert plans["nf4"].param_bytes < 0.55 * plans["none"].param_bytes
+    assert plans["nf4"].opt_bytes == plans["none"].opt_bytes  # Only the adapters carry optimizer state.
