@@ -28,6 +28,8 @@ stops when it opens the data, naming `input.data.path`.
 import ml_collections
 from ml_collections import config_dict
 
+LOCAL_KEYS = ("train_file", "val_file")  # Keys of this file only (the data paths follow them); see paligemma_ft.config.
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the template's config (big_vision key names). `arg` is unused."""

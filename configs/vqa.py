@@ -26,6 +26,7 @@ import ml_collections
 from ml_collections import config_dict
 
 SOURCES = ("jsonl", "tfds")
+LOCAL_KEYS = ("tfds_name", "train_split", "val_split", "fields")  # The TFDS variant's own keys (paths follow them).
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

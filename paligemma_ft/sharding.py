@@ -306,18 +306,28 @@ def _multi_host_env() -> str | None:
 def maybe_initialize_distributed(config: Any) -> bool:
     """Calls `jax.distributed.initialize()` (auto-detecting the cluster) on multi-host runs; call it first.
 
-    `config.distributed`: True forces it, False never does, absent/None detects a multi-host environment from
-    `JAX_COORDINATOR_ADDRESS`, `BV_JAX_INIT`, SLURM/Open MPI with several tasks, or several TPU workers.
+    `config.distributed.enabled` (or a bare bool `config.distributed`): True forces it, False never does, None
+    detects a multi-host environment from `JAX_COORDINATOR_ADDRESS`, `BV_JAX_INIT`, SLURM/Open MPI with several
+    tasks, or several TPU workers. The group's other keys (`coordinator_address`, `num_processes`, `process_id`,
+    `local_device_ids`) are passed to `initialize` when set (None = auto-detected).
 
     Returns:
       Whether `initialize` was called now (False on a single host or when already initialized).
     """
-    wanted = config.get("distributed") if hasattr(config, "get") else None
+    group = config.get("distributed") if hasattr(config, "get") else None
+    kwargs: dict[str, Any] = {}
+    if hasattr(group, "get"):  # The declared group (paligemma_ft.config_base).
+        wanted = group.get("enabled")
+        for key in ("coordinator_address", "num_processes", "process_id", "local_device_ids"):
+            if group.get(key) is not None:
+                kwargs[key] = list(group[key]) if key == "local_device_ids" else group[key]
+    else:
+        wanted = group
     if wanted is False:
         return False
-    reason = "config.distributed=True" if wanted else _multi_host_env()
+    reason = "config.distributed.enabled=True" if wanted else _multi_host_env()
     if reason is None or jax.distributed.is_initialized():
         return False
     log.info("Initializing jax.distributed (%s).", reason)
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
     return True

@@ -28,17 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_ft import config_base
 from paligemma_ft import flops as flops_lib
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 GiB = 2**30
 _HEADROOM = 0.9  # Plan for 90 % of the device memory: allocators fragment and runtimes reserve some.
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
 
 
 def _per_device_bytes(shapes: Any, shardings: Any) -> int:
@@ -192,9 +188,10 @@ def make_plan(
     """
     from paligemma_ft.training import loop as train  # noqa: PLC0415 - the trainer's own setup and step, imported lazily.
 
-    s = train.setup(config)
+    config = config_base.complete(config)
+    s = train.setup(config, shapes_only=True)  # Shapes only: no data, tokenizer or (with a preset) checkpoint.
     batch_size = int(config.input.batch_size)
-    micro = int(_get(config, "grad_accum_steps", 1))
+    micro = int(config.grad_accum_steps)
     b_shard = sharding_lib.batch_sharding(s.mesh)
     repl = s.state_shard["step"]
     abstract_batch = _abstract_batch(batch_size, s.res, s.text_len, b_shard)
@@ -219,10 +216,10 @@ def make_plan(
     peak = param_bytes + opt_bytes + batch_bytes + temp
     if not arithmetic_only:
         step_cfg = train.StepConfig(
-            label_smoothing=float(_get(config, "label_smoothing", 0.0)),
-            reduction=_get(config, "loss_reduction", "example_mean"),
+            label_smoothing=float(config.label_smoothing),
+            reduction=config.loss_reduction,
             micro_batches=micro,
-            lr=float(_get(config, "lr", 1.0)),
+            lr=float(config.lr),
         )
         step_fn = jax.jit(
             functools.partial(

@@ -58,6 +58,7 @@ class InputConfig:
       num_workers: grain read threads (0 reads in the calling thread).
       bad_input: "skip" (count, list and drop bad examples) or "error" (raise, naming file and line).
       max_image_pixels: decompression-bomb limit, checked from the image header before decoding.
+      max_image_bytes: size cap of one image file in bytes, checked before the file is read.
       transforms: names from `transforms.TRANSFORMS`, applied in order.
       prefetch: examples read ahead (default: two batches); bounds host memory at large resolutions.
     """
@@ -72,6 +73,7 @@ class InputConfig:
     num_workers: int = 2
     bad_input: str = "skip"
     max_image_pixels: int = tf_lib.DEFAULT_MAX_PIXELS
+    max_image_bytes: int = 64 * 2**20
     transforms: tuple[str, ...] = tf_lib.DEFAULT_TRANSFORMS
     prefetch: int | None = None
 
@@ -96,7 +98,7 @@ class InputConfig:
         tf_lib.check_transform_names(out.transforms)
         if out.bad_input not in sources_lib.BAD_INPUT_POLICIES:
             raise ValueError(f"input.bad_input={out.bad_input!r} must be one of {sources_lib.BAD_INPUT_POLICIES}.")
-        for key in ("res", "text_len", "batch_size", "max_image_pixels"):
+        for key in ("res", "text_len", "batch_size", "max_image_pixels", "max_image_bytes"):
             if int(getattr(out, key)) < 1:
                 raise ValueError(f"input.{key} must be >= 1, got {getattr(out, key)}.")
         if out.num_workers < 0:

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from paligemma_ft import config_base
 from paligemma_ft import data as data_lib
 from paligemma_ft.evaluate.evaluators import evaluator_type, make_evaluator
 
@@ -63,11 +64,6 @@ def run_evals(
             if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
                 out[f"{name}/{k}"] = float(v)
     return out
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
 
 
 def _workdir_step(workdir: str | Path | None) -> int:
@@ -118,13 +114,11 @@ def evaluate_command(
       ValueError / FileNotFoundError: nothing to evaluate or nowhere to write, no or unknown evaluators, a missing
         checkpoint or a tokenizer that does not fit the model (the message says which).
     """
-    import ml_collections  # noqa: PLC0415
-
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - lazy: keeps `--help` instant.
 
-    if isinstance(config, dict):
-        config = ml_collections.ConfigDict(config)  # run_evals reads `config.input` as an attribute.
-    evals = _plain(_get(config, "evals", {}))
+    config = config_base.complete(config)
+    config_base.validate(config)
+    evals = _plain(config.evals)
     if not evals:
         raise ValueError(
             "config.evals is empty: nothing to evaluate (add e.g. config.evals.val = "
@@ -133,7 +127,7 @@ def evaluate_command(
     unknown = sorted(set(only or ()) - set(evals))
     if unknown:
         raise ValueError(f"--only {unknown}: no such evaluator in config.evals (known: {sorted(evals)})")
-    spec = checkpoint or (str(workdir) if workdir is not None else "") or _get(config, "model_init", "")
+    spec = checkpoint or (str(workdir) if workdir is not None else "") or config.model_init
     if not spec:
         raise ValueError(
             "nothing to evaluate: pass --checkpoint SPEC or --workdir DIR (with params.npz), or set config.model_init"
@@ -141,13 +135,13 @@ def evaluate_command(
     if outdir is None and workdir is None:
         raise ValueError("nowhere to write the results: pass --workdir DIR or --outdir DIR")
     outdir = Path(outdir if outdir is not None else workdir)
-    input_cfg = _get(config, "input", {})
+    config_base.check_data_paths(config, train=False)  # Evaluation reads the evaluators' data.
     predictor = load_predictor(
         spec,
-        _get(config, "tokenizer", None) or None,
-        preset=_get(config, "model_name_or_preset", "") or None,
-        model_overrides=_get(config, "model", None),
-        res=_get(input_cfg, "res", None),
+        config.tokenizer or None,
+        preset=config.model_name_or_preset or None,
+        model_overrides=config.model,
+        res=config.input.res,
     )
     step = _workdir_step(workdir if not checkpoint else None) if step is None else int(step)
     metrics = run_evals(config, predictor, outdir, step, names=list(only) if only else None)

@@ -21,14 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from tqdm import auto as tqdm
 
 from paligemma_ft import config as config_lib
+from paligemma_ft import config_base, flops
 from paligemma_ft import data as data_lib
-from paligemma_ft import flops
 from paligemma_ft import predictor as predictor_lib
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft import tokenizer as tokenizer_lib
@@ -42,14 +41,7 @@ from paligemma_ft.training.losses import loss_fn
 
 PyTree = Any
 log = logging.getLogger(__name__)
-DEFAULT_MESH = (("data", -1),)
-DEFAULT_SHARDING = ((".*", 'fsdp(axis="data")'),)
 BATCH_KEYS = ("image", "text", "mask_ar", "mask_loss", "_mask")
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
 
 
 # --- Loss and step -------------------------------------------------------------------------------------------
@@ -107,11 +99,18 @@ def train_step(
 # --- Set-up ----------------------------------------------------------------------------------------------------
 
 
-def make_model(config: Any) -> tuple[Model, int | None, str | None]:
-    """`(model, resolution, init_path)` from `model_name_or_preset`, `model` (overrides) and `model_init`."""
-    init = _get(config, "model_init", "") or ""
-    path = predictor_lib.resolve_checkpoint(init) if init else None
-    cfg, res = predictor_lib.model_config(_get(config, "model_name_or_preset", ""), path, _get(config, "model"))
+def make_model(config: Any, *, shapes_only: bool = False) -> tuple[Model, int | None, str | None]:
+    """`(model, resolution, init_path)` from `model_name_or_preset`, `model` (overrides) and `model_init`.
+
+    Checks that `input.res` is a multiple of the model's patch size. With `shapes_only` and a preset, `model_init`
+    is not resolved (no download, no file: `plan` needs only shapes) and `init_path` is None.
+    """
+    config = config_base.complete(config)
+    init = config.model_init
+    preset = config.model_name_or_preset
+    path = predictor_lib.resolve_checkpoint(init) if init and not (shapes_only and preset) else None
+    cfg, res = predictor_lib.model_config(preset, path, config.model)
+    config_base.check_resolution(int(config.input.res), cfg["img"])
     return Model(**cfg), res, path
 
 
@@ -132,7 +131,7 @@ def init_params(
 
     def init():
         z = jnp.zeros((1, text_len), jnp.int32)
-        p = model.init(jax.random.PRNGKey(int(_get(config, "seed", 0))), jnp.zeros((1, res, res, 3)), z, z)
+        p = model.init(jax.random.PRNGKey(int(config.seed)), jnp.zeros((1, res, res, 3)), z, z)
         return jax.tree.map(lambda x, d: x.astype(d), p["params"], dtypes)
 
     return jax.jit(init, out_shardings=shardings)()
@@ -151,7 +150,7 @@ def _eval_due(ecfg: Mapping[str, Any], step: int, total: int) -> bool:
 @dataclasses.dataclass
 class _Setup:
     model: Model
-    tok: tokenizer_lib.Tokenizer
+    tok: tokenizer_lib.Tokenizer | None  # None for a shapes-only setup.
     mesh: jax.sharding.Mesh
     res: int
     text_len: int
@@ -165,40 +164,44 @@ class _Setup:
     dtypes: PyTree
 
 
-def setup(config: Any) -> _Setup:
-    """Everything decided before compute: model, tokenizer, mesh, shapes, shardings, optimizer (errors early)."""
-    if "data_dir" in config and not config.data_dir:
-        raise ValueError(
-            "config.data_dir is not set: pass --config.data_dir=DIR (the config file's docstring shows "
-            "the folder layout it expects)"
-        )
-    model, res, path = make_model(config)
-    tok_spec = _get(config, "tokenizer", "")
-    if str(_get(config, "model_init", "")).startswith("kaggle:") and not tok_spec:
-        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
+def setup(config: Any, *, shapes_only: bool = False) -> _Setup:
+    """Everything decided before compute: model, tokenizer, mesh, shapes, shardings, optimizer (errors early).
 
-        tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
-    tok = tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
-    res = int(_get(config.input, "res", res or 224))
-    text_len = int(_get(config.input, "text_len", 128))
+    `shapes_only` (for `plan`): with a preset, no checkpoint is resolved or read and no tokenizer is loaded, so
+    nothing is downloaded and no data, credentials or files are needed; `tok` and `path` are None.
+    """
+    config = config_base.complete(config)
+    config_base.validate(config)
+    model, _, path = make_model(config, shapes_only=shapes_only)
+    tok = None
+    if not shapes_only:
+        tok_spec = config.tokenizer
+        if str(config.model_init).startswith("kaggle:") and not tok_spec:
+            from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
+
+            tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
+        tok = tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
+    res = int(config.input.res)
+    text_len = int(config.input.text_len)
     devices = jax.devices()
-    if n := _get(config, "num_devices"):  # Use only the first n devices (tests; sharing a host).
+    if n := config.num_devices:  # Use only the first n devices (tests; sharing a host).
         devices = devices[: int(n)]
-    mesh = sharding_lib.make_mesh([tuple(a) for a in _get(config, "mesh", DEFAULT_MESH)], devices)
-    strategy = [tuple(r) for r in _get(config, "sharding_strategy", DEFAULT_SHARDING)]
+    mesh = sharding_lib.make_mesh([tuple(a) for a in config.mesh], devices)
+    strategy = [tuple(r) for r in config.sharding_strategy]
     sharding_lib.check_batch_divisible(int(config.input.batch_size), mesh)
     shapes = predictor_lib.init_shapes(model, res, text_len + 1)
-    tokenizer_lib.check_vocab(
-        tok,
-        shapes["llm"]["embedder"]["input_embedding"].shape[0],
-        source=path or _get(config, "model_name_or_preset", "the config"),
-    )
+    if tok is not None:
+        tokenizer_lib.check_vocab(
+            tok,
+            shapes["llm"]["embedder"]["input_embedding"].shape[0],
+            source=path or config.model_name_or_preset or "the config",
+        )
     p_shard = sharding_lib.infer_sharding(shapes, strategy, mesh)
     dtypes = optim.param_dtypes(shapes, config)
     tx, sched_fns = optim.make_optimizer(
         config, shapes, total_steps=int(config.total_steps), batch_size=int(config.input.batch_size)
     )
-    trainable = optim.trainable_mask(shapes, _get(config, "schedule", {}))
+    trainable = optim.trainable_mask(shapes, config.schedule)
     shapes = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
     opt_shapes = jax.eval_shape(tx.init, shapes)
     o_shard = sharding_lib.opt_state_sharding(opt_shapes, shapes, strategy, mesh)
@@ -229,7 +232,7 @@ class _Loggers:
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
         except ImportError:
             pass
-        if wb := _get(config, "wandb"):
+        if wb := config.wandb:
             import wandb  # noqa: PLC0415 - optional: only when configured.
 
             wb = wb.to_dict() if hasattr(wb, "to_dict") else dict(wb)
@@ -261,10 +264,11 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     Returns:
       The last logged metrics (training and evaluation), as plain floats.
     """
-    if isinstance(config, Mapping) and not isinstance(config, ml_collections.ConfigDict):
-        config = ml_collections.ConfigDict(config)
+    config = config_base.complete(config)
+    config_base.validate(config)
+    config_base.check_data_paths(config)  # The trainer reads its data: a path built from an unset data_dir fails.
     sharding_lib.maybe_initialize_distributed(config)
-    if cache_dir := _get(config, "compilation_cache_dir"):
+    if cache_dir := config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +279,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     repl = s.state_shard["step"]
 
     train_iter = data_lib.make_train_iter(config.input, s.tok)
-    manager = train_state.make_manager(workdir / "checkpoints", max_to_keep=_get(config, "keep_ckpts", 2))
+    manager = train_state.make_manager(workdir / "checkpoints", max_to_keep=config.keep_ckpts)
     loggers = _Loggers(workdir, config)
     restored = train_state.restore_latest(manager, s.state_abstract, s.state_shard)
     restored_step = None if restored is None else int(restored[0]["step"])
@@ -296,19 +300,19 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
             "params": params,
             "opt": opt,
             "step": jax.device_put(jnp.int32(0), repl),
-            "rng": jax.device_put(jax.random.PRNGKey(int(_get(config, "seed", 0))), repl),
+            "rng": jax.device_put(jax.random.PRNGKey(int(config.seed)), repl),
         }
         step = 0
     overview = run_report.param_overview(state["params"], s.trainable, s.state_shard["params"])
-    if _get(config, "quiet", False) is False:
+    if not config.quiet:
         print(f"Devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(s.mesh.shape)}")
         print(overview)
 
     step_cfg = StepConfig(
-        label_smoothing=float(_get(config, "label_smoothing", 0.0)),
-        reduction=_get(config, "loss_reduction", "example_mean"),
-        micro_batches=int(_get(config, "grad_accum_steps", 1)),
-        lr=float(_get(config, "lr", 1.0)),
+        label_smoothing=float(config.label_smoothing),
+        reduction=config.loss_reduction,
+        micro_batches=int(config.grad_accum_steps),
+        lr=float(config.lr),
     )
     step_fn = jax.jit(
         functools.partial(
@@ -324,7 +328,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
         out_shardings=(s.state_shard, repl),
     )
     predictor = predictor_lib.Predictor(s.model, None, s.tok, res=s.res)
-    evals = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in (_get(config, "evals", {})).items()}
+    evals = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in config.evals.items()}
 
     def evaluate(at: int) -> dict[str, float]:
         due = [name for name, e in evals.items() if _eval_due(e, at, total_steps)]
@@ -339,13 +343,13 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     last: dict[str, float] = {}
     timings: dict[str, float] = {}
     last.update(evaluate(step))  # Step 0, or the restored step (its evaluations were rewound).
-    ckpt_steps = int(_get(config, "ckpt_steps", 0) or 0)
+    ckpt_steps = int(config.ckpt_steps or 0)
     bar = tqdm.tqdm(
         total=total_steps,
         initial=step,
         desc="train",
         unit="step",
-        disable=_get(config, "quiet", False) or jax.process_index() != 0,
+        disable=config.quiet or jax.process_index() != 0,
     )
     compiled = None
     try:
@@ -411,8 +415,8 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
         if steps_s:
             timings["median step seconds"] = float(np.median(steps_s))
         report = run_report.write_report(workdir, config, s.mesh, overview, timings)
-        if not _get(config, "quiet", False):
-            print(run_report.console_summary(rows, workdir / "eval", limit=int(_get(config, "show_predictions", 3))))
+        if not config.quiet:
+            print(run_report.console_summary(rows, workdir / "eval", limit=int(config.show_predictions)))
             print(f"Wrote {workdir / 'params.npz'}, {report} and {workdir / 'metrics.jsonl'}.")
     loggers.close()
     manager.close()
