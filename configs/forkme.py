@@ -28,8 +28,6 @@ stops when it opens the data, naming `input.data.path`.
 import ml_collections
 from ml_collections import config_dict
 
-LOCAL_KEYS = ("train_file", "val_file")  # Keys of this file only (the data paths follow them); see paligemma_ft.config.
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the template's config (big_vision key names). `arg` is unused."""
@@ -39,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- EDIT: where your data is -----------------------------------------------------------------------------
     c.data_dir = config_dict.placeholder(str)  # Required: your folder (or pass --config.data_dir=DIR).
+    c.local_keys = ("train_file", "val_file")  # This file's own keys (the library reads neither).
     c.train_file = "train.jsonl"  # Training file, relative to data_dir.
     c.val_file = "val.jsonl"  # Validation file, relative to data_dir.
     train_path = c.get_ref("data_dir") + "/" + c.get_ref("train_file")  # Follows the overrides above.

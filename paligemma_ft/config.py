@@ -7,8 +7,8 @@ config shipped with the package (`configs/` of the repository, `paligemma_ft.con
 
 The file's config is laid over the declared base (`paligemma_ft.config_base`): the keys it sets win, the others
 get their declared defaults, and a key declared nowhere fails, naming the file, the key and the closest declared
-keys. A file may add top-level keys for its own use (paths it builds with `get_ref`) by listing them in a
-module-level `LOCAL_KEYS` tuple. The result is locked before overrides are applied, so a typo in an override
+keys. A file may add top-level keys for its own use (names its paths follow with `get_ref`) by listing them in
+`config.local_keys`. The result is locked before overrides are applied, so a typo in an override
 fails the same way instead of silently adding a field that nothing reads; only open groups (`model.llm`,
 `evals`, ...) accept new keys. Override values are Python literals read with `ast.literal_eval` (never `eval`);
 anything that is not a literal stays a string.
@@ -192,7 +192,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
             f"config file {file}: get_config() returned a {type(config).__name__}, "
             "expected an ml_collections.ConfigDict"
         )
-    config_base.complete(config, f"config file {file}", getattr(module, "LOCAL_KEYS", ()))
+    config_base.complete(config, f"config file {file}")
     config.lock()
     for item in overrides:
         apply_override(config, item)

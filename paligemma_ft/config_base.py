@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key the library reads, with its default. A fresh, unlocked ConfigDict each call."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds the random init, dropout and the training RNG.
+    c.local_keys = ()  # Top-level keys a config file adds for its own use (e.g. file names its paths follow).
 
     # --- Model ----------------------------------------------------------------------------------------------
     c.model_name_or_preset = ""  # Architecture (paligemma_ft.model.presets); "" = inferred from model_init's shapes.
@@ -157,14 +158,13 @@ def _fill(node: ml_collections.ConfigDict, base: ml_collections.ConfigDict, path
 
 
 def complete(
-    config: ml_collections.ConfigDict | Mapping[str, Any], origin: str = "the config", local_keys: Any = ()
+    config: ml_collections.ConfigDict | Mapping[str, Any], origin: str = "the config"
 ) -> ml_collections.ConfigDict:
     """`config` with every declared key: a ConfigDict is completed in place (references kept), a dict is copied.
 
     Args:
       config: a config as a file or code builds it (any subset of the declared keys).
       origin: what to name in errors (a config file's path).
-      local_keys: top-level keys the config file adds for its own use (its `LOCAL_KEYS`), e.g. `train_file`.
 
     Raises:
       ValueError: a key that is not declared (naming it, `origin` and the closest declared keys), or a value
@@ -173,7 +173,7 @@ def complete(
     if not isinstance(config, ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(dict(config))
     with config.unlocked():
-        _fill(config, base_config(), "", origin, set(local_keys))
+        _fill(config, base_config(), "", origin, {"local_keys", *(config.get("local_keys") or ())})
     return config
 
 

@@ -32,7 +32,10 @@ from paligemma_ft.utils import tree_flatten_with_names
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
-USER_DATA_CONFIGS = [name for name in CONFIGS if "data_dir" in load_config(str(CONFIG_DIR / name))]
+# Configs whose data paths follow a required `data_dir` placeholder (every config has the key, declared None).
+USER_DATA_CONFIGS = [
+    name for name in CONFIGS if "c.data_dir = config_dict.placeholder(str)" in (CONFIG_DIR / name).read_text()
+]
 DEMO_NPZ = predictor.resolve_checkpoint("builtin:demo")
 TINY_MODEL = [
     "--config.model_init=builtin:demo",
@@ -102,7 +105,7 @@ def tiny_config(name: str, data_dir: pathlib.Path | None):
         "--config.total_steps=2",
         "--config.ckpt_steps=0",
     ]
-    if "data_dir" in config and data_dir is not None:
+    if data_dir is not None:
         overrides.append(f"--config.data_dir={data_dir}")
     if config.input.data.get("source") == "shapes":
         overrides.append("--config.input.data.n=16")
