@@ -180,13 +180,14 @@ def complete(
 # --- Validation before compute ---------------------------------------------------------------------------------
 
 
-def _problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+def _problems(config: ml_collections.ConfigDict, training: bool) -> Iterator[str]:
     def num(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     total = config.total_steps
     if total is None:
-        yield "config.total_steps is not set: pass --config.total_steps=N"
+        if training:
+            yield "config.total_steps is not set: pass --config.total_steps=N"
     elif not isinstance(total, int) or isinstance(total, bool) or total < 0:
         yield f"config.total_steps={total!r}: must be an integer >= 0"
     accum = config.grad_accum_steps
@@ -216,13 +217,15 @@ def _problems(config: ml_collections.ConfigDict) -> Iterator[str]:
                 yield f"config.evals.{name}.{key}={value!r}: must be an integer >= 1"
 
 
-def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any], *, training: bool = True) -> None:
     """Checks the values that are wrong whatever the data and model (train, plan and evaluate call it first).
+
+    `training=False` (evaluate) does not require `total_steps`.
 
     Raises:
       ValueError: every problem found, each naming its key, e.g. `config.grad_accum_steps=0: must be >= 1`.
     """
-    problems = list(_problems(complete(config)))
+    problems = list(_problems(complete(config), training))
     if problems:
         raise ValueError("; ".join(problems))
 

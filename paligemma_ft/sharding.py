@@ -314,7 +314,7 @@ def maybe_initialize_distributed(config: Any) -> bool:
     Returns:
       Whether `initialize` was called now (False on a single host or when already initialized).
     """
-    group = config.get("distributed") if hasattr(config, "get") else None
+    group: Any = config.get("distributed") if hasattr(config, "get") else None
     kwargs: dict[str, Any] = {}
     if hasattr(group, "get"):  # The declared group (paligemma_ft.config_base).
         wanted = group.get("enabled")

@@ -255,6 +255,16 @@ def test_bad_values_stop_train_plan_and_evaluate_before_compute(override, messag
         evaluate_command(config, outdir=tmp_path / "eval")
 
 
+def test_total_steps_is_required_for_training_only(tmp_path, no_compute):
+    config = config_base.complete({"model_init": "builtin:demo", "input": {"res": 64}})
+    assert config.total_steps is None
+    config_base.validate(config, training=False)  # evaluate needs no number of steps.
+    with pytest.raises(ValueError, match=r"config\.total_steps is not set: pass --config\.total_steps=N"):
+        train.run(config, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"config\.total_steps is not set"):
+        plan.make_plan(config, arithmetic_only=True)
+
+
 def test_bad_value_from_the_command_line_is_one_line(tmp_path, capsys):
     assert cli.main(["train", "--config", "demo", "--workdir", str(tmp_path / "w"), "--config.grad_accum_steps=0"]) == 2
     err = capsys.readouterr().err

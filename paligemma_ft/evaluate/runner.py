@@ -117,7 +117,7 @@ def evaluate_command(
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - lazy: keeps `--help` instant.
 
     config = config_base.complete(config)
-    config_base.validate(config)
+    config_base.validate(config, training=False)
     evals = _plain(config.evals)
     if not evals:
         raise ValueError(

@@ -274,11 +274,13 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.save_config(config, workdir / "config.json")
     s = setup(config)
+    tok = s.tok
+    assert tok is not None  # Loaded by every setup but a shapes-only one (plan).
     total_steps, batch_size = int(config.total_steps), int(config.input.batch_size)
     b_shard = sharding_lib.batch_sharding(s.mesh)
     repl = s.state_shard["step"]
 
-    train_iter = data_lib.make_train_iter(config.input, s.tok)
+    train_iter = data_lib.make_train_iter(config.input, tok)
     manager = train_state.make_manager(workdir / "checkpoints", max_to_keep=config.keep_ckpts)
     loggers = _Loggers(workdir, config)
     restored = train_state.restore_latest(manager, s.state_abstract, s.state_shard)
@@ -327,7 +329,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
         in_shardings=(s.state_shard, b_shard),
         out_shardings=(s.state_shard, repl),
     )
-    predictor = predictor_lib.Predictor(s.model, None, s.tok, res=s.res)
+    predictor = predictor_lib.Predictor(s.model, None, tok, res=s.res)
     evals = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in config.evals.items()}
 
     def evaluate(at: int) -> dict[str, float]:
