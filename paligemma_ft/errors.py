@@ -16,6 +16,8 @@ import os
 import pathlib
 import tempfile
 
+DEBUG_ENV = "PALIGEMMA_FT_DEBUG"  # Set to 1 to see the traceback behind a one-line error (CLI and app page).
+
 # OS errors that come from the user's paths and permissions, not from a bug: reported in one line.
 USER_ERRNOS = frozenset(
     {

@@ -215,6 +215,9 @@ def test_page_shows_model_errors(monkeypatch, tmp_path):
         assert_no_traceback(at)
         assert len(at.error) == 1 and f"{name}.npz" in at.error[0].value and phrase in at.error[0].value, name
         assert not at.code
+    monkeypatch.setenv("PALIGEMMA_FT_DEBUG", "1")  # Then the page shows the traceback instead.
+    at = run_page(monkeypatch, checkpoint=str(tmp_path / "garbage.npz"), tokenizer="builtin:tiny")
+    assert len(at.exception) == 1 and "garbage.npz" in at.exception[0].message and not at.error
 
 
 def test_page_tasks_options_and_detections(monkeypatch):

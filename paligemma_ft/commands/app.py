@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from paligemma_ft.commands import app_logic as logic
+from paligemma_ft.errors import DEBUG_ENV
 from paligemma_ft.safety import redact_text
 
 _DEFAULT_TEXT = {"question": "how many circles are there?", "detect": "circle", "free prompt": "caption en"}
@@ -104,7 +105,7 @@ def render_page() -> None:
         st.warning(str(e))
         return
     except Exception as e:  # noqa: BLE001 - the page shows every failure as a message, never a traceback.
-        if os.environ.get("PALIGEMMA_FT_DEBUG"):
+        if os.environ.get(DEBUG_ENV):
             raise
         st.error(f"The model failed on this input: {type(e).__name__}: {redact_text(str(e))}")
         return

@@ -11,6 +11,7 @@ every refusal the page shows as a message, is testable as a plain function:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import numpy as np
 from paligemma_ft.data import shapes
 from paligemma_ft.data.errors import BadExample
 from paligemma_ft.data.images import decode_image
-from paligemma_ft.errors import is_user_error
+from paligemma_ft.errors import DEBUG_ENV, is_user_error
 from paligemma_ft.safety import redact_text
 
 # Limits for uploads. Streamlit refuses files above `server.maxUploadSize` (MB) before they reach the page (the
@@ -171,7 +172,8 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
     Raises:
       ModelLoadError: a missing checkpoint or tokenizer, an unreadable, corrupt, truncated or pickled file, a
         checkpoint or tokenizer that does not fit the model, missing Kaggle credentials; the message names them.
-        Other exceptions are bugs and propagate (Streamlit shows their traceback).
+        Other exceptions are bugs and propagate (Streamlit shows their traceback), as does every error when
+        `PALIGEMMA_FT_DEBUG=1`.
     """
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - JAX loads only when a model is needed.
 
@@ -180,7 +182,7 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
         try:
             predictor = load_predictor(checkpoint, tokenizer or None)
         except Exception as e:  # noqa: BLE001 - user errors become a message in the page; bugs are re-raised.
-            if not is_user_error(e):
+            if not is_user_error(e) or os.environ.get(DEBUG_ENV):
                 raise
             text = redact_text(str(e))
             raise ModelLoadError(

@@ -27,12 +27,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from paligemma_ft.errors import UserError, check_output_dir, describe_os_error, is_user_error
+from paligemma_ft.errors import DEBUG_ENV, UserError, check_output_dir, describe_os_error, is_user_error
 from paligemma_ft.safety import printable, redact_text
 
 # Commands that are registered but whose implementation is future work: (module, function) they will call.
 _FUTURE: dict[str, tuple[str, str, str]] = {}
-_DEBUG_ENV = "PALIGEMMA_FT_DEBUG"  # Set to 1 to see the traceback behind a one-line error.
 _MAX_DETAIL_LINES = 40  # Indented lines under the `error:` line (a mismatch can list every parameter).
 
 
@@ -270,8 +269,8 @@ def format_error(error: BaseException, *, hint: bool = True) -> str:
     text = describe_os_error(error) if isinstance(error, OSError) else str(error) or type(error).__name__
     first, *rest = redact_text(text).splitlines() or [type(error).__name__]
     if len(rest) > _MAX_DETAIL_LINES:
-        rest = [*rest[:_MAX_DETAIL_LINES], f"... {len(rest) - _MAX_DETAIL_LINES} more lines ({_DEBUG_ENV}=1 shows all)"]
-    suffix = f" (set {_DEBUG_ENV}=1 for the traceback)" if hint else ""
+        rest = [*rest[:_MAX_DETAIL_LINES], f"... {len(rest) - _MAX_DETAIL_LINES} more lines ({DEBUG_ENV}=1 shows all)"]
+    suffix = f" (set {DEBUG_ENV}=1 for the traceback)" if hint else ""
     return "\n".join([f"error: {printable(first)}{suffix}", *(f"  {printable(line.rstrip())}" for line in rest)])
 
 
@@ -295,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_error(e, hint=False), file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised.
-        if not is_user_error(e) or os.environ.get(_DEBUG_ENV):
+        if not is_user_error(e) or os.environ.get(DEBUG_ENV):
             raise
         print(format_error(e), file=sys.stderr)
         return 2
