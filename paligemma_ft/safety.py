@@ -64,7 +64,7 @@ _ASSIGNMENT = re.compile(
 )
 _TOKEN_PREFIXES = re.compile(
     r"^(?:(?:hf_|api_org_|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|glpat-|sk-|sk_live_|rk_live_|xox[abposr]-|ya29\.|"
-    r"KGAT_)[A-Za-z0-9._\-]{8,}|(?:AKIA|ASIA)[0-9A-Z]{16}|AIza[0-9A-Za-z_\-]{30,}|eyJ[A-Za-z0-9_\-]{8,}\.eyJ[\w.\-]*)"
+    r"KGAT_)[A-Za-z0-9_\-]{16,}|(?:AKIA|ASIA)[0-9A-Z]{16}|AIza[0-9A-Za-z_\-]{30,}|eyJ[A-Za-z0-9_\-]{8,}\.eyJ[\w.\-]*)"
 )
 _EXCEPTION_NAME = re.compile(r"(?:Error|Exception|Warning)$")
 _RANDOM_LOOKING = re.compile(r"^[A-Za-z0-9_\-+=]{24,}$")
