@@ -28,10 +28,8 @@ from typing import Any
 import ml_collections
 
 from paligemma_ft import config_base
+from paligemma_ft.safety import redact  # Re-exported: `config.redact` is what callers use.
 
-# Config names that hold credentials: the last `_`-separated word of the name. Whole words, so that
-# `tokenizer` or `text_len` are kept; only string values are dropped (an integer `rng_key` is not a secret).
-_SECRET_WORDS = frozenset({"key", "apikey", "token", "password", "passwd", "secret", "credential", "credentials"})
 _PATH_ARG = re.compile(r"^(?P<path>.+?\.py)(?::(?P<arg>.*))?$")
 _NAME_ARG = re.compile(r"^(?P<name>[A-Za-z_]\w*)(?::(?P<arg>.*))?$")
 
@@ -197,20 +195,6 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     for item in overrides:
         apply_override(config, item)
     return config
-
-
-def _is_secret(name: str, value: Any) -> bool:
-    words = re.split(r"[_\-.]", str(name).lower())
-    return isinstance(value, str) and bool(value) and words[-1] in _SECRET_WORDS
-
-
-def redact(tree: Any) -> Any:
-    """A copy of a nested dict/list with credential-like string fields (`api_key`, `hf_token`, ...) removed."""
-    if isinstance(tree, dict):
-        return {k: redact(v) for k, v in tree.items() if not _is_secret(k, v)}
-    if isinstance(tree, (list, tuple)):
-        return [redact(v) for v in tree]
-    return tree
 
 
 def save_config(config: ml_collections.ConfigDict | dict, path: str | os.PathLike) -> None:

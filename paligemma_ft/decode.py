@@ -15,6 +15,7 @@ Axes: B batch, L prompt text length, P prompt length incl. image tokens, M max_d
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_ft.errors import UserError
 from paligemma_ft.model import Model
 
 PyTree = Any
@@ -47,48 +49,105 @@ class Sampler:
     length_penalty: float = 0.0
 
 
+class DecodeOptionError(UserError, ValueError):
+    """A decoding option that cannot be used (e.g. `max_decode_len < 1`); the message names it."""
+
+
+class SamplerError(DecodeOptionError):
+    """A sampler spec that cannot be used: unknown name or keyword, a value out of range or not finite."""
+
+
 _SPEC = re.compile(r"^\s*(\w+)\s*(?:\((.*)\))?\s*$")
+_EXAMPLES = "e.g. 'greedy', 'temperature(0.7)', 'top_k(40)', 'nucleus(0.9)', 'beam(3)'"
+# Each sampler's arguments in positional order, and the keywords that name them.
+_ARGS: dict[str, tuple[str, ...]] = {
+    "greedy": (),
+    "temperature": ("t",),
+    "top_k": ("k", "t"),
+    "nucleus": ("p", "t"),
+    "beam": ("n", "alpha"),
+}
+_NAMES = {"topk": "top_k", "top_p": "nucleus"}  # Aliases.
+_KEYWORDS = {"temperature": "t", "beam_size": "n"}  # Long names of arguments.
+
+
+def _sampler_args(spec: str, name: str, argstr: str) -> dict[str, float]:
+    """`{argument: value}` of a spec's parenthesised arguments, each known, given once, and a finite number."""
+    known = _ARGS[name]
+    args: dict[str, float] = {}
+    positional, keyword_seen = 0, False
+    for part in filter(None, (a.strip() for a in argstr.split(","))):
+        key, eq, val = part.partition("=")
+        if eq:
+            keyword_seen, key = True, _KEYWORDS.get(key.strip(), key.strip())
+            if key not in known:
+                takes = f"it takes {', '.join(known)}" if known else "it takes no arguments"
+                raise SamplerError(f"sampler {spec!r}: unknown keyword {key!r} for {name}; {takes}")
+        else:
+            if keyword_seen:
+                raise SamplerError(f"sampler {spec!r}: positional argument {part!r} after a keyword argument")
+            if positional >= len(known):
+                takes = f"at most {len(known)} argument(s) ({', '.join(known)})" if known else "no arguments"
+                raise SamplerError(f"sampler {spec!r}: {name} takes {takes}")
+            key, val, positional = known[positional], part, positional + 1
+        if key in args:
+            raise SamplerError(f"sampler {spec!r}: {key} is given twice")
+        try:
+            number = float(val)
+        except ValueError:
+            raise SamplerError(f"sampler {spec!r}: {key}={val.strip()!r} is not a number") from None
+        if not math.isfinite(number):
+            raise SamplerError(f"sampler {spec!r}: {key} must be a finite number, got {val.strip()}")
+        args[key] = number
+    return args
+
+
+def _whole(spec: str, key: str, value: float) -> int:
+    if value != int(value) or value < 1:
+        raise SamplerError(f"sampler {spec!r}: {key} must be a whole number >= 1, got {value:g}")
+    return int(value)
 
 
 def parse_sampler(spec: str | Sampler) -> Sampler:
     """Parses "greedy", "temperature(0.7)", "top_k(40)", "top_k(k=40, t=0.8)", "nucleus(0.9)", "beam(3)",
-    "beam(4, alpha=0.6)". Numbers only: nothing is evaluated as code."""
+    "beam(4, alpha=0.6)" (`topk`, `top_p`, `temperature=`, `beam_size=` are aliases). Numbers only: nothing is
+    evaluated as code.
+
+    Raises:
+      SamplerError: an unknown sampler or keyword, or a value out of range, each named: `k >= 1` and `n >= 1`
+        whole numbers, `0 < p <= 1`, temperature `t > 0` (use greedy for t = 0), `alpha >= 0`, all finite.
+    """
     if isinstance(spec, Sampler):
         return spec
-    m = _SPEC.match(spec or "")
+    m = _SPEC.match(spec or "") if isinstance(spec, str) else None
     if not m:
-        raise ValueError(
-            f"Cannot parse sampler {spec!r}; e.g. 'greedy', 'temperature(0.7)', 'top_k(40)', 'nucleus(0.9)', 'beam(3)'."
+        raise SamplerError(f"cannot parse sampler {spec!r}; {_EXAMPLES}")
+    name, argstr = _NAMES.get(m.group(1), m.group(1)), (m.group(2) or "").strip()
+    if name not in _ARGS:
+        raise SamplerError(
+            f"unknown sampler {m.group(1)!r} in {spec!r}: use greedy, temperature, top_k, nucleus (top_p) or beam"
         )
-    name, argstr = m.group(1), (m.group(2) or "").strip()
-    pos, kw = [], {}
-    for part in filter(None, (a.strip() for a in argstr.split(","))):
-        key, eq, val = part.partition("=")
-        try:
-            num = float(val if eq else key)
-        except ValueError:
-            raise ValueError(f"Sampler {spec!r}: argument {part!r} is not a number.") from None
-        if eq:
-            kw[key.strip()] = num
-        else:
-            pos.append(num)
-    first = pos[0] if pos else None
-    t = kw.get("t", kw.get("temperature", pos[1] if len(pos) > 1 else 1.0))
+    args = _sampler_args(spec, name, argstr)
+    t = args.get("t", 1.0)
+    if t <= 0:
+        raise SamplerError(f"sampler {spec!r}: temperature t must be > 0, got {t:g} (for t = 0 use 'greedy')")
     if name == "greedy":
         return Sampler("greedy")
     if name == "temperature":
-        return Sampler("temperature", temperature=kw.get("t", first if first is not None else 1.0))
-    if name in ("top_k", "topk"):
-        return Sampler("top_k", k=int(kw.get("k", first or 1)), temperature=t)
-    if name in ("nucleus", "top_p"):
-        return Sampler("nucleus", p=kw.get("p", first if first is not None else 1.0), temperature=t)
-    if name == "beam":
-        return Sampler(
-            "beam",
-            beam_size=int(kw.get("n", first or 1)),
-            length_penalty=kw.get("alpha", pos[1] if len(pos) > 1 else 0.0),
-        )
-    raise ValueError(f"Unknown sampler {name!r}: use greedy, temperature, top_k, nucleus (top_p) or beam.")
+        return Sampler("temperature", temperature=t)
+    if name == "top_k":
+        if "k" not in args:
+            raise SamplerError(f"sampler {spec!r}: top_k needs k, e.g. top_k(40)")
+        return Sampler("top_k", k=_whole(spec, "k", args["k"]), temperature=t)
+    if name == "nucleus":
+        p = args.get("p", 1.0)
+        if not 0 < p <= 1:
+            raise SamplerError(f"sampler {spec!r}: p must be in (0, 1], got {p:g}")
+        return Sampler("nucleus", p=p, temperature=t)
+    alpha = args.get("alpha", 0.0)
+    if alpha < 0:
+        raise SamplerError(f"sampler {spec!r}: the length penalty alpha must be >= 0, got {alpha:g}")
+    return Sampler("beam", beam_size=_whole(spec, "n", args.get("n", 1)), length_penalty=alpha)
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, sampler: Sampler) -> jax.Array:
@@ -97,6 +156,8 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, sampler: Sampler) -> jax.Ar
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampler.temperature
     if sampler.kind == "top_k":
+        if sampler.k > logits.shape[-1]:  # Known when tracing: refused before anything runs.
+            raise SamplerError(f"sampler top_k({sampler.k}): k is larger than the vocabulary ({logits.shape[-1]})")
         kth = jax.lax.top_k(logits, sampler.k)[0][:, -1:]
         logits = jnp.where(logits < kth, _NEG_INF, logits)
     elif sampler.kind == "nucleus":
@@ -306,6 +367,8 @@ def decode(
       tokens i32[B, M], plus logp f32[B, M] if `return_logp`.
     """
     sampler = parse_sampler(sampler)
+    if int(max_decode_len) < 1:
+        raise DecodeOptionError(f"max_decode_len must be >= 1 (tokens to generate), got {max_decode_len}")
     model = _with_cache_dtype(model, cache_dtype)
     if rng is None:
         rng = 0

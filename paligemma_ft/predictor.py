@@ -29,6 +29,7 @@ import numpy as np
 from paligemma_ft import decode as decode_lib
 from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
+from paligemma_ft.data import images as images_lib
 from paligemma_ft.data import transforms
 from paligemma_ft.model import Model, get_preset, infer_config_from_shapes
 
@@ -185,8 +186,7 @@ class Predictor:
     def prepare_image(self, image: ImageLike) -> np.ndarray:
         """f32[res, res, 3] in [-1, 1] from a path, bytes, PIL image or uint8 array (decode errors raise)."""
         if isinstance(image, (str, os.PathLike)):
-            with open(image, "rb") as f:
-                image = f.read()
+            image = images_lib.read_image_file(image)  # Regular files within the size limit only.
         elif hasattr(image, "save") and hasattr(image, "mode"):  # A PIL image.
             image = np.asarray(image.convert("RGB"))
         return transforms.value_range(transforms.resize(transforms.decode_image(image), self.res))

@@ -31,6 +31,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from paligemma_ft.errors import UserError
+
 _LOG = logging.getLogger(__name__)
 
 KAGGLE_WEB = "https://www.kaggle.com"
@@ -43,7 +45,7 @@ SPEC_PREFIX = "kaggle:"
 # ------------------------------------------------------------------------------------------------- errors
 
 
-class KaggleError(Exception):
+class KaggleError(UserError):
     """A Kaggle checkpoint cannot be had; the message says why and what to do."""
 
 

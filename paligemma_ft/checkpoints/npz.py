@@ -41,6 +41,7 @@ import ml_dtypes
 import numpy as np
 import scipy.ndimage
 
+from paligemma_ft.errors import UserError
 from paligemma_ft.utils import PyTree, names_and_shapes, recover_tree, tree_flatten_with_names
 
 _LOG = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ _GATING = re.compile(r"(?:.*/)?mlp/gating_einsum")
 DtypeSpec = Any  # None | dtype-like | callable(name) -> dtype-like | tree of dtype-likes / ShapeDtypeStructs.
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint file cannot be read or written (missing, not a zip, truncated, pickled, ...)."""
 
 

@@ -6,8 +6,10 @@
 
 Pick a generated sample or upload an image, choose a task (caption, question, detect: boxes drawn on the image,
 or a free prompt) and the decoding options, and see the answer with its latency. Bad uploads (not an image, too
-large, too many pixels) and a checkpoint that cannot be loaded (missing, or a tokenizer that does not fit it) are
-shown as messages in the page. The logic lives in `paligemma_ft.commands.app_logic`; this file only lays out the page.
+large, too many pixels, a format outside the allow-list) and a checkpoint that cannot be loaded (missing, corrupt,
+truncated, pickled, or a tokenizer that does not fit it) are shown as messages in the page, with secrets masked;
+`PALIGEMMA_FT_DEBUG=1` shows the traceback of a failed answer instead. The logic lives in
+`paligemma_ft.commands.app_logic`; this file only lays out the page.
 
 `streamlit run paligemma_ft/commands/app.py` works too: the model then comes from the environment variables
 `PALIGEMMA_FT_APP_CHECKPOINT` and `PALIGEMMA_FT_APP_TOKENIZER` (what `paligemma-ft app` sets), default the
@@ -22,6 +24,8 @@ import sys
 from typing import Any
 
 from paligemma_ft.commands import app_logic as logic
+from paligemma_ft.errors import DEBUG_ENV
+from paligemma_ft.safety import redact_text
 
 _DEFAULT_TEXT = {"question": "how many circles are there?", "detect": "circle", "free prompt": "caption en"}
 
@@ -101,7 +105,9 @@ def render_page() -> None:
         st.warning(str(e))
         return
     except Exception as e:  # noqa: BLE001 - the page shows every failure as a message, never a traceback.
-        st.error(f"The model failed on this input: {type(e).__name__}: {e}")
+        if os.environ.get(DEBUG_ENV):
+            raise
+        st.error(f"The model failed on this input: {type(e).__name__}: {redact_text(str(e))}")
         return
 
     with left:

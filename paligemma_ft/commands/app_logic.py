@@ -11,6 +11,7 @@ every refusal the page shows as a message, is testable as a plain function:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,14 +20,17 @@ from typing import Any
 import numpy as np
 
 from paligemma_ft.data import shapes
-from paligemma_ft.data.transforms import BadExample, decode_image
+from paligemma_ft.data.errors import BadExample
+from paligemma_ft.data.images import decode_image
+from paligemma_ft.errors import DEBUG_ENV, is_user_error
+from paligemma_ft.safety import redact_text
 
 # Limits for uploads. Streamlit refuses files above `server.maxUploadSize` (MB) before they reach the page (the
 # launcher sets it to MAX_UPLOAD_MB); the page checks again, for `streamlit run` started by hand.
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; the header is checked before any pixel is decoded.
-IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp")
+IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tiff")  # `data.images.ALLOWED_FORMATS`, by content.
 
 TASKS = ("caption", "question", "detect", "free prompt")
 SAMPLERS = ("greedy", "temperature(0.7)", "top_k(40)", "nucleus(0.9)", "beam(3)")
@@ -43,7 +47,8 @@ class UploadError(ValueError):
 
 
 class ModelLoadError(ValueError):
-    """The checkpoint or tokenizer cannot be loaded (missing file, mismatch); the message says which and why."""
+    """The checkpoint or tokenizer cannot be loaded (missing, corrupt, truncated or pickled file, mismatch, missing
+    Kaggle credentials); the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +170,10 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
     """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the builtin model's own).
 
     Raises:
-      ModelLoadError: a missing checkpoint or tokenizer, an unreadable file, or a tokenizer that does not fit the
-        model; the message names them.
+      ModelLoadError: a missing checkpoint or tokenizer, an unreadable, corrupt, truncated or pickled file, a
+        checkpoint or tokenizer that does not fit the model, missing Kaggle credentials; the message names them.
+        Other exceptions are bugs and propagate (Streamlit shows their traceback), as does every error when
+        `PALIGEMMA_FT_DEBUG=1`.
     """
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - JAX loads only when a model is needed.
 
@@ -174,9 +181,12 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
         warnings.simplefilter("always")
         try:
             predictor = load_predictor(checkpoint, tokenizer or None)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - user errors become a message in the page; bugs are re-raised.
+            if not is_user_error(e) or os.environ.get(DEBUG_ENV):
+                raise
+            text = redact_text(str(e))
             raise ModelLoadError(
-                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tokenizer or 'builtin:tiny (default)'}: {e}"
+                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tokenizer or 'builtin:tiny (default)'}: {text}"
             ) from None
     return predictor, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 

@@ -11,6 +11,11 @@
 
 Everything here is callable from Python (`main([...])` returns the exit code), and each command imports its
 module only when it runs, so `paligemma-ft download` does not pay for importing JAX models.
+
+Every failure the user caused (a bad flag, config value, file, checkpoint, sampler, output folder, missing
+credentials: `paligemma_ft.errors.is_user_error`) is reported as one `error: ...` line on stderr (details, if any,
+on indented lines below it), with secrets masked and control characters made visible, and exit code 2.
+`PALIGEMMA_FT_DEBUG=1` raises it instead, with its traceback. Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from paligemma_ft.errors import DEBUG_ENV, UserError, check_output_dir, describe_os_error, is_user_error
+from paligemma_ft.safety import printable, redact_text
+
 # Commands that are registered but whose implementation is future work: (module, function) they will call.
 _FUTURE: dict[str, tuple[str, str, str]] = {}
-_DEBUG_ENV = "PALIGEMMA_FT_DEBUG"  # Set to 1 to see the traceback behind a one-line error.
+_MAX_DETAIL_LINES = 40  # Indented lines under the `error:` line (a mismatch can list every parameter).
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A bad command line: reported as one `error: ...` line and exit code 2."""
 
 
@@ -196,6 +204,7 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         return int(inspect_main(config, n_batches=args.batches))
     if args.command == "train":
         config = _load(args, overrides)
+        check_output_dir(args.workdir, "--workdir")  # A file, a read-only folder: refused before any work.
         try:
             run = _resolve("paligemma_ft.training.loop", "run")
         except ImportError as e:
@@ -229,6 +238,8 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         return int(app.launch(args.checkpoint, args.tokenizer, port=args.port))
     if args.command == "plan":
         config = _load(args, overrides)
+        if args.workdir:
+            check_output_dir(args.workdir, "--workdir")
         from paligemma_ft.commands import plan  # noqa: PLC0415
 
         if args.devices:
@@ -252,10 +263,22 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def format_error(error: BaseException, *, hint: bool = True) -> str:
+    """The text `main` prints for a user error: `error: <first line>`, then the message's other lines indented;
+    secrets masked (`safety.redact_text`), control characters visible (`safety.printable`)."""
+    text = describe_os_error(error) if isinstance(error, OSError) else str(error) or type(error).__name__
+    first, *rest = redact_text(text).splitlines() or [type(error).__name__]
+    if len(rest) > _MAX_DETAIL_LINES:
+        rest = [*rest[:_MAX_DETAIL_LINES], f"... {len(rest) - _MAX_DETAIL_LINES} more lines ({DEBUG_ENV}=1 shows all)"]
+    suffix = f" (set {DEBUG_ENV}=1 for the traceback)" if hint else ""
+    return "\n".join([f"error: {printable(first)}{suffix}", *(f"  {printable(line.rstrip())}" for line in rest)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line `argv` (default `sys.argv[1:]`) and returns the process exit code.
 
-    Bad command lines, bad configs and bad overrides print one `error: ...` line to stderr and return 2.
+    Bad command lines, configs, overrides, files, checkpoints and output folders print one `error: ...` line to
+    stderr and return 2 (see the module docstring).
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -268,12 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # `--help` exits 0 from inside argparse.
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(format_error(e, hint=False), file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # Bad config file, override or input: the message says which.
-        if os.environ.get(_DEBUG_ENV):
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised.
+        if not is_user_error(e) or os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {e} (set {_DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(format_error(e), file=sys.stderr)
         return 2
 
 

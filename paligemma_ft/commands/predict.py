@@ -9,18 +9,21 @@ prediction are written as spaces, so every image is exactly one line). With a `d
 prompt, `--draw OUT.png` writes the image at its own size with the parsed boxes and labels drawn; with several
 images the files are `OUT_0.png`, `OUT_1.png`, ... (0-based, in `--image` order). Notes go to stderr.
 
-Images are checked (readable, decodable) before the model is loaded, and decoded in fixed-size batches (the last
-one padded), so the decode function compiles once however many images there are.
+Images are read and checked before the model is loaded (`paligemma_ft.data.images`: regular files only, JPEG,
+PNG, WebP, GIF, BMP or TIFF by content, within the size and pixel limits), and decoded in fixed-size batches (the
+last one padded), so the decode function compiles once however many images there are. Predictions are printed
+with control characters made visible, so a model output cannot send escape codes to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from paligemma_ft.safety import printable
 
 if TYPE_CHECKING:  # The CLI imports this module to build its parser: numpy, JAX and PIL load only when used.
     import numpy as np
@@ -104,34 +107,31 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[Box]) -> Any:
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:
-    """uint8[H, W, 3] per file, EXIF orientation applied.
+    """uint8[H, W, 3] per file, EXIF orientation applied (`paligemma_ft.data.images.load_image`: regular files of
+    an allowed format, within the size and pixel limits).
 
     Raises:
       FileNotFoundError: a path that does not exist (named).
-      ValueError: a folder, an empty or undecodable file (named, with the reason).
+      ValueError: a folder, pipe or device, a file too large, empty, undecodable or of another format (named,
+        with the reason).
     """
-    from paligemma_ft.data import transforms  # noqa: PLC0415
+    from paligemma_ft.data.errors import BadExample  # noqa: PLC0415 - lazy: the CLI imports this module.
+    from paligemma_ft.data.images import load_image  # noqa: PLC0415
 
-    images = []
+    out = []
     for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"image {path}: no such file")
-        if os.path.isdir(path):
-            raise ValueError(f"image {path}: is a folder, not an image file")
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:  # Permissions, a broken link, ...
-            raise ValueError(f"image {path}: cannot be read ({e.strerror or e})") from None
-        try:
-            images.append(transforms.decode_image(data))
-        except transforms.BadExample as e:
-            raise ValueError(f"image {path}: {e.detail or e.reason} [{e.reason}]") from None
-    return images
+            out.append(load_image(path))
+        except BadExample as e:
+            if e.reason == "missing_image":
+                raise FileNotFoundError(f"--image {path}: no such file") from None
+            raise ValueError(f"--image {path}: {e.detail or e.reason} [{e.reason}]") from None
+    return out
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.replace("\t", " ").splitlines()) if text else ""
+    """One printable line: tabs and line breaks as spaces, other control characters (ANSI escapes) as `\\x1b`."""
+    return printable(" ".join(text.replace("\t", " ").splitlines())) if text else ""
 
 
 def predict_batched(predictor: Any, images: Sequence[np.ndarray], prompt: str, batch_size: int) -> list[str]:
@@ -193,7 +193,10 @@ def predict_command(
         raise ValueError(f"--max-decode-len and --batch-size must be >= 1 (got {max_decode_len}, {batch_size})")
     if res is not None and res < 1:
         raise ValueError(f"--res must be >= 1, got {res}")
-    parse_sampler(sampler)  # A bad --sampler fails before the model loads.
+    try:
+        parse_sampler(sampler)  # A bad --sampler fails before the model loads.
+    except ValueError as e:
+        raise type(e)(f"--sampler: {e}") from None
     images = read_images(image_paths)
     predictor = load_predictor(
         checkpoint, tokenizer, preset=preset, res=res, max_decode_len=max_decode_len, sampler=sampler, seed=seed
@@ -202,7 +205,7 @@ def predict_command(
     predictor.prompt_len = max(predictor.prompt_len, prompt_tokens)  # A long prompt is never cut.
     predictions = predict_batched(predictor, images, prompt, batch_size)
     for path, text in zip(image_paths, predictions):
-        print(f"{path}\t{_one_line(text)}", file=stdout, flush=True)
+        print(f"{printable(path)}\t{_one_line(text)}", file=stdout, flush=True)
     if draw is not None:
         for out, image, text in zip(draw_paths(draw, len(images)), images, predictions):
             boxes, ok = parse_detections(text)

@@ -34,6 +34,7 @@ import grain
 import numpy as np
 
 from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.data import images as images_lib
 from paligemma_ft.data import sources as sources_lib
 from paligemma_ft.data import transforms as tf_lib
 from paligemma_ft.data.transforms import BadExample
@@ -58,7 +59,7 @@ class InputConfig:
       num_workers: grain read threads (0 reads in the calling thread).
       bad_input: "skip" (count, list and drop bad examples) or "error" (raise, naming file and line).
       max_image_pixels: decompression-bomb limit, checked from the image header before decoding.
-      max_image_bytes: size cap of one image file in bytes, checked before the file is read.
+      max_image_bytes: image files larger than this are refused from their size, before they are read.
       transforms: names from `transforms.TRANSFORMS`, applied in order.
       prefetch: examples read ahead (default: two batches); bounds host memory at large resolutions.
     """
@@ -73,7 +74,7 @@ class InputConfig:
     num_workers: int = 2
     bad_input: str = "skip"
     max_image_pixels: int = tf_lib.DEFAULT_MAX_PIXELS
-    max_image_bytes: int = 64 * 2**20
+    max_image_bytes: int = images_lib.DEFAULT_MAX_BYTES
     transforms: tuple[str, ...] = tf_lib.DEFAULT_TRANSFORMS
     prefetch: int | None = None
 
@@ -351,7 +352,9 @@ def make_train_iter(
     pi, pc = _processes(process_index, process_count)
     b = local_batch_size(cfg.batch_size, pc)
     report = BadInputReport() if report is None else report
-    source = sources_lib.make_source(cfg.data, mode="train", bad_input=cfg.bad_input)
+    source = sources_lib.make_source(
+        cfg.data, mode="train", bad_input=cfg.bad_input, max_image_bytes=cfg.max_image_bytes
+    )
     for error in source.skipped:
         report.add(error)
     shard = grain.MapDataset.range(len(source))[pi::pc]
@@ -425,7 +428,9 @@ def make_eval_batches(
     pi, pc = _processes(process_index, process_count)
     b = local_batch_size(batch_size, pc, "batch_size")
     report = BadInputReport() if report is None else report
-    source = sources_lib.make_source(data_cfg, mode="eval", bad_input=cfg.bad_input)
+    source = sources_lib.make_source(
+        data_cfg, mode="eval", bad_input=cfg.bad_input, max_image_bytes=cfg.max_image_bytes
+    )
     for error in source.skipped:
         report.add(error)
     ctx = cfg.context(tok, kind)

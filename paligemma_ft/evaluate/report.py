@@ -53,12 +53,15 @@ def _thumbnail(image_path: str | None, boxes: Mapping[str, Sequence[Any]] | None
     """A base64 JPEG data URI of the image shrunk to fit 128 px, boxes drawn; None if it cannot be read."""
     if not image_path:
         return None
-    try:
-        from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw
 
-        with Image.open(image_path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    from paligemma_ft.data.errors import BadExample
+    from paligemma_ft.data.images import load_image
+
+    try:
+        # The dataset's image through the same checks as training (format allow-list, size and pixel limits).
+        im = Image.fromarray(load_image(image_path))
+        im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         if boxes:
             draw = ImageDraw.Draw(im)
             for key, color in (("references", (0, 200, 0)), ("prediction", (230, 0, 0))):
@@ -69,7 +72,7 @@ def _thumbnail(image_path: str | None, boxes: Mapping[str, Sequence[Any]] | None
                     )
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError):  # Missing or unreadable file (PIL raises OSError subclasses): placeholder.
+    except (BadExample, OSError, ValueError):  # Missing, refused or unreadable file: a placeholder.
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
