@@ -144,8 +144,8 @@ def eval_config(tmp_path):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("--config.evals.val.batch_size=0", "config.evals.val.batch_size must be a whole number >= 1, got 0"),
-        ("--config.evals.val.max_decode_len=0", "config.evals.val.max_decode_len must be a whole number >= 1"),
+        ("--config.evals.val.batch_size=0", "config.evals.val.batch_size=0: must be an integer >= 1"),
+        ("--config.evals.val.max_decode_len=0", "config.evals.val.max_decode_len=0: must be an integer >= 1"),
         ("--config.evals.val.sampler='beam(0)'", "config.evals.val.sampler: sampler 'beam(0)': n must be"),
         ("--config.evals.val.sampler='beam(inf)'", "n must be a finite number"),
         ("--config.evals.val.sampler='nucleus(p=0.5, q=1)'", "unknown keyword 'q'"),

@@ -46,7 +46,7 @@ def _plain(tree: Any) -> dict:
 
 def _positive_int(name: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise EvalConfigError(f"config.evals.{name}.{key} must be a whole number >= 1, got {value!r}")
+        raise EvalConfigError(f"config.evals.{name}.{key}={value!r}: must be an integer >= 1")  # As validate().
     return int(value)
 
 
