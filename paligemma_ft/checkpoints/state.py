@@ -12,8 +12,8 @@ Damage that orbax cannot see is caught here:
   `restore_latest` recomputes it. A flipped byte in a stored array otherwise restores silently with wrong values
   (orbax's files carry no checksum of the array data).
   A checkpoint without checksums (written before they existed) is restored with a logged warning.
-* Data states: every process's entry is checked (`check_data`, e.g. the iterator's `check_state`) on every
-  process, so all processes take the same decision; a malformed one is damage like any other.
+* Data states: all processes' entries are checked together (`check_data`, e.g. the iterator's `check_states`)
+  on every process, so all processes take the same decision; a malformed one is damage like any other.
 * Fallback: a newest checkpoint that cannot be read (truncated, corrupted, half deleted, a bad data state) is
   moved aside as `<step>.damaged` with a logged warning, and the previous one is used. Only when none is
   readable does `restore_latest` raise.
@@ -220,7 +220,7 @@ def _is_config_change(error: Exception) -> bool:
     return isinstance(error, CheckpointMismatchError) or bool(getattr(error, "config_change", False))
 
 
-def _own_data_state(data: Any, check_data: Callable[[Any], Any] | None) -> Any:
+def _own_data_state(data: Any, check_data: Callable[[Any], Any] | None, where: str) -> Any:
     """This process's entry of a checkpoint's `data` item (without checksums), after checking every entry.
 
     Checkpoints written before every process's state was kept hold one state at the top level; it is checked
@@ -236,15 +236,16 @@ def _own_data_state(data: Any, check_data: Callable[[Any], Any] | None) -> Any:
         entries, legacy = data[PROCESSES_KEY], False
         if not isinstance(entries, list) or not entries or set(data) != {PROCESSES_KEY}:
             raise ValueError(f"the data item is not {{{PROCESSES_KEY!r}: [one state per process]}}: {data!r}"[:300])
-    for i, entry in enumerate(entries):
-        if check_data is None:
-            continue
+    if check_data is not None:
         try:
-            check_data(entry)
+            check_data(entries)
         except Exception as e:
             if _is_config_change(e):
-                raise CheckpointMismatchError(str(e)) from e
-            raise ValueError(f"the data state of process {i} is bad: {e}") from e
+                raise CheckpointMismatchError(
+                    f"{where}: its data state does not fit this config: {e} Use a new --workdir for this config, or "
+                    "run with the config the checkpoint was written with (see config.json next to it)."
+                ) from e
+            raise ValueError(f"bad data state: {e}") from e
     if legacy:
         return data
     count, index = jax.process_count(), jax.process_index()
@@ -252,8 +253,8 @@ def _own_data_state(data: Any, check_data: Callable[[Any], Any] | None) -> Any:
         return entries[index]
     if any(entry != entries[0] for entry in entries):
         raise CheckpointMismatchError(
-            f"the checkpoint holds the data states of {len(entries)} processes, which differ, and this run has "
-            f"{count}; resume with {len(entries)} processes"
+            f"{where} holds the data states of {len(entries)} processes, which differ, and this run has {count} "
+            f"processes; resume it with {len(entries)}."
         )
     return entries[0]  # The same state on every process (the pipeline's is): any process count can go on.
 
@@ -268,7 +269,7 @@ def _restore_step(
         raise ValueError(f"the data item is a {type(out['data']).__name__}, not a JSON object")
     data = dict(out["data"])
     expected = data.pop(CHECKSUM_KEY, None)
-    data_state = _own_data_state(data, check_data)
+    data_state = _own_data_state(data, check_data, f"Checkpoint step {step} in {manager.directory}")
     if expected is None:
         log.warning(
             "Checkpoint step %d in %s has no checksums (written before they were recorded): its arrays are "
@@ -322,7 +323,8 @@ def restore_latest(
     Args:
       abstract_state: `jax.ShapeDtypeStruct`s with the state's structure, shapes and dtypes.
       shardings: a matching tree of `jax.sharding.Sharding`.
-      check_data: called with each process's saved data state; raises if it is bad. An error whose class has
+      check_data: called with the list of every process's saved data state; raises if one is bad (or they do not
+        fit together, e.g. processes out of step). An error whose class has
         `config_change = True` (or a `CheckpointMismatchError`) means another config wrote it: raised, nothing
         moved; any other error marks the checkpoint damaged.
 

@@ -381,6 +381,22 @@ class TrainIterator:
             )
         return batches
 
+    def check_states(self, states: Sequence[Any]) -> None:
+        """Checks every process's saved state (a checkpoint's): each well-formed, all at the same batch.
+
+        Raises:
+          DataStateMismatch: a state of a pipeline over other data, seed or batch size.
+          ValueError: a malformed state, or processes out of step (a damaged checkpoint).
+        """
+        batches = []
+        for i, state in enumerate(states):
+            try:
+                batches.append(self.check_state(state))
+            except ValueError as e:
+                raise type(e)(f"process {i}: {e}") from None
+        if len(set(batches)) > 1:
+            raise ValueError(f"the processes' data states are at different batches: {batches}")
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continues from `state` (from `get_state`, of any process and process count).
 

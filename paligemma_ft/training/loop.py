@@ -283,17 +283,17 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     train_iter = data_lib.make_train_iter(config.input, tok)
     manager = train_state.make_manager(workdir / "checkpoints", max_to_keep=config.keep_ckpts)
     loggers = _Loggers(workdir, config)
-    restored = train_state.restore_latest(manager, s.state_abstract, s.state_shard, check_data=train_iter.check_state)
+    restored = train_state.restore_latest(manager, s.state_abstract, s.state_shard, check_data=train_iter.check_states)
     restored_step = None if restored is None else int(restored[0]["step"])
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
         step = int(state["step"])
-        dropped = loggers.jsonl.rewind(step)
+        dropped = loggers.jsonl.rewind(step) if jax.process_index() == 0 else 0  # Process 0 owns the file.
         print(f"Resuming {workdir} from step {step} ({dropped} metrics rows after it will be redone).")
     else:
-        if loggers.jsonl.path.exists():
-            loggers.jsonl.path.unlink(missing_ok=True)  # No checkpoint: whatever was logged is redone from step 0.
+        if jax.process_index() == 0 and loggers.jsonl.path.exists():
+            loggers.jsonl.path.unlink()  # No checkpoint: whatever was logged is redone from step 0.
         params = init_params(
             s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res, s.text_len + 1
         )
