@@ -168,11 +168,12 @@ class Predictor:
         `_mask bool[B]`: padding rows, False, do not keep the decode loop running)."""
         arrays, back = self._inputs(batch, ("image", "text", "mask_ar", "mask_input", "_mask"))
         self._rng, rng = jax.random.split(self._rng)
+        host_rng: Any = np.asarray(rng)  # A host value: the same key on every process, whatever the params' devices.
         tokens = decode_lib.decode(
             self.model,
             self.params,
             arrays,
-            rng=np.asarray(rng),  # A host value: the same key on every process, whatever the params' devices.
+            rng=host_rng,
             max_decode_len=max_decode_len or self.max_decode_len,
             sampler=sampler or self.sampler,
         )

@@ -134,9 +134,11 @@ def evaluate_command(
         raise ValueError(
             "nothing to evaluate: pass --checkpoint SPEC or --workdir DIR (with params.npz), or set config.model_init"
         )
-    if outdir is None and workdir is None:
-        raise ValueError("nowhere to write the results: pass --workdir DIR or --outdir DIR")
-    outdir = Path(outdir if outdir is not None else workdir)
+    if outdir is None:
+        if workdir is None:
+            raise ValueError("nowhere to write the results: pass --workdir DIR or --outdir DIR")
+        outdir = workdir
+    outdir = Path(outdir)
     config_base.check_data_paths(config, train=False)  # Evaluation reads the evaluators' data.
     predictor = load_predictor(
         spec,
