@@ -212,11 +212,11 @@ class Evaluator:
         }
         metrics["n"] = float(len(examples))
         self.warnings = list(result.get("warnings", []))
+        if not multihost.is_primary():
+            return metrics  # Every process scores the gathered split; process 0 alone reports and writes files.
         for w in self.warnings:
             log.warning("evaluator %s: %s", self.name, w)
         rows = self._rows(examples, result)
-        if not multihost.is_primary():
-            return metrics  # Every process scores the gathered split; process 0 alone writes the files.
         outdir = Path(outdir)
         outdir.mkdir(parents=True, exist_ok=True)
         stem = f"{_file_stem(self.name)}_step{step}"
