@@ -475,7 +475,8 @@ def make_eval_batches(
     process_count: int | None = None,
     report: BadInputReport | None = None,
 ) -> Iterator[dict]:
-    """Every example of `data_cfg` exactly once (this process's share), in fixed-shape batches.
+    """Every example of `data_cfg` exactly once over all processes, in fixed-shape batches: this process's rows
+    `[p b, (p + 1) b)` of global batch k, which holds examples `[k B, (k + 1) B)` in the split's order.
 
     Args:
       data_cfg: the split to read (same keys as `input.data`).
