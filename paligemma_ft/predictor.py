@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma_ft import decode as decode_lib
+from paligemma_ft import multihost
+from paligemma_ft import sharding as sharding_lib
 from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.data import images as images_lib
@@ -165,23 +167,37 @@ class Predictor:
     ) -> list[str]:
         """One string per row of `batch` (`image f32[B, R, R, 3]`, `text, mask_ar, mask_input i32[B, L]`, optional
         `_mask bool[B]`: padding rows, False, do not keep the decode loop running)."""
-        keys = ("image", "text", "mask_ar", "mask_input", "_mask")
-        arrays = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+        arrays, back = self._inputs(batch, ("image", "text", "mask_ar", "mask_input", "_mask"))
         self._rng, rng = jax.random.split(self._rng)
+        host_rng: Any = np.asarray(rng)  # A host value: the same key on every process, whatever the params' devices.
         tokens = decode_lib.decode(
             self.model,
             self.params,
             arrays,
-            rng=rng,
+            rng=host_rng,
             max_decode_len=max_decode_len or self.max_decode_len,
             sampler=sampler or self.sampler,
         )
-        return [self.tok.decode(until_eos(row)) for row in np.asarray(tokens)]
+        return [self.tok.decode(until_eos(row)) for row in back(tokens)]
 
     def losses(self, batch: Mapping[str, Any]) -> np.ndarray:
         """f32[B]: per-example teacher-forced loss of a training-style batch (`text, mask_ar, mask_loss`)."""
-        arrays = {k: jnp.asarray(batch[k]) for k in ("image", "text", "mask_ar", "mask_loss")}
-        return np.asarray(_loss_fn(self.model)(self.params, arrays))
+        arrays, back = self._inputs(batch, ("image", "text", "mask_ar", "mask_loss"))
+        return back(_loss_fn(self.model)(self.params, arrays))
+
+    def _inputs(self, batch: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict, Any]:
+        """`(device arrays of batch[keys], outputs -> this batch's rows as numpy)`.
+
+        With parameters on one process's devices the rows go in as they are. With parameters spanning processes
+        (the trainer's evaluations in a multi-process run) every process passes its own rows: they become one
+        global batch split over the parameters' mesh, and each process gets its own rows' outputs back.
+        """
+        if not multihost.spans_processes(self.params):
+            return {k: jnp.asarray(batch[k]) for k in keys if k in batch}, np.asarray
+        mesh = jax.tree.leaves(self.params)[0].sharding.mesh
+        sharding = sharding_lib.batch_sharding(mesh)
+        arrays, n = multihost.global_batch({k: batch[k] for k in keys if k in batch}, sharding, what="evaluation")
+        return arrays, lambda out: multihost.local_rows(out, sharding, n)
 
     def prepare_image(self, image: ImageLike) -> np.ndarray:
         """f32[res, res, 3] in [-1, 1] from a path, bytes, PIL image or uint8 array (decode errors raise)."""

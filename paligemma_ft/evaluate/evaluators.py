@@ -8,6 +8,9 @@ teacher forcing), wraps the model in a `Predictor`, and logs the returned metric
 Batches are dicts of numpy arrays with `_mask bool[B]` (False on padding rows) and `_meta`, a list of B dicts
 with `id`, `image_path`, `prefix` and `references` (list of str). Each real example must appear exactly once in
 the split; a repeated id is an error (it would silently weigh the example twice).
+
+On several processes each one runs its rows of every batch; the examples are gathered in the split's order before
+scoring, so every process returns the metrics of the whole split, and process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 
+from paligemma_ft import multihost
 from paligemma_ft.evaluate import caption, detection, report, vqa
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,21 @@ def _example(meta: Mapping[str, Any], where: str) -> _Example:
     )
 
 
+def _gather(local: list[tuple[int, int, _Example]]) -> list[tuple[int, int, _Example]]:
+    """Every process's `(batch, row, example)`s in the split's order: by batch, then process, then row (process p
+    holds the p-th block of rows of each global batch). A collective on several processes; as it is on one."""
+    if jax.process_count() == 1:
+        return local
+    plain = [(int(b), int(i), {**dataclasses.asdict(ex), "output": _json_value(ex.output)}) for b, i, ex in local]
+    rows = [(b, p, i, ex) for p, part in enumerate(multihost.allgather_json(plain)) for b, i, ex in part]
+    return [(b, i, _Example(**ex)) for b, _, i, ex in sorted(rows, key=lambda r: r[:3])]
+
+
+def _json_value(value: Any) -> Any:
+    """An output as JSON carries it: numpy scalars as Python numbers (a loss is a float64)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -141,7 +161,7 @@ class Evaluator:
         return texts
 
     def _collect(self, predictor: Predictor, batches: Iterable[dict]) -> list[_Example]:
-        examples: dict[Any, _Example] = {}
+        local: list[tuple[int, int, _Example]] = []  # (batch, row, example) of this process's rows.
         for b, batch in enumerate(batches):
             where = f"evaluator {self.name!r}, batch {b}"
             rows = _real_rows(batch, where, need_meta=self.kind == "prompt")
@@ -149,13 +169,16 @@ class Evaluator:
             outputs = self._outputs(predictor, batch, size, where)
             for i, meta in rows:
                 ex = _example(meta, where) if meta is not None else _Example(f"batch{b}_row{i}", None, "", [])
-                if ex.id in examples:
-                    raise ValueError(
-                        f"{where}, row {i}: id {ex.id!r} was already scored (ids must be unique "
-                        "and each example must appear once in the split)"
-                    )
                 ex.output = outputs[i]
-                examples[ex.id] = ex
+                local.append((b, i, ex))
+        examples: dict[Any, _Example] = {}
+        for b, i, ex in _gather(local):  # Every process's, in split order.
+            if ex.id in examples:
+                raise ValueError(
+                    f"evaluator {self.name!r}, batch {b}, row {i}: id {ex.id!r} was already scored (ids must be "
+                    "unique and each example must appear once in the split)"
+                )
+            examples[ex.id] = ex
         if not examples:
             raise ValueError(f"evaluator {self.name!r}: the split has no (non-padding) examples")
         return list(examples.values())
@@ -189,6 +212,8 @@ class Evaluator:
         }
         metrics["n"] = float(len(examples))
         self.warnings = list(result.get("warnings", []))
+        if not multihost.is_primary():
+            return metrics  # Every process scores the gathered split; process 0 alone reports and writes files.
         for w in self.warnings:
             log.warning("evaluator %s: %s", self.name, w)
         rows = self._rows(examples, result)

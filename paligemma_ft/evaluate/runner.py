@@ -27,8 +27,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from paligemma_ft import config_base
+from paligemma_ft import config_base, multihost
 from paligemma_ft import data as data_lib
+from paligemma_ft import sharding as sharding_lib
 from paligemma_ft.decode import parse_sampler
 from paligemma_ft.errors import UserError, check_output_dir
 from paligemma_ft.evaluate.evaluators import evaluator_type, make_evaluator
@@ -179,6 +180,7 @@ def evaluate_command(
 
     config = config_base.complete(config)
     config_base.validate(config, training=False)
+    sharding_lib.maybe_initialize_distributed(config)  # Each process evaluates its rows; results are gathered.
     evals = _plain(config.evals)
     if not evals:
         raise ValueError(
@@ -212,6 +214,8 @@ def evaluate_command(
     )
     step = _workdir_step(workdir if not checkpoint else None) if step is None else int(step)
     metrics = run_evals(config, predictor, outdir, step, names=list(only) if only else None)
+    if not multihost.is_primary():
+        return metrics  # The same metrics on every process; process 0 writes and prints them.
     outdir.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": spec, "step": step, "metrics": metrics}
     (outdir / "eval_metrics.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ import optax
 from tqdm import auto as tqdm
 
 from paligemma_ft import config as config_lib
-from paligemma_ft import config_base, flops
+from paligemma_ft import config_base, flops, multihost
 from paligemma_ft import data as data_lib
 from paligemma_ft import predictor as predictor_lib
 from paligemma_ft import sharding as sharding_lib
@@ -283,16 +283,16 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     train_iter = data_lib.make_train_iter(config.input, tok)
     manager = train_state.make_manager(workdir / "checkpoints", max_to_keep=config.keep_ckpts)
     loggers = _Loggers(workdir, config)
-    restored = train_state.restore_latest(manager, s.state_abstract, s.state_shard)
+    restored = train_state.restore_latest(manager, s.state_abstract, s.state_shard, check_data=train_iter.check_states)
     restored_step = None if restored is None else int(restored[0]["step"])
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
         step = int(state["step"])
-        dropped = loggers.jsonl.rewind(step)
+        dropped = loggers.jsonl.rewind(step) if jax.process_index() == 0 else 0  # Process 0 owns the file.
         print(f"Resuming {workdir} from step {step} ({dropped} metrics rows after it will be redone).")
     else:
-        if loggers.jsonl.path.exists():
+        if jax.process_index() == 0 and loggers.jsonl.path.exists():
             loggers.jsonl.path.unlink()  # No checkpoint: whatever was logged is redone from step 0.
         params = init_params(
             s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res, s.text_len + 1
@@ -356,13 +356,13 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     compiled = None
     try:
         while step < total_steps:
-            batch = next(train_iter)
-            batch = {k: jax.make_array_from_process_local_data(b_shard, np.asarray(batch[k])) for k in BATCH_KEYS}
+            local = next(train_iter)  # This process's rows; `batch` spans every process's devices.
+            batch = {k: jax.make_array_from_process_local_data(b_shard, np.asarray(local[k])) for k in BATCH_KEYS}
             if compiled is None:
                 t = time.perf_counter()
                 compiled = step_fn.lower(state, batch).compile()
                 timings["compile seconds"] = time.perf_counter() - t
-                loss_tokens = float(np.asarray(jax.device_get(batch["mask_loss"]))[:, 1:].sum(1).mean())
+                loss_tokens = float(np.asarray(local["mask_loss"])[:, 1:].sum(1).mean())
                 fpe = flops.train_flops_per_example(
                     {"img": s.model.img, "llm": s.model.llm},
                     s.res,
@@ -410,8 +410,9 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     manager.wait_until_finished()
     if restored_step is None or restored_step < total_steps:
         last.update(evaluate(total_steps))
+    params = multihost.to_host(state["params"])  # Every process (a collective for arrays sharded across them).
     if jax.process_index() == 0:
-        ckpt_lib.save_params(workdir / "params.npz", jax.device_get(state["params"]))
+        ckpt_lib.save_params(workdir / "params.npz", params)
         rows = loggers.jsonl.rows()
         steps_s = [r["train/step_seconds"] for r in rows if "train/step_seconds" in r][1:]
         if steps_s:
