@@ -34,13 +34,14 @@ import grain
 import numpy as np
 
 from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.data import localization
 from paligemma_ft.data import sources as sources_lib
 from paligemma_ft.data import transforms as tf_lib
 from paligemma_ft.data.transforms import BadExample
 
 TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss")
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input")
-META_KEYS = ("id", "image_path", "prefix", "references", "file", "line")
+META_KEYS = ("id", "image_path", "prefix", "references", "file", "line", "objects", "image_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,9 +221,10 @@ class _Loader:
         self.source, self.names, self.ctx, self.policy, self.report = source, tuple(names), ctx, policy, report
         self.keys, self.with_meta = tuple(keys), with_meta
 
-    def __call__(self, index: int) -> dict | _Bad:
+    def __call__(self, index: int, epoch: int = 0) -> dict | _Bad:
         try:
-            example = tf_lib.apply_transforms(self.source[index], self.names, self.ctx)
+            # `epoch` orders the objects of localization examples with `order="random"` (a no-op otherwise).
+            example = tf_lib.apply_transforms(localization.with_epoch(self.source[index], epoch), self.names, self.ctx)
         except BadExample as e:
             error = e.located(*self.source.location(index))
             if self.policy == "error":
@@ -241,6 +243,16 @@ class _Loader:
         if self.with_meta:
             out["_meta"] = {k: example.get(k) for k in META_KEYS}
         return out
+
+
+class _WithEpoch:
+    """Calls the loader with the epoch of each position of the repeated stream (`map_with_index`)."""
+
+    def __init__(self, loader: _Loader, epoch_size: int):
+        self.loader, self.epoch_size = loader, epoch_size
+
+    def __call__(self, position: int, index: int) -> dict | _Bad:
+        return self.loader(index, position // self.epoch_size)
 
 
 class _SkipBad:
@@ -362,7 +374,7 @@ def make_train_iter(
     dataset = (
         shard.shuffle(seed=cfg.shuffle_seed)
         .repeat(None)
-        .map(loader)
+        .map_with_index(_WithEpoch(loader, len(shard)))
         .to_iter_dataset(cfg.read_options(b))
         .filter(_SkipBad(len(shard), report))
         .batch(b, drop_remainder=True)
