@@ -58,6 +58,7 @@ def run_evals(
         )
         predictor.max_decode_len = int(ecfg.get("max_decode_len", 32))
         predictor.sampler = ecfg.get("sampler", "greedy")
+        predictor.constrain = ecfg.get("constrain", "")  # Constrained localization decoding (constrain.py).
         result = evaluator.run(predictor, batches, Path(outdir), step)
         for k, v in result.items():
             if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
