@@ -150,6 +150,7 @@ class LocalizationSource:
             if obj.mask is None:
                 raise BadExample("bad_mask", f"object #{k} has no mask, and input.data.task is 'segment'")
             crops.append(masks_lib.codec_input(masks_lib.read_mask(obj.mask, height, width), obj.box))
+        assert self.codec is not None  # Loaded in __init__ for task "segment".
         codes = [loc.seg_tokens(c) for c in self.codec.encode(np.stack(crops))] if crops else []
         with self._lock:
             self._codes[i] = codes
@@ -228,7 +229,7 @@ class CocoInstancesSource(LocalizationSource):
         if ann.get("iscrowd"):
             return None  # Crowd regions: neither targets nor errors.
         box = loc.normalise_box(ann.get("bbox"), "xywh", "pixel", im.get("width"), im.get("height"), "bbox")
-        mask = None
+        mask: dict[str, Any] | None = None
         seg = ann.get("segmentation")
         if isinstance(seg, list) and seg:
             mask = {"polygons": masks_lib.check_polygons(seg)}
@@ -359,7 +360,7 @@ class VocSource(LocalizationSource):
         for k, node in enumerate(root.findall("object")):
             label = _label(node.findtext("name"), f"object #{k} <name>", required=True)
             try:
-                values = [float(node.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")]
+                values = [float(node.findtext(f"bndbox/{t}") or "") for t in ("xmin", "ymin", "xmax", "ymax")]
             except (TypeError, ValueError):
                 raise BadExample("bad_box_format", f"object #{k} has no numeric <bndbox> xmin ymin xmax ymax") from None
             # VOC pixels are 1-based and inclusive: pixel i spans [i - 1, i).

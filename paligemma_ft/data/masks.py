@@ -28,9 +28,12 @@ from paligemma_ft.data.transforms import BadExample
 CODEC_SIZE = 64  # The VQ-VAE's mask side.
 
 
-def _coco_mask():
-    import pycocotools.mask as coco_mask  # noqa: PLC0415 - only datasets with masks need it.
-
+def coco_mask_module() -> Any:
+    """pycocotools.mask (an ImportError naming the extra to install when it is missing)."""
+    try:
+        import pycocotools.mask as coco_mask  # noqa: PLC0415 - only datasets with masks need it.
+    except ImportError:
+        raise ImportError("masks need pycocotools: pip install 'paligemma-ft[segmentation]'") from None
     return coco_mask
 
 
@@ -86,11 +89,11 @@ def read_mask(spec: Mapping[str, Any], height: int, width: int) -> np.ndarray:
     elif "png" in spec:
         mask = _read_png(spec["png"])
     elif "polygons" in spec:
-        cm = _coco_mask()
+        cm = coco_mask_module()
         rles = cm.frPyObjects(check_polygons(spec["polygons"]), height, width)
         mask = cm.decode(cm.merge(rles)).astype(bool)
     elif "rle" in spec:
-        cm = _coco_mask()
+        cm = coco_mask_module()
         rle = check_rle(spec["rle"], height, width)
         if isinstance(rle["counts"], list):  # Uncompressed RLE: pycocotools compresses it first.
             rle = cm.frPyObjects(rle, height, width)

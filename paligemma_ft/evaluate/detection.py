@@ -128,7 +128,7 @@ def _ap_one_label(
     gt = [[j for j, g in enumerate(boxes) if _label(g) == label] for boxes in gts]
     n_gt = sum(len(g) for g in gt)
     ranked = sorted((pos, img) for img, boxes in enumerate(preds) for pos, p in enumerate(boxes) if _label(p) == label)
-    used = [set() for _ in gt]
+    used: list[set[int]] = [set() for _ in gt]
     hits = []
     for pos, img in ranked:
         best, best_j = threshold, -1
@@ -210,7 +210,7 @@ def detection_metrics(
     preds, gts, per, boxes, warnings = [], [], {}, {}, []
     bad_total = bad_refs = 0
     for k in ids:
-        refs = [references[k]] if isinstance(references[k], str) else references[k]
+        refs: Sequence[str] = [references[k]] if isinstance(references[k], str) else references[k]  # type: ignore[list-item]
         p, bad = _parse(predictions[k], loc_bins, require_label)
         g = []
         for r in refs:
@@ -218,7 +218,8 @@ def detection_metrics(
             g += rb
             bad_refs += rbad
         bad_total += bad
-        preds.append(p), gts.append(g)
+        preds.append(p)
+        gts.append(g)
         per[k] = {"iou": _mean_best_iou(p, g), "well_formed": float(bad == 0), "n_pred": len(p), "n_ref": len(g)}
         boxes[k] = {"prediction": p, "references": g}
     if bad_refs:

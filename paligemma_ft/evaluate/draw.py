@@ -43,15 +43,18 @@ def as_mask(mask: Any, height: int, width: int) -> np.ndarray | None:
     if mask is None:
         return None
     if isinstance(mask, Mapping):
-        import pycocotools.mask as coco_mask  # noqa: PLC0415
+        from paligemma_ft.data.masks import coco_mask_module  # noqa: PLC0415 - pycocotools, only for masks.
 
         rle = dict(mask)
         if isinstance(rle.get("counts"), str):
             rle["counts"] = rle["counts"].encode("ascii")
-        mask = coco_mask.decode(rle)
+        mask = coco_mask_module().decode(rle)
     mask = np.asarray(mask).astype(bool)
     if mask.shape != (height, width):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
+        mask = (
+            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST))
+            > 127
+        )
     return mask
 
 
@@ -124,7 +127,7 @@ def draw_comparison(
     im = im.convert("RGB")
     if min_side and min(im.size) < min_side:  # A 64 px image would hide its labels: enlarge, nearest.
         scale = min_side / min(im.size)
-        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.NEAREST)
     thin = max(1, round(min(im.size) / 128))
     for key, c, width, below in (("references", REFERENCE, 3 * thin, False), ("prediction", PREDICTION, thin, True)):
         items = list((boxes or {}).get(key) or [])

@@ -48,9 +48,7 @@ def predicted_masks(boxes: Sequence[detection.Box], height: int, width: int, cod
 
 def rle(mask: np.ndarray) -> dict[str, Any]:
     """A bool[H, W] mask as COCO's compressed RLE with a text `counts` (JSON-ready; `data.masks.read_mask` reads it)."""
-    import pycocotools.mask as coco_mask  # noqa: PLC0415
-
-    out = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    out = masks_lib.coco_mask_module().encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in out["size"]], "counts": out["counts"].decode("ascii")}
 
 
@@ -104,13 +102,16 @@ def segmentation_metrics(
         if gt is None and objects[k]:
             missing += 1
             continue
-        h, w = (int(v) for v in image_sizes[k]) if image_sizes.get(k) else (1, 1)
+        size = image_sizes.get(k) or (1, 1)  # No size only for an example without objects: nothing to paste.
+        h, w = int(size[0]), int(size[1])
         p_boxes = out["boxes"][k]["prediction"]
         p_masks = predicted_masks(p_boxes, h, w, codec)
         invalid += sum(not _codes_ok(b) for b in p_boxes)
         g_boxes = _gt_boxes(objects[k] or [])
         m = mask_iou_matrix(p_masks, gt or [])
-        preds.append(p_boxes), gts.append(g_boxes), ious.append(m)
+        preds.append(p_boxes)
+        gts.append(g_boxes)
+        ious.append(m)
         per_gt = [
             max([m[i, j] for i, p in enumerate(p_boxes) if detection._label(p) == detection._label(g)], default=0.0)
             for j, g in enumerate(g_boxes)
@@ -155,9 +156,12 @@ def refexp_metrics(
       (id -> {"iou", "well_formed", "mask_iou"?}), `boxes` and `masks` (for drawing) and `warnings`.
     """
     ids = check_same_ids(predictions, references, "refexp_metrics")
-    per, boxes, masks, warnings = {}, {}, {}, []
+    per: dict[Hashable, dict[str, Any]] = {}
+    boxes: dict[Hashable, Any] = {}
+    masks: dict[Hashable, Any] = {}
+    warnings: list[str] = []
     for k in ids:
-        refs = [references[k]] if isinstance(references[k], str) else list(references[k])
+        refs: list[str] = [references[k]] if isinstance(references[k], str) else list(references[k])  # type: ignore[list-item]
         target = next(
             (b for r in refs for b in detection.parse_detections(r, loc_bins=loc_bins, require_label=False)[0]), None
         )
@@ -169,7 +173,7 @@ def refexp_metrics(
         if codec is not None and objects is not None and image_sizes is not None:
             gt = _gt_masks((objects.get(k) or [])[:1], image_sizes.get(k))
             if gt is not None:
-                h, w = (int(v) for v in image_sizes[k])
+                h, w = (int(v) for v in image_sizes[k] or (1, 1))
                 p = predicted_masks(first, h, w, codec) if first else [np.zeros((h, w), bool)]
                 per[k]["mask_iou"] = masks_lib.mask_iou(p[0], gt[0])
                 masks[k] = {"prediction": [rle(x) for x in p[:1]] if first else [], "references": [rle(gt[0])]}

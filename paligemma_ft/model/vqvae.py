@@ -262,14 +262,14 @@ class MaskCodec:
         return f"MaskCodec({self.source})"
 
     def _encode_impl(self, enc: Any, codebook: jax.Array, masks: jax.Array) -> jax.Array:
-        z = Encoder().apply(enc, 2.0 * (masks[..., None] - 0.5)).reshape(-1, CODE_WIDTH)
+        z = jnp.asarray(Encoder().apply(enc, 2.0 * (masks[..., None] - 0.5))).reshape(-1, CODE_WIDTH)
         # Squared distances to every code, as big_vision: |z|^2 + |e|^2 - 2 z.e, argmin over codes.
         dist = (z**2).sum(1, keepdims=True) + (codebook**2).sum(1) - 2 * z @ codebook.T
         return jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(masks.shape[0], NUM_TOKENS)
 
     def _decode_impl(self, dec: Any, codebook: jax.Array, indices: jax.Array) -> jax.Array:
         x = jnp.take(codebook, indices.reshape(-1), axis=0).reshape(indices.shape[0], 4, 4, CODE_WIDTH)
-        return Decoder().apply(dec, x)[..., 0]
+        return jnp.asarray(Decoder().apply(dec, x))[..., 0]
 
     def encode(self, masks: np.ndarray) -> np.ndarray:
         """f32[N, 64, 64] in [0, 1] (a mask crop resized to 64 x 64) -> i32[N, 16] codes in [0, 128)."""
@@ -315,4 +315,5 @@ def load_codec(spec: str | None = DEFAULT_CODEC) -> MaskCodec:
             raise ValueError(f"mask codec {spec!r}: random:SEED needs an integer seed") from None
         return MaskCodec(random_codec_arrays(seed), spec)
     path = resolve_codec(spec)
+    assert path is not None  # Only random:SEED resolves to no file.
     return MaskCodec(read_codec_file(path), str(path))
