@@ -28,6 +28,7 @@ vae-oid.npz) is loaded when the source is built, so a missing file fails before 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import pathlib
@@ -56,14 +57,18 @@ def image_size_of(data: bytes) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
+@dataclasses.dataclass(slots=True)
 class _Record:
-    """One image: where it is, its objects (normalised, or raw boxes to normalise once the size is known)."""
+    """One image: where it is, and its objects (normalised), or its raw boxes until the image size is known."""
 
-    __slots__ = ("id", "image", "file", "line", "prefix", "objects", "raw", "size")
-
-    def __init__(self, id, image, file, line, prefix=None, objects=None, raw=None, size=None):
-        self.id, self.image, self.file, self.line, self.prefix = id, image, file, line, prefix
-        self.objects, self.raw, self.size = objects, raw, size
+    id: Any
+    image: str
+    file: str
+    line: int | None
+    prefix: str | None = None
+    objects: list[loc.Obj] | None = None
+    raw: list[dict] | None = None  # Pixel boxes of a JSONL row, normalised when the image is read.
+    size: tuple[int, int] | None = None  # (height, width) when the annotations give it.
 
 
 class LocalizationSource:
@@ -323,7 +328,7 @@ class JsonlBoxesSource(LocalizationSource):
 
     def _objects(self, record: _Record, height: int, width: int) -> list[loc.Obj]:
         if record.raw is None:
-            return list(record.objects)
+            return list(record.objects or [])
         return [self._to_obj(box, k, width, height) for k, box in enumerate(record.raw)]
 
     def _image_dir(self, record: _Record) -> pathlib.Path:
