@@ -216,25 +216,30 @@ def _mask_logits(logits, batch):
     return logits
 
 
-def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token):
+def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token, constraint=None):
     logits, cache = _prefill(model, params, batch, max_decode_len)
     b = logits.shape[0]
     valid = batch.get("_mask", jnp.ones((b,), bool))
 
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, _, _, _ = state
         return jnp.logical_and(i < max_decode_len, jnp.logical_not(jnp.all(done)))
 
     def body(state):
-        i, tokens, logp, done, logits, cache = state
-        tok = sample_tokens(_mask_logits(logits, batch), jax.random.fold_in(rng, i), sampler)
+        i, tokens, logp, done, logits, cache, grammar = state
+        masked = _mask_logits(logits, batch)
+        if constraint is not None:  # Only tokens the row's grammar state allows (see constrain.py).
+            masked = constraint.mask_logits(masked, grammar, i, max_decode_len)
+        tok = sample_tokens(masked, jax.random.fold_in(rng, i), sampler)
+        if constraint is not None:
+            grammar = constraint.advance(grammar, tok)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         tokens = tokens.at[:, i].set(tok)
         logp = logp.at[:, i].set(lp)
         done = jnp.logical_or(done, tok == eos_token)
         # big_vision checks the early stop before extending; a skipped last extend changes nothing returned.
         logits, cache = _extend(model, params, cache, tok)
-        return i + 1, tokens, logp, done, logits, cache
+        return i + 1, tokens, logp, done, logits, cache, grammar
 
     init = (
         jnp.int32(0),
@@ -243,12 +248,13 @@ def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_toke
         jnp.logical_not(valid),
         logits,
         cache,
+        constraint.init(b) if constraint is not None else {},
     )
-    _, tokens, logp, _, _, _ = jax.lax.while_loop(cond, body, init)
+    _, tokens, logp, _, _, _, _ = jax.lax.while_loop(cond, body, init)
     return tokens, logp
 
 
-def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token):
+def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token, constraint=None):
     """big_vision's beam search: each step, every live beam + EOS is a finished candidate; live beams expand
     with non-EOS tokens and the best `beam_size` survive; stop when no live beam can beat the finished ones.
     With length_penalty alpha > 0, finished scores are divided by ((5 + len) / 6) ** alpha (GNMT) and the loop
@@ -271,7 +277,7 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
         return ((5.0 + length) / 6.0) ** alpha if alpha else 1.0
 
     def cond(state):
-        i, live_seq, live_score, fin_seq, fin_score, logits, cache = state
+        i, live_seq, live_score, fin_seq, fin_score, logits, cache, grammar = state
         if alpha:
             can_improve = jnp.any(live_score > _NEG_INF / 2, axis=-1)
         else:  # Scores only fall, so a row is done when its best live beam is below its worst kept finished one.
@@ -279,8 +285,11 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
         return jnp.logical_and(i < max_decode_len, jnp.any(jnp.logical_and(can_improve, valid)))
 
     def body(state):
-        i, live_seq, live_score, fin_seq, fin_score, logits, cache = state
-        logp = jax.nn.log_softmax(_mask_logits(logits, batch), axis=-1).reshape(b, nb, v)
+        i, live_seq, live_score, fin_seq, fin_score, logits, cache, grammar = state
+        masked = _mask_logits(logits, batch)
+        if constraint is not None:  # Each beam's own grammar state (see constrain.py).
+            masked = constraint.mask_logits(masked, grammar, i, max_decode_len)
+        logp = jax.nn.log_softmax(masked, axis=-1).reshape(b, nb, v)
         # Finished candidates: every live beam followed by EOS.
         cand_score = (live_score + logp[:, :, eos_token]) / penalty(i + 1)
         cand_seq = live_seq.at[:, :, i].set(eos_token)
@@ -297,11 +306,14 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
         live_score = new_score
         rows = (jnp.arange(b)[:, None] * nb + parent).reshape(-1)
         cache = jax.tree.map(lambda c: c[rows], cache)
+        if constraint is not None:
+            grammar = constraint.advance(constraint.reorder(grammar, rows), tok.reshape(-1))
         logits, cache = _extend(model, params, cache, tok.reshape(-1))
-        return i + 1, live_seq, live_score, fin_seq, fin_score, logits, cache
+        return i + 1, live_seq, live_score, fin_seq, fin_score, logits, cache, grammar
 
-    state = (jnp.int32(0), live_seq, live_score, fin_seq, fin_score, logits, cache)
-    _, live_seq, live_score, fin_seq, fin_score, _, _ = jax.lax.while_loop(cond, body, state)
+    grammar = constraint.init(b * nb) if constraint is not None else {}
+    state = (jnp.int32(0), live_seq, live_score, fin_seq, fin_score, logits, cache, grammar)
+    _, live_seq, live_score, fin_seq, fin_score, _, _, _ = jax.lax.while_loop(cond, body, state)
     # A row with no finished hypothesis (none ended within max_decode_len) falls back to its live beams.
     none_finished = fin_score[:, :1] <= _NEG_INF / 2
     seqs = jnp.where(none_finished[:, :, None], live_seq, fin_seq)
@@ -321,14 +333,23 @@ class _Compiled:
 _COMPILED: dict[str, _Compiled] = {}
 
 
-def _get_fn(model: Model, max_decode_len: int, sampler: Sampler, eos_token: int) -> Callable:
-    key = f"{model!r}|{max_decode_len}|{sampler}|{eos_token}"
+def _get_fn(model: Model, max_decode_len: int, sampler: Sampler, eos_token: int, constraint: Any = None) -> Callable:
+    key = f"{model!r}|{max_decode_len}|{sampler}|{eos_token}" + (f"|{constraint!r}" if constraint is not None else "")
     if key not in _COMPILED:
         loop = _beam_loop if sampler.kind == "beam" else _sample_loop
 
         def fn(params, batch, rng):
             TRACE_COUNTS[key] = TRACE_COUNTS.get(key, 0) + 1  # Runs once per trace, i.e. per compilation.
-            return loop(model, params, batch, rng, max_decode_len=max_decode_len, sampler=sampler, eos_token=eos_token)
+            return loop(
+                model,
+                params,
+                batch,
+                rng,
+                max_decode_len=max_decode_len,
+                sampler=sampler,
+                eos_token=eos_token,
+                constraint=constraint,
+            )
 
         _COMPILED[key] = _Compiled(jax.jit(fn), key)
     return _COMPILED[key].fn
@@ -346,6 +367,7 @@ def decode(
     return_logp: bool = False,
     rng: jax.Array | int | None = None,
     return_beams: bool = False,
+    constraint: Any = None,
 ):
     """Decodes up to `max_decode_len` tokens per row.
 
@@ -362,6 +384,8 @@ def decode(
       return_logp: also return the log-probability of each sampled token, f32[B, M] (for beam: the scores).
       rng: a PRNG key or an int seed for the stochastic samplers (default seed 0).
       return_beams: for beam search, return all beams [B, K, M] and scores [B, K], sorted best first.
+      constraint: a `constrain.LocGrammar`: only tokens its automaton allows at each position are sampled, so
+        every output is a well-formed localization string (logp still come from the unconstrained logits).
 
     Returns:
       tokens i32[B, M], plus logp f32[B, M] if `return_logp`.
@@ -375,7 +399,7 @@ def decode(
     if isinstance(rng, (int, np.integer)):
         rng = jax.random.PRNGKey(int(rng))
     arrays = {k: batch[k] for k in ("image", "text", "mask_ar", "mask_input", "_mask", "mask_logits") if k in batch}
-    fn = _get_fn(model, int(max_decode_len), sampler, int(eos_token))
+    fn = _get_fn(model, int(max_decode_len), sampler, int(eos_token), constraint)
     out = fn(params, arrays, rng)
     if sampler.kind == "beam":
         seqs, scores = out

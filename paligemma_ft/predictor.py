@@ -161,6 +161,7 @@ class Predictor:
         self.model, self.params, self.tok, self.res = model, params, tok, int(res)
         self.max_decode_len, self.sampler, self.prompt_len = int(max_decode_len), sampler, int(prompt_len)
         self._rng = jax.random.PRNGKey(seed)
+        self.constrain = ""  # "" or a `constrain.MODES` name: localization outputs that always parse.
 
     def generate(
         self, batch: Mapping[str, Any], *, max_decode_len: int | None = None, sampler: str | None = None
@@ -177,8 +178,17 @@ class Predictor:
             rng=host_rng,
             max_decode_len=max_decode_len or self.max_decode_len,
             sampler=sampler or self.sampler,
+            constraint=self._grammar(self.constrain),
         )
         return [self.tok.decode(until_eos(row)) for row in back(tokens)]
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of modes per predictor; the vocabulary scan is slow.
+    def _grammar(self, mode: str) -> Any:
+        if not mode:
+            return None
+        from paligemma_ft.constrain import LocGrammar  # noqa: PLC0415
+
+        return LocGrammar.from_tokenizer(self.tok, mode)
 
     def losses(self, batch: Mapping[str, Any]) -> np.ndarray:
         """f32[B]: per-example teacher-forced loss of a training-style batch (`text, mask_ar, mask_loss`)."""

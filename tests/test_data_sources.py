@@ -290,7 +290,7 @@ def test_shapes_source_and_folder(tmp_path):
     src = sources.make_source({"source": "shapes", "n": 5, "seed": 2, "task": "count", "image_size": 32})
     assert len(src) == 5 and src[4]["image"].shape == (32, 32, 3) and src[4]["prefix"].startswith("answer en")
     with pytest.raises(ValueError, match="not a shapes task"):
-        sources.make_source({"source": "shapes", "task": "segment"})
+        sources.make_source({"source": "shapes", "task": "segmentation"})
     paths = shapes.write_shapes_folder(tmp_path / "ds", 6, seed=2, task="caption", n_val=2, image_size=(40, 30))
     train = sources.JsonlSource(paths["train"])
     val = sources.JsonlSource(paths["val"])

@@ -155,3 +155,53 @@ def test_bad_inputs_give_one_error_line_and_exit_2(images, tmp_path, capsys, sma
         for word in words:
             assert word in err, (argv, word, err)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_draw_fills_segment_masks_through_the_codec(images, tmp_path, monkeypatch, capsys):
+    """`segment` outputs: the <seg> codes go through the codec (`--codec`) and each mask is filled in its box."""
+    from paligemma_ft.model import vqvae
+
+    codec_path = tmp_path / "codec.npz"
+    np.savez(codec_path, **vqvae.random_codec_arrays(0))
+    codec = vqvae.load_codec(str(codec_path))
+    paths, _ = images
+    box = "<loc0100><loc0100><loc0900><loc0900>"
+    text = box + "".join(f"<seg{c:03d}>" for c in range(16)) + " circle"
+    monkeypatch.setattr(predictor_lib.Predictor, "generate", lambda self, batch, **kw: [text] * len(batch["text"]))
+    out = tmp_path / "seg.png"
+    argv = [
+        "predict",
+        "--image",
+        paths[0],
+        "--prompt",
+        "segment circle",
+        "--draw",
+        str(out),
+        "--codec",
+        str(codec_path),
+    ]
+    assert cli.main(argv) == 0
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(paths[0]).convert("RGB")).astype(int)
+    (parsed,), _ = parse_detections(text)
+    from paligemma_ft.evaluate.segmentation import predicted_masks
+
+    (mask,) = predicted_masks([parsed], SIZE[1], SIZE[0], codec)
+    assert mask.any() and not mask.all()
+    tinted = np.abs(drawn - original).sum(-1) > 0
+    inner = np.zeros_like(mask)
+    inner[21:54, 10:69] = True  # Away from the outline and the label (inside the box top: no room above it).
+    np.testing.assert_array_equal(tinted[inner], mask[inner])  # Exactly the mask's pixels are filled.
+    # Without the codec file: one error line naming what to download, before the model loads.
+    monkeypatch.setenv("PALIGEMMA_FT_CODEC", str(tmp_path / "none" / "vae-oid.npz"))
+    assert cli.main(["predict", "--image", paths[0], "--prompt", "segment circle", "--draw", str(out)]) == 2
+    assert "vae-oid.npz" in capsys.readouterr().err
+
+
+def test_constrain_flag_gives_parsable_outputs(images, capsys):
+    paths, _ = images
+    argv = ["predict", "--image", paths[0], "--prompt", "detect circle", "--max-decode-len", "12"]
+    assert cli.main([*argv, "--constrain", "detect"]) == 0
+    prediction = capsys.readouterr().out.split("\t", 1)[1].strip()
+    boxes, ok = parse_detections(prediction)
+    assert ok  # The demo model was never taught <loc> tokens: only the grammar makes this parse.

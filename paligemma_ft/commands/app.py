@@ -5,7 +5,8 @@
     paligemma-ft app --checkpoint ft.npz --tokenizer paligemma_tokenizer.model --port 8502
 
 Pick a generated sample or upload an image, choose a task (caption, question, detect: boxes drawn on the image,
-or a free prompt) and the decoding options, and see the answer with its latency. Bad uploads (not an image, too
+segment: boxes and their masks filled, decoded by the VQ-VAE codec vae-oid.npz when it is present, or a free
+prompt) and the decoding options, and see the answer with its latency. Bad uploads (not an image, too
 large, too many pixels, a format outside the allow-list) and a checkpoint that cannot be loaded (missing, corrupt,
 truncated, pickled, or a tokenizer that does not fit it) are shown as messages in the page, with secrets masked;
 `PALIGEMMA_FT_DEBUG=1` shows the traceback of a failed answer instead. The logic lives in
@@ -27,7 +28,12 @@ from paligemma_ft.commands import app_logic as logic
 from paligemma_ft.errors import DEBUG_ENV
 from paligemma_ft.safety import redact_text
 
-_DEFAULT_TEXT = {"question": "how many circles are there?", "detect": "circle", "free prompt": "caption en"}
+_DEFAULT_TEXT = {
+    "question": "how many circles are there?",
+    "detect": "circle",
+    "segment": "circle",
+    "free prompt": "caption en",
+}
 
 
 def _cached_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
@@ -110,8 +116,9 @@ def render_page() -> None:
         st.error(f"The model failed on this input: {type(e).__name__}: {redact_text(str(e))}")
         return
 
+    codec, codec_note = logic.mask_codec() if any(b.seg for b in result.boxes) else (None, None)
     with left:
-        shown = logic.draw_prediction(image, result) if result.boxes else image
+        shown = logic.draw_prediction(image, result, codec) if result.boxes else image
         st.image(shown, caption="input" if not result.boxes else "input with the detected boxes", width=384)
     with right:
         st.markdown(f"**Prompt:** `{prompt}`")
@@ -132,6 +139,8 @@ def render_page() -> None:
                 st.info("No boxes in the output.")
             if result.malformed:
                 st.warning("Part of the output is not in PaliGemma's `<loc>` box format and was skipped.")
+            if codec_note:
+                st.info(codec_note)
 
 
 def launch(checkpoint: str = logic.DEFAULT_CHECKPOINT, tokenizer: str | None = None, *, port: int | None = None) -> int:

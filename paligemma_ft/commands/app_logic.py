@@ -32,7 +32,7 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; the header is checked before any pixel is decoded.
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tiff")  # `data.images.ALLOWED_FORMATS`, by content.
 
-TASKS = ("caption", "question", "detect", "free prompt")
+TASKS = ("caption", "question", "detect", "segment", "free prompt")
 SAMPLERS = ("greedy", "temperature(0.7)", "top_k(40)", "nucleus(0.9)", "beam(3)")
 SAMPLE_SEED, SAMPLE_SIZE, NUM_SAMPLES = 2, 256, 6  # Shapes scenes the demo model never trained on (seeds 0, 1).
 DEFAULT_CHECKPOINT = "builtin:demo"
@@ -124,14 +124,17 @@ def build_prompt(task: str, text: str = "", *, lang: str = "en") -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if not text:
-        what = {"question": "a question", "detect": "what to detect (e.g. circle ; square)", "free prompt": "a prompt"}[
-            task
-        ]
+        what = {
+            "question": "a question",
+            "detect": "what to detect (e.g. circle ; square)",
+            "segment": "what to segment (e.g. circle)",
+            "free prompt": "a prompt",
+        }[task]
         raise UploadError(f"Type {what} first.")
     if task == "question":
         return f"answer {lang} {text}"
-    if task == "detect":
-        return f"detect {text}"
+    if task in ("detect", "segment"):
+        return f"{task} {text}"
     return text
 
 
@@ -159,11 +162,27 @@ def run_prediction(
     return Prediction(text, seconds, tuple(boxes), malformed=not ok)
 
 
-def draw_prediction(image: np.ndarray, prediction: Prediction) -> Any:
-    """A PIL image of `image` with the prediction's boxes drawn and labelled."""
+def draw_prediction(image: np.ndarray, prediction: Prediction, codec: Any = None) -> Any:
+    """A PIL image of `image` with the prediction's boxes drawn and labelled, and with a mask codec (`mask_codec`)
+    the masks of `<seg>` outputs filled."""
     from paligemma_ft.commands.predict import draw_boxes  # noqa: PLC0415 - the same drawing as `paligemma-ft predict`.
 
-    return draw_boxes(image, prediction.boxes)
+    masks = None
+    if codec is not None and any(b.seg for b in prediction.boxes):
+        from paligemma_ft.evaluate.segmentation import predicted_masks  # noqa: PLC0415
+
+        masks = predicted_masks(prediction.boxes, image.shape[0], image.shape[1], codec)
+    return draw_boxes(image, prediction.boxes, masks)
+
+
+def mask_codec(spec: str = "oi") -> tuple[Any, str | None]:
+    """`(codec, None)`, or `(None, why)` when the VQ-VAE mask codec cannot be loaded (masks are then not drawn)."""
+    from paligemma_ft.model.vqvae import load_codec  # noqa: PLC0415
+
+    try:
+        return load_codec(spec), None
+    except (FileNotFoundError, ValueError) as e:
+        return None, f"Masks are not drawn: {e}"
 
 
 def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:

@@ -6,8 +6,11 @@
 
 Output: `<image path>\\t<prediction>` per image on stdout, in the order given (tabs and newlines inside a
 prediction are written as spaces, so every image is exactly one line). With a `detect ...` (or `segment ...`)
-prompt, `--draw OUT.png` writes the image at its own size with the parsed boxes and labels drawn; with several
-images the files are `OUT_0.png`, `OUT_1.png`, ... (0-based, in `--image` order). Notes go to stderr.
+prompt, `--draw OUT.png` writes the image at its own size with the parsed boxes and labels drawn (and, for
+`segment`, the masks filled: their `<seg>` codes decoded by the VQ-VAE codec `--codec`, default `oi` =
+vae-oid.npz); with several images the files are `OUT_0.png`, `OUT_1.png`, ... (0-based, in `--image` order).
+`--constrain detect|segment|refexp|refseg` decodes with a grammar that makes every output a well-formed
+localization string (paligemma_ft/constrain.py). Notes go to stderr.
 
 Images are read and checked before the model is loaded (`paligemma_ft.data.images`: regular files only, JPEG,
 PNG, WebP, GIF, BMP or TIFF by content, within the size and pixel limits), and decoded in fixed-size batches (the
@@ -31,7 +34,7 @@ if TYPE_CHECKING:  # The CLI imports this module to build its parser: numpy, JAX
     from paligemma_ft.evaluate.detection import Box
 
 DRAW_TASKS = ("detect", "segment")  # Prompts whose outputs hold <loc> boxes.
-_COLOURS = (
+_COLOURS = (  # One per label, in order of appearance (the same palette as evaluate/draw.py).
     (230, 25, 75),
     (60, 180, 75),
     (0, 130, 200),
@@ -41,6 +44,7 @@ _COLOURS = (
     (240, 50, 230),
     (128, 128, 0),
 )
+CONSTRAIN_MODES = ("detect", "segment", "refexp", "refseg")  # constrain.MODES, without importing JAX.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +75,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sampler", default="greedy", help="greedy, temperature(t), top_k(k), nucleus(p), beam(n) (default greedy)"
     )
     p.add_argument("--max-decode-len", type=int, default=32, help="tokens to generate at most (default 32)")
+    p.add_argument(
+        "--constrain",
+        default="",
+        choices=("", *CONSTRAIN_MODES),
+        help="decode with a grammar so every output is a well-formed localization string (default: off)",
+    )
+    p.add_argument(
+        "--codec",
+        default="oi",
+        metavar="SPEC",
+        help="mask codec for drawing segment outputs: oi (vae-oid.npz, the default) or a .npz path",
+    )
     p.add_argument("--preset", default=None, help="model preset (default: inferred from the checkpoint)")
     p.add_argument("--res", type=int, default=None, help="image side (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8, help="images decoded together (default 8)")
@@ -85,25 +101,12 @@ def draw_paths(draw: str, n: int) -> list[str]:
     return [str(path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}")) for i in range(n)]
 
 
-def draw_boxes(image: np.ndarray, boxes: Sequence[Box]) -> Any:
-    """A PIL image of `image` (uint8[H, W, 3]) with each box outlined and labelled, one colour per label."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image, ImageDraw  # noqa: PLC0415 - only when drawing.
+def draw_boxes(image: np.ndarray, boxes: Sequence[Box], masks: Sequence[Any] | None = None) -> Any:
+    """A PIL image of `image` (uint8[H, W, 3]) with each box outlined and labelled, one colour per label, and
+    its mask (bool[H, W] per box, or None) filled half transparent."""
+    from paligemma_ft.evaluate.draw import draw_objects  # noqa: PLC0415 - only when drawing.
 
-    im = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-    draw = ImageDraw.Draw(im)
-    width = max(1, round(min(im.size) / 100))
-    colours: dict[str, tuple[int, int, int]] = {}
-    for box in boxes:
-        colour = colours.setdefault(box.label, _COLOURS[len(colours) % len(_COLOURS)])
-        x0, y0 = round(box.x0 * im.width), round(box.y0 * im.height)
-        x1, y1 = round(box.x1 * im.width), round(box.y1 * im.height)
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        left, top, right, bottom = draw.textbbox((x0, y0), box.label)
-        top_y = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0  # Above the box if it fits.
-        draw.rectangle([x0, top_y, x0 + (right - left) + 4, top_y + (bottom - top) + 2], fill=colour)
-        draw.text((x0 + 2, top_y), box.label, fill=(255, 255, 255))
-    return im
+    return draw_objects(image, boxes, masks)
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:
@@ -163,6 +166,8 @@ def predict_command(
     res: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    constrain: str = "",
+    codec: str = "oi",
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -197,21 +202,34 @@ def predict_command(
         parse_sampler(sampler)  # A bad --sampler fails before the model loads.
     except ValueError as e:
         raise type(e)(f"--sampler: {e}") from None
+    if constrain and constrain not in CONSTRAIN_MODES:
+        raise ValueError(f"--constrain {constrain!r}: use one of {', '.join(CONSTRAIN_MODES)}")
+    mask_codec = None
+    if draw is not None and prompt.split()[0] == "segment":
+        from paligemma_ft.model.vqvae import load_codec  # noqa: PLC0415 - a missing file fails before the model loads.
+
+        mask_codec = load_codec(codec)
     images = read_images(image_paths)
     predictor = load_predictor(
         checkpoint, tokenizer, preset=preset, res=res, max_decode_len=max_decode_len, sampler=sampler, seed=seed
     )
     prompt_tokens = len(predictor.tok.encode(prompt, add_bos=True)) + len(predictor.tok.sep_ids)
     predictor.prompt_len = max(predictor.prompt_len, prompt_tokens)  # A long prompt is never cut.
+    predictor.constrain = constrain
     predictions = predict_batched(predictor, images, prompt, batch_size)
     for path, text in zip(image_paths, predictions):
         print(f"{printable(path)}\t{_one_line(text)}", file=stdout, flush=True)
     if draw is not None:
         for out, image, text in zip(draw_paths(draw, len(images)), images, predictions):
-            boxes, ok = parse_detections(text)
+            boxes, ok = parse_detections(text, require_label=constrain not in ("refexp", "refseg"))
+            masks = None
+            if mask_codec is not None:
+                from paligemma_ft.evaluate.segmentation import predicted_masks  # noqa: PLC0415
+
+                masks = predicted_masks(boxes, image.shape[0], image.shape[1], mask_codec)
             try:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
-                draw_boxes(image, boxes).save(out, format="PNG")
+                draw_boxes(image, boxes, masks).save(out, format="PNG")
             except OSError as e:
                 raise ValueError(f"--draw {out}: cannot be written ({e.strerror or e})") from None
             note = "" if ok else " (some segments were malformed and skipped)"
@@ -233,4 +251,6 @@ def main(args: argparse.Namespace) -> int:
         res=args.res,
         batch_size=args.batch_size,
         seed=args.seed,
+        constrain=args.constrain,
+        codec=args.codec,
     )

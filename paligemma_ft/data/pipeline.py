@@ -40,13 +40,14 @@ import numpy as np
 
 from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.data import images as images_lib
+from paligemma_ft.data import localization
 from paligemma_ft.data import sources as sources_lib
 from paligemma_ft.data import transforms as tf_lib
 from paligemma_ft.data.transforms import BadExample
 
 TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss")
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input")
-META_KEYS = ("id", "image_path", "prefix", "references", "file", "line")
+META_KEYS = ("id", "image_path", "prefix", "references", "file", "line", "objects", "image_size")
 _ENDLESS = sys.maxsize  # Length of an endless grain MapDataset.
 
 
@@ -229,9 +230,10 @@ class _Loader:
         self.source, self.names, self.ctx, self.policy, self.report = source, tuple(names), ctx, policy, report
         self.keys, self.with_meta = tuple(keys), with_meta
 
-    def __call__(self, index: int) -> dict | _Bad:
+    def __call__(self, index: int, epoch: int = 0) -> dict | _Bad:
         try:
-            example = tf_lib.apply_transforms(self.source[index], self.names, self.ctx)
+            # `epoch` orders the objects of localization examples with `order="random"` (a no-op otherwise).
+            example = tf_lib.apply_transforms(localization.with_epoch(self.source[index], epoch), self.names, self.ctx)
         except BadExample as e:
             error = e.located(*self.source.location(index))
             if self.policy == "error":
@@ -319,16 +321,17 @@ class TrainIterator:
     def _rows_from(self, batches: int):
         """Grain iterator over this process's examples from global batch `batches` on (read ahead in threads)."""
         rows = grain.MapDataset.range(batches * self.batch_size, _ENDLESS).map(self._position)
+        # The epoch of a position orders the objects of localization examples with `order="random"`.
         return iter(
-            rows.map(lambda pos: self._order[pos])
-            .map(self._loader)
-            .to_iter_dataset(self._cfg.read_options(self.batch_size))
+            rows.map(lambda pos: self._loader(self._order[pos], pos // self._num_examples)).to_iter_dataset(
+                self._cfg.read_options(self.batch_size)
+            )
         )
 
     def _replacement(self, position: int) -> dict:
         """The first good example of the reserve order from `position` on (deterministic in the position)."""
         for t in range(2 * self._num_examples):  # 2n consecutive positions of a reshuffled order hold every example.
-            example = self._loader(self._reserve[position + t])
+            example = self._loader(self._reserve[position + t], (position + t) // self._num_examples)
             if not isinstance(example, _Bad):
                 return example
         raise ValueError(f"Every example of input.data is bad.\n{self.report.summary()}")

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from paligemma_ft.data import images
+from paligemma_ft.data import images, localization
+from paligemma_ft.data import shapes as shapes_lib
 from paligemma_ft.data.errors import BadExample
 from paligemma_ft.data.shapes import ShapesSource
 
@@ -38,8 +39,9 @@ SOURCE_KEYS = {
     "jsonl": {"source", "path", "image_dir", "allow_outside", "references_key"},
     "coco": {"source", "annotations", "image_dir", "allow_outside"},
     "tfds": {"source", "name", "split", "data_dir", "fields"},
-    "shapes": {"source", "n", "seed", "task", "image_size", "offset"},
+    "shapes": {"source", "n", "seed", "task", "image_size", "offset", "max_shapes", "snap", "codec"},
 }
+SOURCE_KEYS.update(localization.SOURCE_KEYS)  # coco_instances, jsonl_boxes, voc: boxes and masks (annotations.py).
 BAD_INPUT_POLICIES = ("skip", "error")
 
 
@@ -482,6 +484,10 @@ def make_source(
             bad_input=bad_input,
             max_image_bytes=max_image_bytes,
         )
+    if source in localization.SOURCE_KEYS:
+        from paligemma_ft.data import annotations  # noqa: PLC0415 - it imports this module's helpers.
+
+        return annotations.make_annotation_source(data, mode=mode, bad_input=bad_input)  # type: ignore[return-value]
     if source == "tfds":
         if not data.get("name"):
             raise ValueError("input.data.name (the TFDS dataset) is required for source 'tfds'.")
@@ -493,6 +499,9 @@ def make_source(
         data.get("task", "caption"),
         tuple(image_size) if isinstance(image_size, Sequence) else int(image_size),
         int(data.get("offset", 0)),
+        max_shapes=int(data.get("max_shapes", shapes_lib.MAX_SHAPES)),
+        snap=int(data.get("snap", 0)),
+        codec=data.get("codec"),
     )
 
 

@@ -110,6 +110,7 @@ def run_evals(
         )
         predictor.max_decode_len = int(ecfg.get("max_decode_len", 32))
         predictor.sampler = ecfg.get("sampler", "greedy")
+        predictor.constrain = ecfg.get("constrain", "")  # Constrained localization decoding (constrain.py).
         result = evaluator.run(predictor, batches, Path(outdir), step)
         _list_bad_rows(bad, bad_rows_path(outdir, name), name)
         for k, v in result.items():
