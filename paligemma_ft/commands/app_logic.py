@@ -162,7 +162,7 @@ def draw_prediction(image: np.ndarray, prediction: Prediction) -> Any:
 
 
 def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
-    """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the builtin model's own).
+    """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the one found with the checkpoint).
 
     Raises:
       ModelLoadError: a missing checkpoint or tokenizer, an unreadable file, or a tokenizer that does not fit the
@@ -175,9 +175,8 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
         try:
             predictor = load_predictor(checkpoint, tokenizer or None)
         except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-            raise ModelLoadError(
-                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tokenizer or 'builtin:tiny (default)'}: {e}"
-            ) from None
+            tok = tokenizer or "(found with the checkpoint)"
+            raise ModelLoadError(f"Cannot load checkpoint {checkpoint!r} with tokenizer {tok}: {e}") from None
     return predictor, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 

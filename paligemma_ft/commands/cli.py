@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
+        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
     )
     p.add_argument("--port", type=int, default=None, help="local port (default Streamlit's, 8501)")
 

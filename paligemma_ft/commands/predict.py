@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tokenizer",
         default=None,
         metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
+        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
     )
     p.add_argument(
         "--image", action="append", required=True, metavar="PATH", help="an image file; repeat for several images"

@@ -32,8 +32,10 @@ from paligemma_ft import flops
 from paligemma_ft import predictor as predictor_lib
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.checkpoints import state as train_state
+from paligemma_ft.checkpoints.loading import make_model
 from paligemma_ft.evaluate.runner import run_evals
 from paligemma_ft.model import Model
 from paligemma_ft.training import optim
@@ -107,35 +109,26 @@ def train_step(
 # --- Set-up ----------------------------------------------------------------------------------------------------
 
 
-def make_model(config: Any) -> tuple[Model, int | None, str | None]:
-    """`(model, resolution, init_path)` from `model_name_or_preset`, `model` (overrides) and `model_init`."""
-    init = _get(config, "model_init", "") or ""
-    path = predictor_lib.resolve_checkpoint(init) if init else None
-    cfg, res = predictor_lib.model_config(_get(config, "model_name_or_preset", ""), path, _get(config, "model"))
-    return Model(**cfg), res, path
-
-
 def init_params(
     model: Model,
     config: Any,
     shapes: PyTree,
-    path: str | None,
+    checkpoint: loading.Checkpoint | None,
     shardings: PyTree,
     dtypes: PyTree,
     res: int,
     text_len: int,
 ) -> PyTree:
-    """Parameters born sharded: loaded from `path` leaf by leaf, or a random init jitted to the shardings."""
-    if path is not None:
-        host = ckpt_lib.load_for_model(path, shapes)
-        return ckpt_lib.place_params(host, shardings, dtypes)
+    """Parameters born sharded: the checkpoint's leaf by leaf, what it lacks (or `dont_load` names) initialised."""
 
     def init():
         z = jnp.zeros((1, text_len), jnp.int32)
-        p = model.init(jax.random.PRNGKey(int(_get(config, "seed", 0))), jnp.zeros((1, res, res, 3)), z, z)
-        return jax.tree.map(lambda x, d: x.astype(d), p["params"], dtypes)
+        return model.init(jax.random.PRNGKey(int(_get(config, "seed", 0))), jnp.zeros((1, res, res, 3)), z, z)["params"]
 
-    return jax.jit(init, out_shardings=shardings)()
+    abstract = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
+    return loading.load_params(
+        checkpoint, abstract, shardings, init_fn=init, dont_load=tuple(_get(config, "dont_load", ()))
+    )
 
 
 def _eval_due(ecfg: Mapping[str, Any], step: int, total: int) -> bool:
@@ -161,7 +154,7 @@ class _Setup:
     trainable: PyTree
     tx: optax.GradientTransformation
     sched_fns: list
-    path: str | None
+    path: loading.Checkpoint | None
     dtypes: PyTree
 
 
@@ -173,12 +166,6 @@ def setup(config: Any) -> _Setup:
             "the folder layout it expects)"
         )
     model, res, path = make_model(config)
-    tok_spec = _get(config, "tokenizer", "")
-    if str(_get(config, "model_init", "")).startswith("kaggle:") and not tok_spec:
-        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
-
-        tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
-    tok = tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
     res = int(_get(config.input, "res", res or 224))
     text_len = int(_get(config.input, "text_len", 128))
     devices = jax.devices()
@@ -187,12 +174,9 @@ def setup(config: Any) -> _Setup:
     mesh = sharding_lib.make_mesh([tuple(a) for a in _get(config, "mesh", DEFAULT_MESH)], devices)
     strategy = [tuple(r) for r in _get(config, "sharding_strategy", DEFAULT_SHARDING)]
     sharding_lib.check_batch_divisible(int(config.input.batch_size), mesh)
-    shapes = predictor_lib.init_shapes(model, res, text_len + 1)
-    tokenizer_lib.check_vocab(
-        tok,
-        shapes["llm"]["embedder"]["input_embedding"].shape[0],
-        source=path or _get(config, "model_name_or_preset", "the config"),
-    )
+    shapes = loading.init_shapes(model, res, text_len + 1)
+    source = path.path if path else _get(config, "model_name_or_preset", "the config")
+    tok = loading.load_tokenizer(_get(config, "tokenizer", ""), path, loading.vocab_size(shapes), source=source)
     p_shard = sharding_lib.infer_sharding(shapes, strategy, mesh)
     dtypes = optim.param_dtypes(shapes, config)
     tx, sched_fns = optim.make_optimizer(
