@@ -183,6 +183,20 @@ class _Relayout:
         return out
 
 
+def per_layer(specs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` with every scan-stacked leaf replaced by its per-layer names (others unchanged)."""
+    out = {}
+    for name, spec in specs.items():
+        for layout in LAYOUTS:
+            if m := layout.stacked.fullmatch(name):
+                for i in range(spec.shape[0]):
+                    out[layout.unstacked_fmt.format(pre=m["pre"], i=i, rest=m["rest"])] = tuple(spec.shape[1:])
+                break
+        else:
+            out[name] = tuple(spec.shape)
+    return out
+
+
 def relayout(source: ParamSource, want: Mapping[str, Any], log: logging.Logger = _LOG) -> ParamSource:
     """`source` seen in the model's layout (scan or per-layer, per tower); `want` holds the model's names."""
     return _Relayout(source, want, log)

@@ -40,14 +40,13 @@ import jax.numpy as jnp
 
 from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import fit, npz, placement
+from paligemma_ft.checkpoints.kaggle import TOKENIZER_NAMES, TOKENIZER_URL  # Looked for next to a checkpoint.
 from paligemma_ft.model import Model, get_preset, infer_config_from_shapes
-from paligemma_ft.model.presets import TINY_VOCAB
+from paligemma_ft.model.presets import TINY_VOCAB, resolve_img_config
 from paligemma_ft.utils import PyTree, tree_flatten_with_names
 
 _LOG = logging.getLogger(__name__)
 BUILTIN_MODELS = ("demo",)
-TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")  # Looked for next to a checkpoint.
-TOKENIZER_URL = "https://storage.googleapis.com/big_vision/paligemma_tokenizer.model"  # gs://big_vision/...
 
 
 class TokenizerNotFoundError(ValueError):
@@ -114,9 +113,9 @@ def resolve_checkpoint(spec: str) -> Checkpoint:
         return Checkpoint(spec, "hf", str(hf_files.cached_snapshot(spec.removeprefix("hf:"))))
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        if _is_hf_folder(path):
-            return Checkpoint(spec, "hf", path)
         export = os.path.join(path, "params.npz")
+        if _is_hf_folder(path) or (os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(export)):
+            return Checkpoint(spec, "hf", path)  # A run's workdir has a config.json too, and params.npz.
         if not os.path.exists(export):
             hint = (
                 "; `paligemma-ft convert DIR --step N OUT.npz` exports one of its orbax checkpoints"
@@ -186,9 +185,9 @@ def model_config(
     if preset:
         cfg, res = get_preset(preset)
     elif checkpoint is not None and checkpoint.kind == "hf":
-        from paligemma_ft.checkpoints import hf_config  # noqa: PLC0415
+        from paligemma_ft.checkpoints import hf_import  # noqa: PLC0415
 
-        cfg, res = hf_config.model_config_from_folder(checkpoint.path)
+        cfg, res = hf_import.model_config_from_folder(checkpoint.path)
     elif checkpoint is not None:
         specs = npz.read_specs(checkpoint.file)  # The whole file's shapes, even for a `:img` selector.
         cfg, res = infer_config_from_shapes({n: s.shape for n, s in specs.items()})
@@ -373,6 +372,15 @@ def make_model(config: Any) -> tuple[Model, int | None, Checkpoint | None]:
     init = _get(config, "model_init", "") or ""
     checkpoint = resolve_checkpoint(init) if init else None
     cfg, res = model_config(_get(config, "model_name_or_preset", "") or None, checkpoint, _get(config, "model"))
+    if checkpoint is not None and checkpoint.kind == "hf":  # big_vision has no sliding window: compare lengths.
+        from paligemma_ft.checkpoints import hf_import  # noqa: PLC0415
+
+        input_cfg = _get(config, "input", {})
+        side = int(_get(input_cfg, "res", res or 224))
+        patch = resolve_img_config(cfg["img"], llm_width=0)["patch_size"][0]
+        n_img = (side // int(patch)) ** 2
+        text_len = int(_get(input_cfg, "text_len", 0))
+        hf_import.check_sliding_window(checkpoint.path, n_img, text_len, "config.input.text_len")
     return build_model(cfg), res, checkpoint
 
 

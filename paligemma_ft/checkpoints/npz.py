@@ -141,7 +141,7 @@ def _parse_header(fp: IO[bytes], file: str, key: str) -> tuple[tuple[int, ...], 
     return tuple(int(d) for d in shape), bool(fortran), dtype, fp.tell()
 
 
-def _bytes_of(array: np.ndarray) -> memoryview:
+def bytes_of(array: np.ndarray) -> memoryview:
     """A writable byte view of a C-contiguous array (what `readinto` fills)."""
     return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # ndarray is a buffer.
 
@@ -257,7 +257,7 @@ class NpzReader:
         return m.info.header_offset + 30 + name_len + extra_len + m.header_len
 
     def _read_stored(self, m: _Member, out: np.ndarray, *, skip: int, check_crc: bool) -> None:
-        buffer = _bytes_of(out)
+        buffer = bytes_of(out)
         self._fp.seek(self._data_offset(m) + skip)
         if self._fp.readinto(buffer) != out.nbytes:
             raise EOFError(f"truncated: expected {out.nbytes} bytes")
@@ -268,7 +268,7 @@ class NpzReader:
                 raise zipfile.BadZipFile(f"CRC mismatch (stored {m.info.CRC:#010x}, computed {crc:#010x})")
 
     def _read_deflated(self, m: _Member, out: np.ndarray) -> None:
-        buffer = _bytes_of(out)
+        buffer = bytes_of(out)
         with self._zip.open(m.info) as f:  # zipfile checks the CRC when the member is read to its end.
             f.read(m.header_len)
             pos = 0

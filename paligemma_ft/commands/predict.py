@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         default="builtin:demo",
         metavar="SPEC",
-        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir or kaggle:HANDLE",
+        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir, an HF folder, hf:REPO or "
+        "kaggle:HANDLE",
     )
     p.add_argument(
         "--tokenizer",
