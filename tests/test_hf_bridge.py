@@ -367,6 +367,8 @@ def test_orbax_step_of_a_workdir_converts(tmp_path):
     assert back.keys() == flat.keys() and all(back[n].tobytes() == flat[n].tobytes() for n in flat)
     with pytest.raises(ckpt_lib.CheckpointError, match=r"no training checkpoint step 3 .*steps there: \[7\]"):
         convert(str(tmp_path / "run"), str(tmp_path / "s3.npz"), step=3, progress=False)
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "hf"), "--step", "--quiet"]) == 0  # Latest.
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -82,9 +82,10 @@ class Checkpoint:
 
 
 def _is_hf_folder(path: str) -> bool:
+    """Safetensors weights with a config, or any transformers `config.json` (its errors then say what is missing)."""
     from paligemma_ft.checkpoints import hf_files  # noqa: PLC0415 - the HF bridge is imported when used.
 
-    return hf_files.is_hf_folder(path)
+    return hf_files.is_hf_folder(path) or "model_type" in (hf_files.read_config(path) or {})
 
 
 def resolve_checkpoint(spec: str) -> Checkpoint:
@@ -114,8 +115,8 @@ def resolve_checkpoint(spec: str) -> Checkpoint:
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         export = os.path.join(path, "params.npz")
-        if _is_hf_folder(path) or (os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(export)):
-            return Checkpoint(spec, "hf", path)  # A run's workdir has a config.json too, and params.npz.
+        if _is_hf_folder(path):  # A run's workdir has a config.json too, but no "model_type" in it.
+            return Checkpoint(spec, "hf", path)
         if not os.path.exists(export):
             hint = (
                 "; `paligemma-ft convert DIR --step N OUT.npz` exports one of its orbax checkpoints"

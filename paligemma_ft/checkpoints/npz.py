@@ -34,7 +34,6 @@ import struct
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator
 from typing import IO, Any
 
 import ml_dtypes
@@ -420,13 +419,6 @@ def save_params(path: str | os.PathLike, tree: PyTree) -> None:
     with NpzWriter(path) as writer:
         for name, leaf in tree_flatten_with_names(tree):
             writer.write(name, leaf)
-
-
-def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """`(name, array)` for each array of a `.npz[:subtree]`, one at a time (streaming conversions)."""
-    with NpzReader(path) as reader:
-        for name in reader.specs():
-            yield name, reader.read(name)
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -52,7 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", metavar="DST", help="an .npz file, or a new/empty folder for a Hugging Face model")
     p.add_argument("--from", dest="from_", choices=("npz", "workdir", "hf"), default=None, help="SRC's format")
     p.add_argument("--to", choices=("npz", "hf"), default=None, help="DST's format (default: .npz suffix or not)")
-    p.add_argument("--step", type=int, default=None, help="a workdir's orbax checkpoint step instead of params.npz")
+    p.add_argument(
+        "--step",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="a workdir's orbax checkpoint instead of its params.npz: step N, or the latest without N",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast every tensor")
     p.add_argument("--preset", default=None, help="model preset, when SRC's shapes do not say it all (soft-caps)")
     p.add_argument("--tokenizer", default=None, metavar="SPEC", help="for the HF processor files (default: found)")
@@ -66,14 +72,14 @@ def _target(dst: str, to: str | None) -> str:
 
 
 @contextmanager
-def _open_source(src: str, from_: str | None, step: int | None, vocab: str) -> Iterator[tuple[Any, Any, Any]]:
+def _open_source(src: str, from_: str | None, step: int | str | None, vocab: str) -> Iterator[tuple[Any, Any, Any]]:
     """`(ParamSource, Checkpoint or None, HF source or None)` for SRC."""
     from paligemma_ft.checkpoints import hf_import, loading, npz, orbax_params  # noqa: PLC0415
 
     if step is not None or from_ == "workdir" and not os.path.isfile(os.path.join(src, "params.npz")):
         if not os.path.isdir(src):
-            raise ValueError(f"--step {step}: SRC {src!r} is not a run's workdir")
-        with orbax_params.OrbaxParams(src, step) as source:
+            raise ValueError(f"--step: SRC {src!r} is not a run's workdir")
+        with orbax_params.OrbaxParams(src, None if step in (None, "latest") else int(step)) as source:
             yield source, loading.Checkpoint(src, "workdir", src, loading._run_config(src)), None  # noqa: SLF001
         return
     checkpoint = loading.resolve_checkpoint(src)
@@ -121,7 +127,7 @@ def convert(
     *,
     from_: str | None = None,
     to: str | None = None,
-    step: int | None = None,
+    step: int | str | None = None,
     dtype: str | None = None,
     preset: str | None = None,
     tokenizer: str | None = None,
@@ -201,6 +207,15 @@ def _to_npz(source: Any, cfg: dict, res: int, dst: str, dtype: str | None, from_
     return hf_export.Summary(dst, n_params, dtypes, [Path(dst).name], os.path.getsize(dst))
 
 
+def _step(value: str | None) -> int | str | None:
+    if value in (None, "latest"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--step {value!r}: expected a step number (or --step alone for the latest)") from None
+
+
 def main(args: argparse.Namespace) -> int:
     """The `convert` command from parsed flags."""
     convert(
@@ -208,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         args.dst,
         from_=args.from_,
         to=args.to,
-        step=args.step,
+        step=_step(args.step),
         dtype=args.dtype,
         preset=args.preset,
         tokenizer=args.tokenizer,
