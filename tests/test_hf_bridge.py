@@ -163,19 +163,29 @@ def test_demo_both_ways_on_the_command_line_and_generate_matches_predict(tmp_pat
     assert cli.main(args) == 0
     ours = [line.split("\t", 1)[1] for line in capsys.readouterr().out.splitlines()]
 
+    from paligemma_ft import decode as decode_lib
+    from paligemma_ft.predictor import load_predictor, until_eos
+
+    predictor = load_predictor("builtin:demo")  # What `predict` runs, token ids instead of text.
+    batch = predictor.prompt_batch(images, "caption en")
+    our_tokens = [
+        until_eos(r) for r in np.asarray(decode_lib.decode(predictor.model, predictor.params, batch, max_decode_len=20))
+    ]
+    assert [predictor.tok.decode(t) for t in our_tokens] == ours
+
     processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
     model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tok = Tokenizer.from_spec("builtin:tiny")
-    theirs = []
+    theirs, their_tokens = [], []
     for image in images:
         batch = processor(text="<image>caption en", images=image, return_tensors="pt")
         prompt = stack([make_prompt(tok, "caption en", 4)[0]])["text"][0]
         assert batch["input_ids"][0, 64:].tolist() == prompt.tolist()  # The processor tokenizes as we do.
         with torch.no_grad():
             tokens = model.generate(**batch, max_new_tokens=20, do_sample=False)[0, batch["input_ids"].shape[1] :]
-        tokens = tokens.tolist()
-        theirs.append(tok.decode(tokens[: tokens.index(1)] if 1 in tokens else tokens))
-    assert theirs == ours and all(ours)
+        their_tokens.append(until_eos(tokens.tolist()))
+        theirs.append(tok.decode(their_tokens[-1]))
+    assert their_tokens == our_tokens and theirs == ours and all(ours)
 
 
 # ------------------------------------------------------------------- a folder written by transformers itself
