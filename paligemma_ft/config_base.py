@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     # --- Model ----------------------------------------------------------------------------------------------
     c.model_name_or_preset = ""  # Architecture (paligemma_ft.model.presets); "" = inferred from model_init's shapes.
     c.model = dict(img={}, llm={})  # Per-tower overrides of the preset, big_vision keys (open groups).
-    c.model_init = ""  # Weights: builtin:NAME, a .npz[:sub], a run's workdir, kaggle:HANDLE; "" = random init.
+    c.model.model_class = ""  # A `Model` subclass as "package.module:Name" (new heads, test adapters); "" = Model.
+    c.model_init = ""  # Weights: builtin:NAME, kaggle:HANDLE, hf:REPO[@REV], an HF folder, a run's workdir, .npz[:sub].
+    c.dont_load = ()  # Regexes of parameters initialised instead of loaded from model_init (big_vision's dont_load).
     c.tokenizer = ""  # SentencePiece .model path or builtin:tiny; "" = the Kaggle bundle's, else builtin:tiny.
     c.compute_dtype = None  # Activation dtype; None = auto: bfloat16 on GPU/TPU, float32 on CPU.
 

@@ -144,9 +144,9 @@ def test_load_model_reports_missing_files_and_mismatches(tmp_path, demo):
 
 def small_vocab_checkpoint(tmp_path):
     """The demo checkpoint with its vocabulary cut to 1000 rows: too small for the tiny tokenizer."""
-    from paligemma_ft.predictor import resolve_checkpoint
+    from paligemma_ft.checkpoints.loading import checkpoint_path
 
-    params = ckpt_lib.load_params(resolve_checkpoint("builtin:demo"))
+    params = ckpt_lib.load_params(checkpoint_path("builtin:demo"))
     emb = params["llm"]["embedder"]["input_embedding"]
     params["llm"]["embedder"]["input_embedding"] = emb[:1000]
     ckpt_lib.save_params(tmp_path / "small_vocab.npz", params)

@@ -197,7 +197,9 @@ def test_config_file_typos_name_the_file_the_key_and_close_keys(tmp_path):
 def test_shipped_configs_resolve_by_name():
     assert load_config("demo").to_dict() == load_config(DEMO).to_dict()
     assert load_config("vqa:tfds").input.data.source == "tfds"
-    with pytest.raises(FileNotFoundError, match=r"no shipped config of that name \(shipped: coco_captions, coco_detection, demo"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no shipped config of that name \(shipped: coco_captions, coco_detection, demo"
+    ):
         load_config("dmeo")
     with pytest.raises(FileNotFoundError, match="the shipped config of that name is --config demo"):
         load_config("elsewhere/demo.py")

@@ -9,10 +9,11 @@ import ml_collections
 import numpy as np
 
 from paligemma_ft import decode as decode_lib
+from paligemma_ft.checkpoints.loading import checkpoint_path
 from paligemma_ft.commands import cli
 from paligemma_ft.data.shapes import encode_image, make_example
 from paligemma_ft.evaluate.runner import evaluate_command, format_table, run_evals
-from paligemma_ft.predictor import load_predictor, resolve_checkpoint
+from paligemma_ft.predictor import load_predictor
 
 DECODE_LEN = 13  # Used by no other test, so this file's decode function starts with no trace.
 
@@ -81,7 +82,7 @@ def test_cli_evaluate_prints_a_table_and_writes_eval_metrics(tmp_path, capsys):
     config.write_text(textwrap.dedent(CONFIG_FILE))
     workdir = tmp_path / "run"
     workdir.mkdir()
-    shutil.copy(resolve_checkpoint("builtin:demo"), workdir / "params.npz")  # As a finished run leaves it.
+    shutil.copy(checkpoint_path("builtin:demo"), workdir / "params.npz")  # As a finished run leaves it.
     (workdir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 5, "train/loss": 1.0}\n')
 
     assert cli.main(["evaluate", "--config", str(config), "--workdir", str(workdir)]) == 0

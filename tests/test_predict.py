@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from paligemma_ft import predictor as predictor_lib
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.commands import cli, predict
 from paligemma_ft.data.shapes import encode_image, make_example
@@ -116,7 +117,7 @@ def test_draw_boxes_colours_labels_apart():
 @pytest.fixture(scope="module")
 def small_vocab_npz(tmp_path_factory):
     """The demo model with its embedding table cut to 1000 rows: the 1664-piece tiny tokenizer does not fit."""
-    params = ckpt_lib.load_params(predictor_lib.resolve_checkpoint("builtin:demo"))
+    params = ckpt_lib.load_params(loading.checkpoint_path("builtin:demo"))
     params["llm"]["embedder"]["input_embedding"] = params["llm"]["embedder"]["input_embedding"][:1000]
     path = tmp_path_factory.mktemp("ckpt") / "small_vocab.npz"
     ckpt_lib.save_params(path, params)

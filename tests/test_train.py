@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from paligemma_ft import predictor as predictor_lib
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.config import load_config
 from paligemma_ft.training import loop as train
@@ -65,7 +66,7 @@ def test_run_writes_everything_and_a_second_run_resumes(tmp_path, capsys):
     # params.npz is big_vision's layout: it loads into the model as it is, and a predictor runs on it.
     p = predictor_lib.load_predictor(str(workdir), "builtin:tiny")
     assert set(ckpt_lib.names_and_shapes(p.params)) == set(
-        ckpt_lib.names_and_shapes(predictor_lib.init_shapes(p.model, 32, 8))
+        ckpt_lib.names_and_shapes(loading.init_shapes(p.model, 32, 8))
     )
     capsys.readouterr()
 
@@ -144,7 +145,7 @@ def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state
     config.input.data = dict(_DATA, image_size=64)
     workdir = tmp_path / "frozen"
     train.run(config, workdir)
-    start = ckpt_lib.load_params(predictor_lib.resolve_checkpoint("builtin:demo"))
+    start = ckpt_lib.load_params(loading.checkpoint_path("builtin:demo"))
     end = ckpt_lib.load_params(workdir / "params.npz")
     start, end = dict(tree_flatten_with_names(start)), dict(tree_flatten_with_names(end))
     frozen = [n for n in end if n.startswith(("img/", "llm/embedder/"))]

@@ -656,29 +656,6 @@ def find_tokenizer(bundle_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def resolve_tokenizer(configured: str | None, bundle: str | os.PathLike | None) -> str:
-    """The tokenizer to use: the configured path, else one inside the checkpoint's bundle.
-
-    Raises:
-      KaggleError: neither is there; the message names both options.
-    """
-    if configured:
-        return configured
-    found = find_tokenizer(bundle) if bundle is not None else None
-    if found is not None:
-        return str(found)
-    where = (
-        f"inside the downloaded bundle {Path(bundle).parent if Path(bundle).is_file() else bundle}"
-        if bundle is not None
-        else "inside a downloaded bundle (no Kaggle checkpoint is used)"
-    )
-    raise KaggleError(
-        f"No tokenizer: none is configured, and none of {', '.join(TOKENIZER_NAMES)} is {where}. "
-        "Either set the tokenizer path in the config to PaliGemma's paligemma_tokenizer.model "
-        f"(download it from {TOKENIZER_URL}), or put that file into the bundle folder."
-    )
-
-
 def download_command(handle: str, file: str | None) -> int:
     """`paligemma-ft download HANDLE [--file NAME]`: prints the local path (exit 0) or the error (exit 2)."""
     try:

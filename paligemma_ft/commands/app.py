@@ -73,7 +73,7 @@ def render_page() -> None:
     st.set_page_config(page_title="PaliGemma demo", layout="wide")
     st.title("PaliGemma fine-tune demo")
     checkpoint, tokenizer = logic.model_specs(os.environ)
-    st.caption(f"checkpoint `{checkpoint}` · tokenizer `{tokenizer or 'builtin:tiny (default)'}`")
+    st.caption(f"checkpoint `{checkpoint}` · tokenizer `{tokenizer or '(found with the checkpoint)'}`")
 
     with st.sidebar:
         st.header("Decoding")

@@ -186,7 +186,7 @@ def mask_codec(spec: str = "oi") -> tuple[Any, str | None]:
 
 
 def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
-    """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the builtin model's own).
+    """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the one found with the checkpoint).
 
     Raises:
       ModelLoadError: a missing checkpoint or tokenizer, an unreadable, corrupt, truncated or pickled file, a
@@ -204,9 +204,8 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
             if not is_user_error(e) or os.environ.get(DEBUG_ENV):
                 raise
             text = redact_text(str(e))
-            raise ModelLoadError(
-                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tokenizer or 'builtin:tiny (default)'}: {text}"
-            ) from None
+            tok = tokenizer or "(found with the checkpoint)"
+            raise ModelLoadError(f"Cannot load checkpoint {checkpoint!r} with tokenizer {tok}: {text}") from None
     return predictor, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 

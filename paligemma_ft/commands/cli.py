@@ -8,6 +8,7 @@
     paligemma-ft app [--checkpoint SPEC --tokenizer SPEC --port N]   a local web page to try a checkpoint
     paligemma-ft plan --config PATH [--device H100 | --memory-gib N] [--devices N] [--arithmetic-only]
                                                         will the config fit? memory per device, what to change
+    paligemma-ft convert SRC DST [--step N] [--dtype D] [--tokenizer SPEC]   .npz / workdir <-> Hugging Face folder
 
 Everything here is callable from Python (`main([...])` returns the exit code), and each command imports its
 module only when it runs, so `paligemma-ft download` does not pay for importing JAX models.
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default=None,
         metavar="SPEC",
-        help="parameters to evaluate instead (builtin:demo, .npz, workdir, kaggle:HANDLE); "
+        help="parameters to evaluate instead (builtin:demo, .npz, workdir, HF folder, hf:REPO, kaggle:HANDLE); "
         "default DIR/params.npz, else config.model_init",
     )
     p.add_argument(
@@ -110,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default="builtin:demo",
         metavar="SPEC",
-        help="builtin:demo (default), a big_vision .npz, a run's workdir or kaggle:HANDLE",
+        help="builtin:demo (default), a big_vision .npz, a run's workdir, an HF folder, hf:REPO or kaggle:HANDLE",
     )
     p.add_argument(
         "--tokenizer",
         default=None,
         metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
+        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
     )
     p.add_argument("--port", type=int, default=None, help="local port (default Streamlit's, 8501)")
 
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip compiling; estimate activations by arithmetic (faster, rougher)",
     )
+
+    p = sub.add_parser("convert", help="convert a checkpoint: .npz / workdir <-> Hugging Face folder, streamed")
+    importlib.import_module("paligemma_ft.commands.convert").add_arguments(p)
 
     for name, (_, _, what) in _FUTURE.items():
         p = sub.add_parser(name, help=f"(not implemented yet) {what}")
@@ -236,6 +241,12 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         from paligemma_ft.commands import app  # noqa: PLC0415 - Streamlit loads only in the page's own process.
 
         return int(app.launch(args.checkpoint, args.tokenizer, port=args.port))
+    if args.command == "convert":
+        if overrides:
+            raise UsageError("convert takes no --config overrides")
+        from paligemma_ft.commands import convert  # noqa: PLC0415
+
+        return int(convert.main(args))
     if args.command == "plan":
         config = _load(args, overrides)
         if args.workdir:
@@ -285,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if args.command is None:
-            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", *_FUTURE]
+            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", "convert", *_FUTURE]
             raise UsageError(f"choose a command: {', '.join(commands)} (paligemma-ft --help for details)")
         return _run_command(args, split_overrides(unknown))
     except SystemExit as e:  # `--help` exits 0 from inside argparse.

@@ -53,13 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         default="builtin:demo",
         metavar="SPEC",
-        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir or kaggle:HANDLE",
+        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir, an HF folder, hf:REPO or "
+        "kaggle:HANDLE",
     )
     p.add_argument(
         "--tokenizer",
         default=None,
         metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
+        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
     )
     p.add_argument(
         "--image", action="append", required=True, metavar="PATH", help="an image file; repeat for several images"

@@ -31,8 +31,10 @@ from paligemma_ft import data as data_lib
 from paligemma_ft import predictor as predictor_lib
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.checkpoints import state as train_state
+from paligemma_ft.checkpoints.loading import make_model
 from paligemma_ft.evaluate.runner import run_evals
 from paligemma_ft.model import Model
 from paligemma_ft.training import optim
@@ -99,42 +101,24 @@ def train_step(
 # --- Set-up ----------------------------------------------------------------------------------------------------
 
 
-def make_model(config: Any, *, shapes_only: bool = False) -> tuple[Model, int | None, str | None]:
-    """`(model, resolution, init_path)` from `model_name_or_preset`, `model` (overrides) and `model_init`.
-
-    Checks that `input.res` is a multiple of the model's patch size. With `shapes_only` and a preset, `model_init`
-    is not resolved (no download, no file: `plan` needs only shapes) and `init_path` is None.
-    """
-    config = config_base.complete(config)
-    init = config.model_init
-    preset = config.model_name_or_preset
-    path = predictor_lib.resolve_checkpoint(init) if init and not (shapes_only and preset) else None
-    cfg, res = predictor_lib.model_config(preset, path, config.model)
-    config_base.check_resolution(int(config.input.res), cfg["img"])
-    return Model(**cfg), res, path
-
-
 def init_params(
     model: Model,
     config: Any,
     shapes: PyTree,
-    path: str | None,
+    checkpoint: loading.Checkpoint | None,
     shardings: PyTree,
     dtypes: PyTree,
     res: int,
     text_len: int,
 ) -> PyTree:
-    """Parameters born sharded: loaded from `path` leaf by leaf, or a random init jitted to the shardings."""
-    if path is not None:
-        host = ckpt_lib.load_for_model(path, shapes)
-        return ckpt_lib.place_params(host, shardings, dtypes)
+    """Parameters born sharded: the checkpoint's leaf by leaf, what it lacks (or `dont_load` names) initialised."""
 
     def init():
         z = jnp.zeros((1, text_len), jnp.int32)
-        p = model.init(jax.random.PRNGKey(int(config.seed)), jnp.zeros((1, res, res, 3)), z, z)
-        return jax.tree.map(lambda x, d: x.astype(d), p["params"], dtypes)
+        return model.init(jax.random.PRNGKey(int(config.seed)), jnp.zeros((1, res, res, 3)), z, z)["params"]
 
-    return jax.jit(init, out_shardings=shardings)()
+    abstract = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
+    return loading.load_params(checkpoint, abstract, shardings, init_fn=init, dont_load=tuple(config.dont_load))
 
 
 def _eval_due(ecfg: Mapping[str, Any], step: int, total: int) -> bool:
@@ -160,7 +144,7 @@ class _Setup:
     trainable: PyTree
     tx: optax.GradientTransformation
     sched_fns: list
-    path: str | None
+    path: loading.Checkpoint | None
     dtypes: PyTree
 
 
@@ -173,14 +157,6 @@ def setup(config: Any, *, shapes_only: bool = False) -> _Setup:
     config = config_base.complete(config)
     config_base.validate(config)
     model, _, path = make_model(config, shapes_only=shapes_only)
-    tok = None
-    if not shapes_only:
-        tok_spec = config.tokenizer
-        if str(config.model_init).startswith("kaggle:") and not tok_spec:
-            from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
-
-            tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
-        tok = tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
     res = int(config.input.res)
     text_len = int(config.input.text_len)
     devices = jax.devices()
@@ -189,13 +165,11 @@ def setup(config: Any, *, shapes_only: bool = False) -> _Setup:
     mesh = sharding_lib.make_mesh([tuple(a) for a in config.mesh], devices)
     strategy = [tuple(r) for r in config.sharding_strategy]
     sharding_lib.check_batch_divisible(int(config.input.batch_size), mesh)
-    shapes = predictor_lib.init_shapes(model, res, text_len + 1)
-    if tok is not None:
-        tokenizer_lib.check_vocab(
-            tok,
-            shapes["llm"]["embedder"]["input_embedding"].shape[0],
-            source=path or config.model_name_or_preset or "the config",
-        )
+    shapes = loading.init_shapes(model, res, text_len + 1)
+    tok = None
+    if not shapes_only:
+        source = path.path if path else (config.model_name_or_preset or "the config")
+        tok = loading.load_tokenizer(config.tokenizer, path, loading.vocab_size(shapes), source=source)
     p_shard = sharding_lib.infer_sharding(shapes, strategy, mesh)
     dtypes = optim.param_dtypes(shapes, config)
     tx, sched_fns = optim.make_optimizer(
