@@ -320,10 +320,10 @@ def read_config(folder: str | os.PathLike) -> dict | None:
     """The folder's `config.json` as a dict, or None when there is none or it is not JSON."""
     try:
         with open(Path(folder) / "config.json", encoding="utf-8") as f:
-            config = json.load(f)
+            hf_config = json.load(f)
     except (OSError, ValueError):
         return None
-    return config if isinstance(config, dict) else None
+    return hf_config if isinstance(hf_config, dict) else None
 
 
 def is_hf_folder(folder: str | os.PathLike) -> bool:

@@ -38,14 +38,14 @@ _TIE_CHUNK = 4096  # Rows compared at a time when checking a stored lm_head agai
 
 
 def _config(folder: Path) -> dict[str, Any]:
-    config = hf_files.read_config(folder)
-    if config is None:
+    hf_config = hf_files.read_config(folder)
+    if hf_config is None:
         raise CheckpointError(f"{folder} has no readable config.json; it is not a Hugging Face model folder.")
-    return config
+    return hf_config
 
 
-def _image_token(config: Mapping[str, Any]) -> int | None:
-    value = config.get("image_token_index", config.get("image_token_id"))
+def _image_token(hf_config: Mapping[str, Any]) -> int | None:
+    value = hf_config.get("image_token_index", hf_config.get("image_token_id"))
     return None if value is None else int(value)
 
 
@@ -70,7 +70,7 @@ def _tokenizer_ids(folder: Path) -> tuple[int | None, dict[int, str]]:
     return base, added
 
 
-def vocab_rows(folder: Path, config: Mapping[str, Any], rows: int, *, vocab: str = "auto") -> tuple[int, str]:
+def vocab_rows(folder: Path, hf_config: Mapping[str, Any], rows: int, *, vocab: str = "auto") -> tuple[int, str]:
     """`(our vocabulary size, how it was decided)` for an HF table of `rows` rows.
 
     Raises:
@@ -79,7 +79,7 @@ def vocab_rows(folder: Path, config: Mapping[str, Any], rows: int, *, vocab: str
     """
     if vocab == "keep":
         return rows, f"kept all {rows} embedding rows (vocab='keep')"
-    image = _image_token(config)
+    image = _image_token(hf_config)
     base, added = _tokenizer_ids(folder)
     if base is None:
         if image is not None and image < rows:
@@ -101,18 +101,18 @@ def vocab_rows(folder: Path, config: Mapping[str, Any], rows: int, *, vocab: str
 
 
 def model_config_from_folder(folder: str | os.PathLike, *, vocab: str = "auto") -> tuple[dict[str, Any], int]:
-    """Our `(model config, image size)` for an HF PaliGemma folder (config + tokenizer + tensor headers).
+    """Our `(model hf_config, image size)` for an HF PaliGemma folder (hf_config + tokenizer + tensor headers).
 
     Raises:
       CheckpointError: not a PaliGemma folder, missing shards, or a setting big_vision cannot express.
     """
     folder = Path(folder)
-    config = _config(folder)
-    hf.from_hf_config(config, vocab_size=0, where=str(folder / "config.json"))  # Not PaliGemma: say so first.
+    hf_config = _config(folder)
+    hf.from_hf_config(hf_config, vocab_size=0, where=str(folder / "config.json"))  # Not PaliGemma: say so first.
     with hf_files.HFWeights(folder) as weights:
         rows = _embedding_rows(weights, folder)
-    v, _ = vocab_rows(folder, config, rows, vocab=vocab)
-    return hf.from_hf_config(config, vocab_size=v, where=str(folder / "config.json"))
+    v, _ = vocab_rows(folder, hf_config, rows, vocab=vocab)
+    return hf.from_hf_config(hf_config, vocab_size=v, where=str(folder / "config.json"))
 
 
 def _embedding_rows(weights: hf_files.HFWeights, folder: Path) -> int:
@@ -129,8 +129,8 @@ def check_sliding_window(folder: str | os.PathLike, num_image_tokens: int, text_
     `sliding_window` tokens. Past that length the two compute different things: what the checkpoint was trained
     with decides which is right (the released PaliGemma 2 weights were trained without a window).
     """
-    config = _config(Path(folder))
-    window = hf.sliding_window(config)
+    hf_config = _config(Path(folder))
+    window = hf.sliding_window(hf_config)
     length = num_image_tokens + text_len
     if window is None or length <= window:
         return None
@@ -159,16 +159,16 @@ class HFSource:
 
     def __init__(self, folder: str | os.PathLike, *, vocab: str = "auto", log: logging.Logger = _LOG):
         self.folder = Path(folder)
-        config = _config(self.folder)
-        hf.from_hf_config(config, vocab_size=0, where=str(self.folder / "config.json"))  # Not PaliGemma: say so first.
+        hf_config = _config(self.folder)
+        hf.from_hf_config(hf_config, vocab_size=0, where=str(self.folder / "config.json"))  # Not PaliGemma: first.
         self.weights = hf_files.HFWeights(self.folder)
         try:
-            self._open(config, vocab, log)
+            self._open(hf_config, vocab, log)
         except BaseException:
             self.weights.close()
             raise
 
-    def _open(self, config: dict[str, Any], vocab: str, log: logging.Logger) -> None:
+    def _open(self, hf_config: dict[str, Any], vocab: str, log: logging.Logger) -> None:
         stored = self.weights.specs()
         self._actual = {}  # canonical name -> name in the files
         self._unknown = {}  # names of no known layout -> spec (reported as unexpected)
@@ -179,10 +179,10 @@ class HFSource:
             else:
                 self._actual[short] = name
         rows = _embedding_rows(self.weights, self.folder)
-        self.vocab, self.vocab_note = vocab_rows(self.folder, config, rows, vocab=vocab)
+        self.vocab, self.vocab_note = vocab_rows(self.folder, hf_config, rows, vocab=vocab)
         log.info("%s: vocabulary of %d: %s.", self.folder, self.vocab, self.vocab_note)
         self.model_config, self.image_size = hf.from_hf_config(
-            config, vocab_size=self.vocab, where=str(self.folder / "config.json")
+            hf_config, vocab_size=self.vocab, where=str(self.folder / "config.json")
         )
         llm = resolve_llm_config(self.model_config["llm"])
         img = resolve_img_config(self.model_config["img"], llm_width=llm["width"])
@@ -200,14 +200,14 @@ class HFSource:
         self._specs["llm/embedder/input_embedding"] = ArraySpec((self.vocab, table.shape[1]), table.dtype)
         consumed.add(hf_names.EMBEDDING)
         if hf_names.LM_HEAD in self._actual:
-            self._check_tied(config)
+            self._check_tied(hf_config)
             consumed.add(hf_names.LM_HEAD)
         for short, name in self._actual.items():  # Known layout, but no parameter of ours: unexpected.
             if short not in consumed:
                 self._unknown[name] = stored[name]
         self._specs.update(self._unknown)
 
-    def _check_tied(self, config: Mapping[str, Any]) -> None:
+    def _check_tied(self, hf_config: Mapping[str, Any]) -> None:
         """An `lm_head.weight` in the files must be the embedding (big_vision's output layer is tied)."""
         head, table = self._actual[hf_names.LM_HEAD], self._actual[hf_names.EMBEDDING]
         specs = self.weights.specs()
@@ -219,9 +219,10 @@ class HFSource:
             part = slice(start, min(start + _TIE_CHUNK, rows))
             untied = not np.array_equal(self.weights.read(head, part), self.weights.read(table, part))
         if untied:
+            text = hf_config.get("text_config") or {}
+            tied = hf_config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
             raise CheckpointError(
-                f"{self.folder}: {head} differs from {table} (tie_word_embeddings="
-                f"{config.get('tie_word_embeddings', (config.get('text_config') or {}).get('tie_word_embeddings'))}); "
+                f"{self.folder}: {head} differs from {table} (tie_word_embeddings={tied}); "
                 "big_vision's PaliGemma ties its output layer to the embedding, so this model cannot be converted."
             )
 
