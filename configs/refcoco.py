@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- Data: a JSONL folder -------------------------------------------------------------------------------
     c.data_dir = config_dict.placeholder(str)  # Required: folder with train.jsonl, val.jsonl and the images.
     data_dir = c.get_ref("data_dir")
+    c.local_keys = ("train_file", "val_file")  # This file's own keys (the library reads neither).
     c.train_file = "train.jsonl"  # File names inside data_dir.
     c.val_file = "val.jsonl"
 
