@@ -34,16 +34,6 @@ if TYPE_CHECKING:  # The CLI imports this module to build its parser: numpy, JAX
     from paligemma_ft.evaluate.detection import Box
 
 DRAW_TASKS = ("detect", "segment")  # Prompts whose outputs hold <loc> boxes.
-_COLOURS = (  # One per label, in order of appearance (the same palette as evaluate/draw.py).
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (128, 128, 0),
-)
 CONSTRAIN_MODES = ("detect", "segment", "refexp", "refseg")  # constrain.MODES, without importing JAX.
 
 
