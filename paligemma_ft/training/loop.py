@@ -1,4 +1,4 @@
-"""The trainer: `run(config, workdir)` and the pure, jitted `train_step`.
+"""The trainer: `run(config, workdir)` (the step is `training.step`, the set-up `training.setup`).
 
 A run is resumable: orbax checkpoints in `workdir/checkpoints` hold the parameters, optimizer state, step, RNG and
 the data iterator's state, so running the same config on the same workdir again continues where it stopped (and on
@@ -10,8 +10,6 @@ each with `step`), the resolved config to `workdir/config.json`, evaluation pred
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 import pathlib
@@ -20,9 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import auto as tqdm
 
 from paligemma_ft import config as config_lib
@@ -30,111 +26,18 @@ from paligemma_ft import config_base, flops
 from paligemma_ft import data as data_lib
 from paligemma_ft import predictor as predictor_lib
 from paligemma_ft import sharding as sharding_lib
-from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.checkpoints import state as train_state
 from paligemma_ft.evaluate.runner import run_evals
-from paligemma_ft.model import Model
-from paligemma_ft.training import optim
 from paligemma_ft.training import report as run_report
-from paligemma_ft.training.losses import loss_fn
+from paligemma_ft.training import step as step_lib
+from paligemma_ft.training.setup import init_state, setup
 
-PyTree = Any
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("image", "text", "mask_ar", "mask_loss", "_mask")
 
 
-# --- Loss and step -------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """The static settings of `train_step` (hashable, so one jit covers them)."""
-
-    label_smoothing: float = 0.0
-    reduction: str = "example_mean"
-    micro_batches: int = 1
-    lr: float = 1.0
-
-
-def train_step(
-    state: dict,
-    batch: Mapping[str, jax.Array],
-    *,
-    model: Model,
-    tx: optax.GradientTransformation,
-    trainable: PyTree,
-    step_cfg: StepConfig = StepConfig(),
-    sched_fn: Any = None,
-) -> tuple[dict, dict]:
-    """One update. Pure: `state = {"params", "opt", "step" i32[], "rng" key}` in, the next state and metrics out.
-
-    Args:
-      trainable: a pytree of Python bools like the params; gradients of frozen leaves are never used, so XLA
-        drops their computation (and the backward pass through fully frozen towers).
-      step_cfg: loss options and `micro_batches` (gradient accumulation: the batch is split into equal slices).
-
-    Metrics: `train/loss`, `train/grad_norm` (over trainable gradients) and `train/lr` (when `sched_fn` is given:
-    the schedule multiplier of this update times `step_cfg.lr`).
-    """
-    rng, step_rng = jax.random.split(state["rng"])
-    step_rng = jax.random.fold_in(step_rng, state["step"])
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, model=model, label_smoothing=step_cfg.label_smoothing, reduction=step_cfg.reduction)
-    )
-    loss, grads = optim.accumulate_gradients(
-        lambda p, b: grad_fn(p, b, step_rng), state["params"], batch, step_cfg.micro_batches
-    )
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # apply_updates promotes e.g. float16 + float32 zero; keep every leaf's storage dtype (frozen ones unchanged).
-    params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"], trainable)
-    trained = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable)) if t]
-    metrics = {"train/loss": loss, "train/grad_norm": optim.global_norm_of(trained)}
-    if sched_fn is not None:
-        metrics["train/lr"] = step_cfg.lr * sched_fn(state["step"])
-    return {"params": params, "opt": opt, "step": state["step"] + 1, "rng": rng}, metrics
-
-
 # --- Set-up ----------------------------------------------------------------------------------------------------
-
-
-def make_model(config: Any, *, shapes_only: bool = False) -> tuple[Model, int | None, str | None]:
-    """`(model, resolution, init_path)` from `model_name_or_preset`, `model` (overrides) and `model_init`.
-
-    Checks that `input.res` is a multiple of the model's patch size. With `shapes_only` and a preset, `model_init`
-    is not resolved (no download, no file: `plan` needs only shapes) and `init_path` is None.
-    """
-    config = config_base.complete(config)
-    init = config.model_init
-    preset = config.model_name_or_preset
-    path = predictor_lib.resolve_checkpoint(init) if init and not (shapes_only and preset) else None
-    cfg, res = predictor_lib.model_config(preset, path, config.model)
-    config_base.check_resolution(int(config.input.res), cfg["img"])
-    return Model(**cfg), res, path
-
-
-def init_params(
-    model: Model,
-    config: Any,
-    shapes: PyTree,
-    path: str | None,
-    shardings: PyTree,
-    dtypes: PyTree,
-    res: int,
-    text_len: int,
-) -> PyTree:
-    """Parameters born sharded: loaded from `path` leaf by leaf, or a random init jitted to the shardings."""
-    if path is not None:
-        host = ckpt_lib.load_for_model(path, shapes)
-        return ckpt_lib.place_params(host, shardings, dtypes)
-
-    def init():
-        z = jnp.zeros((1, text_len), jnp.int32)
-        p = model.init(jax.random.PRNGKey(int(config.seed)), jnp.zeros((1, res, res, 3)), z, z)
-        return jax.tree.map(lambda x, d: x.astype(d), p["params"], dtypes)
-
-    return jax.jit(init, out_shardings=shardings)()
 
 
 def _eval_due(ecfg: Mapping[str, Any], step: int, total: int) -> bool:
@@ -145,77 +48,6 @@ def _eval_due(ecfg: Mapping[str, Any], step: int, total: int) -> bool:
         return True
     every = ecfg.get("log_steps") or (int(total * ecfg["log_percent"]) if ecfg.get("log_percent") else 0)
     return bool(every) and step % int(every) == 0
-
-
-@dataclasses.dataclass
-class _Setup:
-    model: Model
-    tok: tokenizer_lib.Tokenizer | None  # None for a shapes-only setup.
-    mesh: jax.sharding.Mesh
-    res: int
-    text_len: int
-    shapes: PyTree
-    state_shard: dict
-    state_abstract: dict
-    trainable: PyTree
-    tx: optax.GradientTransformation
-    sched_fns: list
-    path: str | None
-    dtypes: PyTree
-
-
-def setup(config: Any, *, shapes_only: bool = False) -> _Setup:
-    """Everything decided before compute: model, tokenizer, mesh, shapes, shardings, optimizer (errors early).
-
-    `shapes_only` (for `plan`): with a preset, no checkpoint is resolved or read and no tokenizer is loaded, so
-    nothing is downloaded and no data, credentials or files are needed; `tok` and `path` are None.
-    """
-    config = config_base.complete(config)
-    config_base.validate(config)
-    model, _, path = make_model(config, shapes_only=shapes_only)
-    tok = None
-    if not shapes_only:
-        tok_spec = config.tokenizer
-        if str(config.model_init).startswith("kaggle:") and not tok_spec:
-            from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
-
-            tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
-        tok = tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
-    res = int(config.input.res)
-    text_len = int(config.input.text_len)
-    devices = jax.devices()
-    if n := config.num_devices:  # Use only the first n devices (tests; sharing a host).
-        devices = devices[: int(n)]
-    mesh = sharding_lib.make_mesh([tuple(a) for a in config.mesh], devices)
-    strategy = [tuple(r) for r in config.sharding_strategy]
-    sharding_lib.check_batch_divisible(int(config.input.batch_size), mesh)
-    shapes = predictor_lib.init_shapes(model, res, text_len + 1)
-    if tok is not None:
-        tokenizer_lib.check_vocab(
-            tok,
-            shapes["llm"]["embedder"]["input_embedding"].shape[0],
-            source=path or config.model_name_or_preset or "the config",
-        )
-    p_shard = sharding_lib.infer_sharding(shapes, strategy, mesh)
-    dtypes = optim.param_dtypes(shapes, config)
-    tx, sched_fns = optim.make_optimizer(
-        config, shapes, total_steps=int(config.total_steps), batch_size=int(config.input.batch_size)
-    )
-    trainable = optim.trainable_mask(shapes, config.schedule)
-    shapes = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
-    opt_shapes = jax.eval_shape(tx.init, shapes)
-    o_shard = sharding_lib.opt_state_sharding(opt_shapes, shapes, strategy, mesh)
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_shard = {"params": p_shard, "opt": o_shard, "step": repl, "rng": repl}
-    state_abstract = {
-        "params": shapes,
-        "opt": opt_shapes,
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-    }
-    return _Setup(
-        model, tok, mesh, res, text_len, shapes, state_shard, state_abstract, trainable, tx, sched_fns, path, dtypes
-    )
 
 
 class _Loggers:
@@ -277,8 +109,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     tok = s.tok
     assert tok is not None  # Loaded by every setup but a shapes-only one (plan).
     total_steps, batch_size = int(config.total_steps), int(config.input.batch_size)
-    b_shard = sharding_lib.batch_sharding(s.mesh)
-    repl = s.state_shard["step"]
+    b_shard = s.batch_shard
 
     train_iter = data_lib.make_train_iter(config.input, tok)
     manager = train_state.make_manager(workdir / "checkpoints", max_to_keep=config.keep_ckpts)
@@ -294,40 +125,21 @@ def run(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
     else:
         if loggers.jsonl.path.exists():
             loggers.jsonl.path.unlink()  # No checkpoint: whatever was logged is redone from step 0.
-        params = init_params(
-            s.model, config, s.shapes, s.path, s.state_shard["params"], s.dtypes, s.res, s.text_len + 1
-        )
-        opt = jax.jit(s.tx.init, out_shardings=s.state_shard["opt"])(params)
-        state = {
-            "params": params,
-            "opt": opt,
-            "step": jax.device_put(jnp.int32(0), repl),
-            "rng": jax.device_put(jax.random.PRNGKey(int(config.seed)), repl),
-        }
+        state = init_state(s, int(config.seed))
         step = 0
     overview = run_report.param_overview(state["params"], s.trainable, s.state_shard["params"])
     if not config.quiet:
         print(f"Devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(s.mesh.shape)}")
         print(overview)
 
-    step_cfg = StepConfig(
-        label_smoothing=float(config.label_smoothing),
-        reduction=config.loss_reduction,
-        micro_batches=int(config.grad_accum_steps),
-        lr=float(config.lr),
-    )
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=s.model,
-            tx=s.tx,
-            trainable=s.trainable,
-            step_cfg=step_cfg,
-            sched_fn=s.sched_fns[0] if s.sched_fns else None,
-        ),
-        donate_argnums=0,
-        in_shardings=(s.state_shard, b_shard),
-        out_shardings=(s.state_shard, repl),
+    step_fn = step_lib.jit_train_step(
+        s.model,
+        s.tx,
+        s.trainable,
+        step_lib.StepConfig.from_config(config, eos_id=tok.eos_id),
+        sched_fn=s.sched_fn,
+        state_shardings=s.state_shard,
+        batch_sharding=b_shard,
     )
     predictor = predictor_lib.Predictor(s.model, None, tok, res=s.res)
     evals = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in config.evals.items()}

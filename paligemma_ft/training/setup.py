@@ -1,0 +1,173 @@
+"""Everything a run decides before it computes: model, tokenizer, mesh, shapes, shardings, dtypes, optimizer and
+trainable mask (`setup`), and a fresh training state born sharded (`init_state`).
+
+`setup` only builds shapes (`jax.eval_shape`), so configuration errors (a mesh that does not divide the devices,
+a tokenizer larger than the vocabulary, a resolution that is not a multiple of the patch size, an unknown
+optimizer) stop the run before any parameter is allocated. `paligemma-ft plan` calls it with `shapes_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from paligemma_ft import config_base
+from paligemma_ft import predictor as predictor_lib
+from paligemma_ft import sharding as sharding_lib
+from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.checkpoints import npz as ckpt_lib
+from paligemma_ft.model import Model
+from paligemma_ft.training import optim
+
+PyTree = Any
+
+
+def make_model(config: Any, *, shapes_only: bool = False) -> tuple[Model, int | None, str | None]:
+    """`(model, resolution, init_path)` from `model_name_or_preset`, `model` (overrides) and `model_init`.
+
+    Checks that `input.res` is a multiple of the model's patch size. With `shapes_only` and a preset, `model_init`
+    is not resolved (no download, no file: `plan` needs only shapes) and `init_path` is None.
+    """
+    config = config_base.complete(config)
+    init = config.model_init
+    preset = config.model_name_or_preset
+    path = predictor_lib.resolve_checkpoint(init) if init and not (shapes_only and preset) else None
+    cfg, res = predictor_lib.model_config(preset, path, config.model)
+    config_base.check_resolution(int(config.input.res), cfg["img"])
+    return Model(**cfg), res, path
+
+
+@dataclasses.dataclass
+class Setup:
+    """The static parts of a run (see the module docstring).
+
+    Attributes:
+      model, tok: the Flax model and tokenizer (`tok` is None for a shapes-only setup).
+      mesh: the device mesh; `batch_shard`: how every batch array is split over it.
+      res, text_len: image side and big_vision's text length (sequences are `text_len + 1` long).
+      shapes: the parameters' ShapeDtypeStructs in their storage dtypes; `dtypes`: those dtypes.
+      state_shard, state_abstract: shardings and ShapeDtypeStructs of the train state
+        (`{"params", "opt", "step", "rng"}`).
+      trainable: a tree of bools like the parameters; `tx`, `sched_fns`: the optimizer and its schedules.
+      path: the `model_init` checkpoint file (None: random init, or shapes only).
+    """
+
+    model: Model
+    tok: tokenizer_lib.Tokenizer | None
+    mesh: jax.sharding.Mesh
+    batch_shard: jax.sharding.NamedSharding
+    res: int
+    text_len: int
+    shapes: PyTree
+    state_shard: dict
+    state_abstract: dict
+    trainable: PyTree
+    tx: optax.GradientTransformation
+    sched_fns: list
+    path: str | None
+    dtypes: PyTree
+
+    @property
+    def sched_fn(self) -> Any:
+        """The schedule of the first trainable group (what `train/lr` reports), or None."""
+        return self.sched_fns[0] if self.sched_fns else None
+
+
+def _tokenizer(config: Any, path: str | None) -> tokenizer_lib.Tokenizer:
+    tok_spec = config.tokenizer
+    if str(config.model_init).startswith("kaggle:") and not tok_spec:
+        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
+
+        tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
+    return tokenizer_lib.Tokenizer.from_spec(tok_spec or "builtin:tiny")
+
+
+def setup(config: Any, *, shapes_only: bool = False) -> Setup:
+    """Everything decided before compute (errors early; see the module docstring).
+
+    `shapes_only` (for `plan`): with a preset, no checkpoint is resolved or read and no tokenizer is loaded, so
+    nothing is downloaded and no data, credentials or files are needed; `tok` and `path` are None.
+    """
+    config = config_base.complete(config)
+    config_base.validate(config)
+    model, _, path = make_model(config, shapes_only=shapes_only)
+    tok = None if shapes_only else _tokenizer(config, path)
+    res = int(config.input.res)
+    text_len = int(config.input.text_len)
+    devices = jax.devices()
+    if n := config.num_devices:  # Use only the first n devices (tests; sharing a host).
+        devices = devices[: int(n)]
+    mesh = sharding_lib.make_mesh([tuple(a) for a in config.mesh], devices)
+    strategy = [tuple(r) for r in config.sharding_strategy]
+    sharding_lib.check_batch_divisible(int(config.input.batch_size), mesh)
+    shapes = predictor_lib.init_shapes(model, res, text_len + 1)
+    if tok is not None:
+        tokenizer_lib.check_vocab(
+            tok,
+            shapes["llm"]["embedder"]["input_embedding"].shape[0],
+            source=path or config.model_name_or_preset or "the config",
+        )
+    p_shard = sharding_lib.infer_sharding(shapes, strategy, mesh)
+    dtypes = optim.param_dtypes(shapes, config)
+    tx, sched_fns = optim.make_optimizer(
+        config, shapes, total_steps=int(config.total_steps), batch_size=int(config.input.batch_size)
+    )
+    trainable = optim.trainable_mask(shapes, config.schedule)
+    shapes = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
+    opt_shapes = jax.eval_shape(tx.init, shapes)
+    o_shard = sharding_lib.opt_state_sharding(opt_shapes, shapes, strategy, mesh)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shard = {"params": p_shard, "opt": o_shard, "step": repl, "rng": repl}
+    state_abstract = {
+        "params": shapes,
+        "opt": opt_shapes,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    return Setup(
+        model=model,
+        tok=tok,
+        mesh=mesh,
+        batch_shard=sharding_lib.batch_sharding(mesh),
+        res=res,
+        text_len=text_len,
+        shapes=shapes,
+        state_shard=state_shard,
+        state_abstract=state_abstract,
+        trainable=trainable,
+        tx=tx,
+        sched_fns=sched_fns,
+        path=path,
+        dtypes=dtypes,
+    )
+
+
+def init_params(s: Setup, seed: int) -> PyTree:
+    """Parameters born sharded: loaded from `s.path` leaf by leaf, or a random init jitted to the shardings."""
+    shardings = s.state_shard["params"]
+    if s.path is not None:
+        host = ckpt_lib.load_for_model(s.path, s.shapes)
+        return ckpt_lib.place_params(host, shardings, s.dtypes)
+
+    def init():
+        z = jnp.zeros((1, s.text_len + 1), jnp.int32)
+        p = s.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, s.res, s.res, 3)), z, z)
+        return jax.tree.map(lambda x, d: x.astype(d), p["params"], s.dtypes)
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def init_state(s: Setup, seed: int) -> dict:
+    """A fresh training state on the devices: step 0, the optimizer's initial state, `PRNGKey(seed)`."""
+    params = init_params(s, seed)
+    repl = s.state_shard["step"]
+    return {
+        "params": params,
+        "opt": jax.jit(s.tx.init, out_shardings=s.state_shard["opt"])(params),
+        "step": jax.device_put(jnp.int32(0), repl),
+        "rng": jax.device_put(jax.random.PRNGKey(seed), repl),
+    }
