@@ -159,6 +159,11 @@ class Predictor:
         self.max_decode_len, self.sampler, self.prompt_len = int(max_decode_len), sampler, int(prompt_len)
         self._rng = jax.random.PRNGKey(seed)
 
+    def reseed(self, key: jax.Array) -> None:
+        """Restarts the sampling keys from `key` (each `generate` call splits off the next one); the trainer seeds
+        each evaluation from (seed, step, evaluator), so a resumed run samples what an uninterrupted one does."""
+        self._rng = key
+
     def generate(
         self, batch: Mapping[str, Any], *, max_decode_len: int | None = None, sampler: str | None = None
     ) -> list[str]:

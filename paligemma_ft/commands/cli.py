@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with the config; checkpoints and logs go to --workdir")
     _add_config_args(p)
     p.add_argument("--workdir", required=True, metavar="DIR", help="output folder (checkpoints, logs, config)")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a workdir whose saved config.json differs (in keys that keep the state's shapes); the report "
+        "records both configs (same as --config.allow_config_change=True)",
+    )
 
     p = sub.add_parser("predict", help="run a checkpoint on image files with one prompt; one line per image")
     importlib.import_module("paligemma_ft.commands.predict").add_arguments(p)  # Light: JAX loads when it runs.
@@ -195,6 +201,8 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
         return int(inspect_main(config, n_batches=args.batches))
     if args.command == "train":
+        if args.allow_config_change:
+            overrides = [*overrides, "--config.allow_config_change=True"]
         config = _load(args, overrides)
         try:
             run = _resolve("paligemma_ft.training.loop", "run")

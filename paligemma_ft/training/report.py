@@ -198,9 +198,17 @@ def console_summary(rows: Sequence[Mapping[str, Any]], eval_dir: str | os.PathLi
 
 
 def write_report(
-    workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mesh, overview: str, timings: Mapping[str, float]
+    workdir: str | os.PathLike,
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    overview: str,
+    timings: Mapping[str, float],
+    sections: Sequence[tuple[str, str]] = (),
 ) -> pathlib.Path:
-    """Writes `workdir/report.md` (and `curves.png`); returns the report's path."""
+    """Writes `workdir/report.md` (and `curves.png`); returns the report's path.
+
+    `sections`: (title, markdown) pairs the trainer adds before the config (the data, config changes).
+    """
     workdir = pathlib.Path(workdir)
     rows = MetricsLog(workdir / "metrics.jsonl").rows()
     has_plot = plot_curves(rows, workdir / "curves.png")
@@ -239,6 +247,8 @@ def write_report(
         galleries = sorted((workdir / "eval").glob("gallery_*.html"))
         if galleries:
             lines += ["", "Galleries: " + ", ".join(f"[{g.stem}](eval/{g.name})" for g in galleries)]
+    for title, body in sections:
+        lines += ["", f"## {title}", "", body]
     lines += ["", "## Config", "", "```json", json.dumps(_plain(config), indent=2, default=str), "```", ""]
     path = workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
