@@ -29,6 +29,7 @@ from paligemma_ft.tokenizer import Tokenizer
 from paligemma_ft.training import loop as train
 from paligemma_ft.training import optim
 from paligemma_ft.training import setup as setup_lib
+from paligemma_ft.training import step as step_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -187,7 +188,7 @@ def test_config_without_data_dir_stops_before_compute(name, tmp_path, monkeypatc
     def refuse(*args, **kwargs):
         raise AssertionError("the run reached training or evaluation")
 
-    monkeypatch.setattr(train, "train_step", refuse)
+    monkeypatch.setattr(step_lib, "train_step", refuse)
     monkeypatch.setattr(train, "run_evals", refuse)
     config = tiny_config(name, None)
     assert config.data_dir is None

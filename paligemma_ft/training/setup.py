@@ -79,7 +79,7 @@ class Setup:
 
 def _tokenizer(config: Any, path: str | None) -> tokenizer_lib.Tokenizer:
     tok_spec = config.tokenizer
-    if str(config.model_init).startswith("kaggle:") and not tok_spec:
+    if str(config.model_init).startswith("kaggle:") and not tok_spec and path:
         from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - only for Kaggle checkpoints.
 
         tok_spec = kaggle.resolve_tokenizer(None, ckpt_lib.split_selector(path)[0])
