@@ -1,15 +1,21 @@
 """Training-loop throughput: steps/s of the whole trainer (`paligemma_ft.training.loop.run`) in steady state.
 
     python bench/bench_loop.py                                    # CPU: tiny_pg1, 32 px, batch 8, 200 steps, x3
-    python bench/bench_loop.py --preset pg2_3b_224 --res 224 --batch 16 --text-len 64 --steps 60 --repeats 2  # GPU
+    python bench/bench_loop.py --steps 500 --label after                        # GPU: the loop's own overhead
+    python bench/bench_loop.py --preset pg2_3b_224 --res 224 --batch 8 --text-len 64 --steps 60 --repeats 2 \
+        --config.schedule="[('img/.*', None), ('.*', {'decay_type': 'cosine'})]"   # GPU: a real model
 
 Unlike `bench_train.py` (the compiled step alone), this times what a run does between steps: reading the next
 batch, moving it to the devices, dispatching the step, reading its metrics back, logging. A run of the demo
 config (random init of `--preset`, generated shapes scenes, no evaluations, one checkpoint at the end) is timed by
 the moments its `metrics.jsonl` rows are written; the first `--warmup` rows (compilation, pipeline start) are
-left out. Each repeat is a fresh run in a fresh workdir (the compilation cache is not used). Prints one line per
-repeat and a summary with the spread and the host's load average (other processes skew CPU timings); appends the
-summary to bench/RESULTS.md unless `--results ''`.
+left out. Each repeat is a fresh run in a fresh workdir (the compilation cache is not used). Other `--config.x=y`
+items are passed to the config. Prints one line per repeat and a summary with the spread and the host's load
+average (other processes skew CPU timings); appends the summary to bench/RESULTS.md unless `--results ''`.
+
+To compare with another version of the trainer, run this same file from that version's tree, e.g.
+`git archive <commit> | tar -x -C /tmp/before && cp bench/bench_loop.py /tmp/before/bench/ && cd /tmp/before &&
+python bench/bench_loop.py --label before` (the script imports the package next to it).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         "--config.ckpt_steps=0",
         "--config.evals={}",
         "--config.quiet=True",
+        *args.config,
     ]
 
 
@@ -78,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--label", default="", help="what is measured (e.g. the commit), for the results line")
     ap.add_argument("--results", default=RESULTS, help="Markdown file to append to ('' for none)")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if bad := [a for a in extra if not a.startswith("--config.")]:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.config = extra
     import jax  # noqa: PLC0415
 
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
