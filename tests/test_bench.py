@@ -46,3 +46,13 @@ def test_compiled_step_skips_the_backward_of_a_frozen_tower():
     assert vit_backward > 0.02 * counted_frozen  # Large enough to see.
     # XLA also counts elementwise FLOPs (and the rematerialized logits), hence the wide bounds.
     assert 0.8 * vit_backward < with_patch - frozen_vit < 1.5 * vit_backward
+
+
+def test_bench_loop_times_the_trainer_and_appends_a_row(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_loop", _PATH.with_name("bench_loop.py"))
+    bench_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_loop)
+    results = tmp_path / "RESULTS.md"
+    bench_loop.main(["--steps", "12", "--warmup", "2", "--repeats", "1", "--label", "x", "--results", str(results)])
+    row = results.read_text().strip().split(" | ")
+    assert row[0] == "| x" and row[2] == "tiny_pg1, 32 px, batch 8, text 16" and float(row[3]) > 0

@@ -2,7 +2,7 @@
 
     paligemma-ft download HANDLE [--file NAME]          fetch a Kaggle checkpoint (or reuse the cache); print its path
     paligemma-ft inspect --config PATH [--config.x=y]   show what the model will see for the config's data
-    paligemma-ft train --config PATH --workdir DIR [--config.x=y]
+    paligemma-ft train --config PATH --workdir DIR [--config.x=y] [--allow-config-change]
     paligemma-ft predict --image a.jpg [--image ...] --prompt "caption en" [--checkpoint SPEC --tokenizer SPEC]
     paligemma-ft evaluate --config PATH (--workdir DIR | --checkpoint SPEC) [--only NAME] [--outdir DIR]
     paligemma-ft app [--checkpoint SPEC --tokenizer SPEC --port N]   a local web page to try a checkpoint
