@@ -71,6 +71,10 @@ def test_a_reused_pid_is_stale_and_another_hosts_lock_is_respected(tmp_path, cap
     with workdir_lib.RunLock(workdir):
         pass
     assert "Taking over the lock" in capsys.readouterr().out
+    lock.write_text('{"pid": 12')  # Cut short by a crash: nobody to name, so it is taken over too.
+    with workdir_lib.RunLock(workdir):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "Taking over the lock" in capsys.readouterr().out
     lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": "1", "since": "then"}))
     with pytest.raises(workdir_lib.WorkdirBusyError, match="pid 1 on host elsewhere.*delete the lock file"):
         workdir_lib.RunLock(workdir).acquire()

@@ -112,14 +112,16 @@ class RunLock:
         }
         self.held = False
 
-    def _read(self) -> dict | None:
+    def _read(self, path: pathlib.Path | None = None) -> dict | None:
+        """The holder in the lock file (or `path`); None when there is no file, {} when it is damaged (a write cut
+        short: nobody can be named, and it is treated as stale)."""
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            holder = json.loads((path or self.path).read_text(encoding="utf-8"))
             return holder if isinstance(holder, dict) else {}
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # Damaged (a write cut short): nobody can be named; treated as stale.
+            return {}
 
     def _stale(self, holder: dict) -> bool:
         if not holder or "pid" not in holder:
@@ -157,7 +159,7 @@ class RunLock:
                     os.rename(self.path, aside)
                 except FileNotFoundError:
                     continue
-                if json.loads(aside.read_text(encoding="utf-8") or "{}") not in (holder, {}):
+                if self._read(aside) not in (holder, {}):
                     with contextlib.suppress(FileExistsError):
                         os.link(aside, self.path)  # Took a newcomer's fresh lock: give it back.
                     aside.unlink()
