@@ -92,6 +92,11 @@ class Predictor:
         self._rng = jax.random.PRNGKey(seed)
         self.constrain = ""  # "" or a `constrain.MODES` name: localization outputs that always parse.
 
+    def reseed(self, key: jax.Array) -> None:
+        """Restarts the sampling keys from `key` (each `generate` call splits off the next one); the trainer seeds
+        each evaluation from (seed, step, evaluator), so a resumed run samples what an uninterrupted one does."""
+        self._rng = key
+
     def generate(
         self, batch: Mapping[str, Any], *, max_decode_len: int | None = None, sampler: str | None = None
     ) -> list[str]:

@@ -24,6 +24,7 @@ from paligemma_ft.commands import cli, plan
 from paligemma_ft.config import load_config
 from paligemma_ft.evaluate.runner import evaluate_command
 from paligemma_ft.training import loop as train
+from paligemma_ft.training import step as step_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def no_compute(monkeypatch):
     def refuse(*args, **kwargs):
         raise ComputeStarted("the run reached data, training or evaluation")
 
-    monkeypatch.setattr(train, "train_step", refuse)
+    monkeypatch.setattr(step_lib, "train_step", refuse)
     monkeypatch.setattr(train, "run_evals", refuse)
     monkeypatch.setattr(train.data_lib, "make_train_iter", refuse)
 
@@ -60,13 +61,13 @@ def no_compute(monkeypatch):
 def test_undeclared_before_keys_work_on_the_demo(tmp_path, monkeypatch, capsys):
     """loss_reduction, lr_mults and quiet (once refused as "unknown key") reach the loss, optimizer and console."""
     seen = []
-    real_loss = train.loss_fn
+    real_loss = step_lib.loss_fn
 
     def spy(*args, reduction, **kwargs):  # Traced inside the jitted step: records what the trainer passes.
         seen.append(reduction)
         return real_loss(*args, reduction=reduction, **kwargs)
 
-    monkeypatch.setattr(train, "loss_fn", spy)
+    monkeypatch.setattr(step_lib, "loss_fn", spy)
     config = load_config(
         DEMO,
         QUICK

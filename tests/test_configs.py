@@ -29,6 +29,8 @@ from paligemma_ft.model import Model
 from paligemma_ft.tokenizer import Tokenizer
 from paligemma_ft.training import loop as train
 from paligemma_ft.training import optim
+from paligemma_ft.training import setup as setup_lib
+from paligemma_ft.training import step as step_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -165,7 +167,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
 def demo_shapes():
     """The demo model's parameter shapes as the trainer builds them (every tiny config has the same model)."""
     config = tiny_config("forkme.py", None)
-    model, res, _ = train.make_model(config)
+    model, res, _ = setup_lib.make_model(config)
     return model, predictor.init_shapes(model, res, config.input.text_len + 1)
 
 
@@ -173,7 +175,7 @@ def demo_shapes():
 def test_config_trains_two_steps_on_the_demo_model(name, data_dirs, demo_shapes, tmp_path):
     config = tiny_config(name, data_dirs[DATA_TASK.get(name, "caption")])
     model, demo_shapes = demo_shapes
-    assert train.make_model(config)[0] == model  # The override gives every config the same demo model.
+    assert setup_lib.make_model(config)[0] == model  # The override gives every config the same demo model.
     workdir = tmp_path / "run"
     train.run(config, workdir)
 
@@ -214,7 +216,7 @@ def test_config_without_data_dir_stops_before_compute(name, tmp_path, monkeypatc
     def refuse(*args, **kwargs):
         raise AssertionError("the run reached training or evaluation")
 
-    monkeypatch.setattr(train, "train_step", refuse)
+    monkeypatch.setattr(step_lib, "train_step", refuse)
     monkeypatch.setattr(train, "run_evals", refuse)
     config = tiny_config(name, None)
     assert config.data_dir is None

@@ -2,7 +2,7 @@
 
     paligemma-ft download HANDLE [--file NAME]          fetch a Kaggle checkpoint (or reuse the cache); print its path
     paligemma-ft inspect --config PATH [--config.x=y]   show what the model will see for the config's data
-    paligemma-ft train --config PATH --workdir DIR [--config.x=y]
+    paligemma-ft train --config PATH --workdir DIR [--config.x=y] [--allow-config-change]
     paligemma-ft predict --image a.jpg [--image ...] --prompt "caption en" [--checkpoint SPEC --tokenizer SPEC]
     paligemma-ft evaluate --config PATH (--workdir DIR | --checkpoint SPEC) [--only NAME] [--outdir DIR]
     paligemma-ft app [--checkpoint SPEC --tokenizer SPEC --port N]   a local web page to try a checkpoint
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with the config; checkpoints and logs go to --workdir")
     _add_config_args(p)
     p.add_argument("--workdir", required=True, metavar="DIR", help="output folder (checkpoints, logs, config)")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a workdir whose saved config.json differs (in keys that keep the state's shapes); the report "
+        "records both configs (same as --config.allow_config_change=True)",
+    )
 
     p = sub.add_parser("predict", help="run a checkpoint on image files with one prompt; one line per image")
     importlib.import_module("paligemma_ft.commands.predict").add_arguments(p)  # Light: JAX loads when it runs.
@@ -208,6 +214,8 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
         return int(inspect_main(config, n_batches=args.batches))
     if args.command == "train":
+        if args.allow_config_change:
+            overrides = [*overrides, "--config.allow_config_change=True"]
         config = _load(args, overrides)
         check_output_dir(args.workdir, "--workdir")  # A file, a read-only folder: refused before any work.
         try:

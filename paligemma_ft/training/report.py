@@ -232,9 +232,17 @@ def console_summary(rows: Sequence[Mapping[str, Any]], eval_dir: str | os.PathLi
 
 
 def write_report(
-    workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mesh, overview: str, timings: Mapping[str, float]
+    workdir: str | os.PathLike,
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    overview: str,
+    timings: Mapping[str, float],
+    sections: Sequence[tuple[str, str]] = (),
 ) -> pathlib.Path:
-    """Writes `workdir/report.md` (and `curves.png`); returns the report's path."""
+    """Writes `workdir/report.md` (and `curves.png`); returns the report's path.
+
+    `sections`: (title, markdown) pairs the trainer adds before the config (the data, config changes).
+    """
     workdir = pathlib.Path(workdir)
     rows = MetricsLog(workdir / "metrics.jsonl").rows()
     has_plot = plot_curves(rows, workdir / "curves.png")
@@ -284,6 +292,8 @@ def write_report(
         for f in bad_lists:
             count = sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
             lines.append(f"- [{md_text(f.name)}](eval/{quote(f.name)}): {count} row(s)")
+    for title, body in sections:
+        lines += ["", f"## {title}", "", body]
     lines += ["", "## Config", "", *md_fence(json.dumps(_plain(config), indent=2, default=str), "json"), ""]
     path = workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
