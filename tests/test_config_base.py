@@ -300,15 +300,16 @@ def test_missing_data_dir_is_named_when_data_is_read(tmp_path, no_compute):
 def nothing_to_fetch(monkeypatch):
     """Downloads, checkpoint reads and tokenizer loads fail: a plan must need none of them."""
     from paligemma_ft import tokenizer as tokenizer_lib
-    from paligemma_ft.checkpoints import kaggle
+    from paligemma_ft.checkpoints import kaggle, loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("plan fetched or read something")
 
     monkeypatch.setattr(kaggle, "resolve_model_init", refuse)
-    monkeypatch.setattr(kaggle, "resolve_tokenizer", refuse)
+    monkeypatch.setattr(loading, "resolve_checkpoint", refuse)
+    monkeypatch.setattr(loading, "load_tokenizer", refuse)
+    monkeypatch.setattr(loading, "load_params", refuse)
     monkeypatch.setattr(tokenizer_lib.Tokenizer, "from_spec", refuse)
-    monkeypatch.setattr(ckpt_lib, "load_params", refuse)
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
         monkeypatch.delenv(var, raising=False)
 

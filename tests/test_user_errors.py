@@ -17,6 +17,7 @@ from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.commands import cli, predict
 from paligemma_ft.data.shapes import encode_image, make_example
 from paligemma_ft.training import loop as train
+from paligemma_ft.training import step as step_lib
 from paligemma_ft.training.report import MetricsFileError, MetricsLog
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the error was found")
 
-    monkeypatch.setattr(train, "train_step", refuse)
+    monkeypatch.setattr(step_lib, "train_step", refuse)
     monkeypatch.setattr(train, "run_evals", refuse)
 
 
