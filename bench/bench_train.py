@@ -9,13 +9,14 @@ Rows: every combination of recipe (`full` fine-tune, `attn`: the colab's `llm/la
 rank-16 adapters on every LLM layer weight over a frozen base in the run's dtype, `qlora`: the same over an NF4
 base), remat policy, attention implementation and loss (`chunked`: vocabulary logits only for text positions,
 chunk by chunk, as the trainer; `full`: all [B, L, V] logits at once, the "before"). Random weights and numpy
-batches (no grain, no orbax): the script imports only `paligemma_ft.model / optim / losses / flops / hf`, so it
-runs on a bare JAX + PyTorch image with `PYTHONPATH=.`. Appends a table to bench/RESULTS.md with the device named.
+batches (no grain, no orbax): the script imports only `paligemma_ft.model / training.step / optim / losses /
+flops / hf`, so it runs on a bare JAX + PyTorch image with `PYTHONPATH=.`. Appends a table to bench/RESULTS.md
+with the device named.
 
-The step is the trainer's (`paligemma_ft.training.loop.train_step`) minus its metrics and RNG bookkeeping:
-value_and_grad of the trainer's loss (`paligemma_ft.training.losses.loss_fn`), the optax update from
-`optim.make_optimizer`, storage dtypes kept. MFU counts useful FLOPs (`paligemma_ft.flops`:
-logits at loss positions only, no recomputation, frozen towers forward only).
+The step is the trainer's own (`paligemma_ft.training.step.jit_train_step`: the trainer's loss, the optax update
+from `optim.make_optimizer`, storage dtypes kept, buffers donated); the `full` rows pass its `loss` hook another
+formulation. MFU counts useful FLOPs (`paligemma_ft.flops`: logits at loss positions only, no recomputation,
+frozen towers forward only).
 """
 
 from __future__ import annotations
@@ -35,16 +36,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from paligemma_ft import flops  # noqa: E402
 from paligemma_ft.model import Model, get_preset  # noqa: E402
 from paligemma_ft.model import lora as lora_lib  # noqa: E402
-from paligemma_ft.training import (
-    losses,  # noqa: E402
-    optim,  # noqa: E402
-)
+from paligemma_ft.training import optim  # noqa: E402
+from paligemma_ft.training import step as step_lib  # noqa: E402
 
 RECIPES = {"full": ".*", "attn": "llm/layers/attn/.*", "lora": ".*_lora_[ab]", "qlora": ".*_lora_[ab]"}  # Trainable.
 LORA_RANK, LORA_TARGETS = 16, ("llm/layers/.*",)  # The LoRA recipes: PEFT's r=16 on every LLM linear layer.
@@ -71,9 +69,7 @@ def device_name() -> str:
     )
 
 
-# --- The step ------------------------------------------------------------------------------------------------
-
-chunked_loss = losses.loss_fn  # The trainer's loss: logits chunk by chunk, text positions only.
+# --- The "before" loss ------------------------------------------------------------------------------------------
 
 
 def full_loss(params, batch, rng, *, model):
@@ -84,25 +80,6 @@ def full_loss(params, batch, rng, *, model):
     )
     mask = batch["mask_loss"][:, 1:] * batch["_mask"][:, None].astype(jnp.int32)
     return optim.softmax_xent(logits.astype(jnp.float32), text[:, 1:], mask)
-
-
-def train_step(state, batch, *, loss, tx, trainable):
-    """One update as the trainer's: gradients (of trainable leaves only), optax update, storage dtypes kept."""
-    mask, tree = jax.tree.leaves(trainable), jax.tree.structure(state["params"])
-    leaves = jax.tree.leaves(state["params"])
-
-    def of_trained(tr):
-        it = iter(tr)
-        params = jax.tree.unflatten(tree, [next(it) if t else x for x, t in zip(leaves, mask)])
-        return loss(params, batch, jax.random.PRNGKey(0))
-
-    value, g = jax.value_and_grad(of_trained)([x for x, t in zip(leaves, mask) if t])
-    it = iter(g)
-    grads = jax.tree.unflatten(tree, [next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, mask)])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    params = jax.tree.map(lambda new, old, t: new.astype(old.dtype) if t else old, params, state["params"], trainable)
-    return {"params": params, "opt": opt}, value
 
 
 def model_config(preset: str, dtype: str, remat: str | None, attn: str, scan: bool = True) -> tuple[dict, int]:
@@ -145,14 +122,14 @@ def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, l
     config = dict(optax_name="scale_by_adam", lr=1e-4, wd=0.0, grad_clip_norm=1.0, schedule=schedule)
     tx, _ = optim.make_optimizer(config, shapes, total_steps=1000)
     trainable = optim.trainable_mask(shapes, schedule)
-    loss = functools.partial({"chunked": chunked_loss, "full": full_loss}[loss_name], model=model)
-    step = jax.jit(functools.partial(train_step, loss=loss, tx=tx, trainable=trainable), donate_argnums=0)
+    loss = {"chunked": None, "full": functools.partial(full_loss, model=model)}[loss_name]  # None: the trainer's.
+    step = step_lib.jit_train_step(model, tx, trainable, loss=loss)
 
     @jax.jit
     def init():
         p = model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
         p = jax.tree.map(lambda x, s: x.astype(s.dtype), p, shapes)
-        return {"params": p, "opt": tx.init(p)}
+        return {"params": p, "opt": tx.init(p), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
 
     vocab = shapes["llm"]["embedder"]["input_embedding"].shape[0]
     batch = make_batch(batch_size, res, text_len, loss_tokens, min(vocab, 1600))
@@ -174,12 +151,12 @@ def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
         else None
     )
     state = init()
-    state, loss = compiled(state, batch)  # Warm-up.
-    jax.block_until_ready(loss)
+    state, metrics = compiled(state, batch)  # Warm-up.
+    jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        state, loss = compiled(state, batch)
-    jax.block_until_ready((state, loss))
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
     dt = (time.perf_counter() - t0) / args.steps
     stats = jax.devices()[0].memory_stats() or {}
     ex_s = args.batch / dt
@@ -194,7 +171,7 @@ def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
         compile_s=compile_s,
         xla_gib=xla_bytes / 2**30 if xla_bytes is not None else None,
         peak_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-        loss=float(loss),
+        loss=float(metrics["train/loss"]),
         flops=useful,
         cfg=cfg,
         res=res,

@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- EDIT: where your data is -----------------------------------------------------------------------------
     c.data_dir = config_dict.placeholder(str)  # Required: your folder (or pass --config.data_dir=DIR).
+    c.local_keys = ("train_file", "val_file")  # This file's own keys (the library reads neither).
     c.train_file = "train.jsonl"  # Training file, relative to data_dir.
     c.val_file = "val.jsonl"  # Validation file, relative to data_dir.
     train_path = c.get_ref("data_dir") + "/" + c.get_ref("train_file")  # Follows the overrides above.

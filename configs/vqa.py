@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train_data = dict(source="jsonl", path=c.get_ref("data_dir") + "/train.jsonl")
         val_data = dict(source="jsonl", path=c.get_ref("data_dir") + "/val.jsonl")
     else:
+        c.local_keys = ("tfds_name", "train_split", "val_split", "fields")  # This variant's own keys.
         c.tfds_name = config_dict.placeholder(str)  # Required: the registered dataset name[:version].
         c.train_split = "train"  # TFDS split strings, e.g. "train[:90%]".
         c.val_split = "validation"

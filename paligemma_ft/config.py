@@ -2,18 +2,21 @@
 
 A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`. It is named on the command line as
 `configs/name.py` or `configs/name.py:arg`, where `arg` (a plain string) goes to `get_config(arg)`, the way
-big_vision picks a variant of one experiment (`:res=448`, `:task=vqa`).
+big_vision picks a variant of one experiment (`:res=448`, `:task=vqa`). A bare name (`demo`, `vqa:tfds`) is a
+config shipped with the package (`configs/` of the repository, `paligemma_ft.configs` in the wheel).
 
-The loaded config is locked before overrides are applied, so a typo in an override (`--config.lr=...` for
-`--config.optim.lr`) fails with an error that names the key and suggests the keys that exist, instead of
-silently adding a field that nothing reads. Override values are Python literals read with `ast.literal_eval`
-(never `eval`); anything that is not a literal stays a string.
+The file's config is laid over the declared base (`paligemma_ft.config_base`): the keys it sets win, the others
+get their declared defaults, and a key declared nowhere fails, naming the file, the key and the closest declared
+keys. A file may add top-level keys for its own use (names its paths follow with `get_ref`) by listing them in
+`config.local_keys`. The result is locked before overrides are applied, so a typo in an override
+fails the same way instead of silently adding a field that nothing reads; only open groups (`model.llm`,
+`evals`, ...) accept new keys. Override values are Python literals read with `ast.literal_eval` (never `eval`);
+anything that is not a literal stays a string.
 """
 
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.util
 import json
 import os
@@ -24,24 +27,54 @@ from typing import Any
 
 import ml_collections
 
-# Config names that hold credentials: the last `_`-separated word of the name. Whole words, so that
-# `tokenizer` or `text_len` are kept; only string values are dropped (an integer `rng_key` is not a secret).
-_SECRET_WORDS = frozenset({"key", "apikey", "token", "password", "passwd", "secret", "credential", "credentials"})
+from paligemma_ft import config_base
+from paligemma_ft.safety import redact  # Re-exported: `config.redact` is what callers use.
+
 _PATH_ARG = re.compile(r"^(?P<path>.+?\.py)(?::(?P<arg>.*))?$")
+_NAME_ARG = re.compile(r"^(?P<name>[A-Za-z_]\w*)(?::(?P<arg>.*))?$")
+
+
+def shipped_configs_dir() -> Path:
+    """The folder of the configs shipped with the package: `paligemma_ft.configs` in an installed wheel, else the
+    repository's top-level `configs/` (a source checkout, where that package is mapped from)."""
+    spec = importlib.util.find_spec("paligemma_ft.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    """Names usable as `--config NAME` (`demo`, `longcap100`, ...)."""
+    return sorted(p.stem for p in shipped_configs_dir().glob("*.py") if not p.name.startswith("_"))
 
 
 def _split_spec(spec: str) -> tuple[Path, str | None]:
-    """`configs/x.py:arg` -> (Path("configs/x.py"), "arg"); no suffix -> (path, None)."""
+    """`configs/x.py:arg` -> (Path("configs/x.py"), "arg"); a bare `name[:arg]` -> the shipped `name.py`."""
     match = _PATH_ARG.match(spec)
-    if match is None:
-        raise ValueError(f"config {spec!r}: expected a Python file, such as configs/name.py or configs/name.py:arg")
-    return Path(match["path"]), match["arg"]
+    if match is not None:
+        return Path(match["path"]), match["arg"]
+    named = _NAME_ARG.match(spec)
+    if named is not None:
+        path = shipped_configs_dir() / f"{named['name']}.py"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"config {spec!r}: no shipped config of that name (shipped: {', '.join(shipped_config_names())}); "
+                "or give a file, such as configs/name.py"
+            )
+        return path, named["arg"]
+    raise ValueError(
+        f"config {spec!r}: expected a Python file (configs/name.py or configs/name.py:arg) or a shipped config's "
+        f"name ({', '.join(shipped_config_names())})"
+    )
 
 
 def _import_file(path: Path) -> Any:
     """Imports a config file as a fresh module (no `eval`); its folder is importable while it runs."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        hint = (
+            f"; the shipped config of that name is --config {path.stem}" if path.stem in shipped_config_names() else ""
+        )
+        raise FileNotFoundError(f"config file {path} does not exist{hint}")
     name = "_paligemma_ft_config_" + re.sub(r"\W", "_", path.stem)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -66,11 +99,6 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def _close_matches(word: str, keys: list[str]) -> str:
-    found = difflib.get_close_matches(word, keys, n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(repr(k) for k in found)}? " if found else ""
-
-
 def _split_override(item: str) -> tuple[str, str]:
     """`--config.a.b=v`, `config.a.b=v` or `a.b=v` -> ("a.b", "v")."""
     body = item[2:] if item.startswith("--") else item
@@ -93,6 +121,8 @@ def _coerce(old: Any, new: Any, raw: str) -> Any:
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """Sets one `--config.a.b=value` on a (locked) config in place.
 
+    Keys inside open groups (`config_base.OPEN_GROUPS`, e.g. `model.llm`, `evals`) may be new.
+
     Raises:
       ValueError: the key does not exist (naming it, with close matches), or the value has the wrong type.
     """
@@ -105,12 +135,18 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
                 f"override {item!r}: config.{'.'.join(walked)} is a {type(node).__name__}, "
                 f"not a group of fields, so it has no field {part!r}"
             )
+        if part not in node and config_base.is_open(".".join([*walked, part])):
+            if isinstance(node, ml_collections.ConfigDict):  # A new key in an open group.
+                with node.unlocked():
+                    node[part] = {} if depth < len(parents) else parse_value(raw)
+            else:
+                node[part] = {} if depth < len(parents) else parse_value(raw)
         if part not in node:
             where = "config." + ".".join(walked) if walked else "the config"
             keys = sorted(str(k) for k in node.keys())
             raise ValueError(
                 f"override {item!r}: unknown key config.{key} ({part!r} is not in {where}). "
-                f"{_close_matches(part, keys)}Known keys there: {', '.join(keys)}"
+                f"{config_base.close_matches(part, keys)}Known keys there: {', '.join(keys)}"
             )
         walked.append(part)
         if depth < len(parents):
@@ -125,18 +161,21 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """Imports `configs/name.py[:arg]`, calls `get_config([arg])`, locks the result and applies overrides.
+    """Imports `configs/name.py[:arg]` (or a shipped `name[:arg]`), calls `get_config([arg])`, lays it over the
+    declared base, locks the result and applies overrides.
 
     Args:
-      path: a config file, optionally followed by `:arg` for `get_config(arg)`.
-      overrides: items like `--config.optim.lr=1e-4` (the `--config.` prefix is optional), applied in order.
+      path: a config file, optionally followed by `:arg` for `get_config(arg)`; or a shipped config's name.
+      overrides: items like `--config.lr=1e-4` (the `--config.` prefix is optional), applied in order.
 
     Returns:
-      The locked ConfigDict: new keys cannot be added, existing ones can still be set.
+      The locked ConfigDict with every declared key: new keys cannot be added (except in open groups), existing
+      ones can still be set.
 
     Raises:
-      FileNotFoundError: the file does not exist.
-      ValueError: no `get_config`, or a bad override (unknown key, wrong type, missing `=`).
+      FileNotFoundError: the file (or shipped config) does not exist.
+      ValueError: no `get_config`, a key the file sets that is not declared, or a bad override (unknown key,
+        wrong type, missing `=`).
     """
     file, arg = _split_spec(path)
     module = _import_file(file)
@@ -151,24 +190,11 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
             f"config file {file}: get_config() returned a {type(config).__name__}, "
             "expected an ml_collections.ConfigDict"
         )
+    config_base.complete(config, f"config file {file}")
     config.lock()
     for item in overrides:
         apply_override(config, item)
     return config
-
-
-def _is_secret(name: str, value: Any) -> bool:
-    words = re.split(r"[_\-.]", str(name).lower())
-    return isinstance(value, str) and bool(value) and words[-1] in _SECRET_WORDS
-
-
-def redact(tree: Any) -> Any:
-    """A copy of a nested dict/list with credential-like string fields (`api_key`, `hf_token`, ...) removed."""
-    if isinstance(tree, dict):
-        return {k: redact(v) for k, v in tree.items() if not _is_secret(k, v)}
-    if isinstance(tree, (list, tuple)):
-        return [redact(v) for v in tree]
-    return tree
 
 
 def save_config(config: ml_collections.ConfigDict | dict, path: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ Axes: B batch, L prompt text length, P prompt length incl. image tokens, M max_d
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_ft.errors import UserError
 from paligemma_ft.model import Model
 
 PyTree = Any
@@ -47,48 +49,105 @@ class Sampler:
     length_penalty: float = 0.0
 
 
+class DecodeOptionError(UserError, ValueError):
+    """A decoding option that cannot be used (e.g. `max_decode_len < 1`); the message names it."""
+
+
+class SamplerError(DecodeOptionError):
+    """A sampler spec that cannot be used: unknown name or keyword, a value out of range or not finite."""
+
+
 _SPEC = re.compile(r"^\s*(\w+)\s*(?:\((.*)\))?\s*$")
+_EXAMPLES = "e.g. 'greedy', 'temperature(0.7)', 'top_k(40)', 'nucleus(0.9)', 'beam(3)'"
+# Each sampler's arguments in positional order, and the keywords that name them.
+_ARGS: dict[str, tuple[str, ...]] = {
+    "greedy": (),
+    "temperature": ("t",),
+    "top_k": ("k", "t"),
+    "nucleus": ("p", "t"),
+    "beam": ("n", "alpha"),
+}
+_NAMES = {"topk": "top_k", "top_p": "nucleus"}  # Aliases.
+_KEYWORDS = {"temperature": "t", "beam_size": "n"}  # Long names of arguments.
+
+
+def _sampler_args(spec: str, name: str, argstr: str) -> dict[str, float]:
+    """`{argument: value}` of a spec's parenthesised arguments, each known, given once, and a finite number."""
+    known = _ARGS[name]
+    args: dict[str, float] = {}
+    positional, keyword_seen = 0, False
+    for part in filter(None, (a.strip() for a in argstr.split(","))):
+        key, eq, val = part.partition("=")
+        if eq:
+            keyword_seen, key = True, _KEYWORDS.get(key.strip(), key.strip())
+            if key not in known:
+                takes = f"it takes {', '.join(known)}" if known else "it takes no arguments"
+                raise SamplerError(f"sampler {spec!r}: unknown keyword {key!r} for {name}; {takes}")
+        else:
+            if keyword_seen:
+                raise SamplerError(f"sampler {spec!r}: positional argument {part!r} after a keyword argument")
+            if positional >= len(known):
+                takes = f"at most {len(known)} argument(s) ({', '.join(known)})" if known else "no arguments"
+                raise SamplerError(f"sampler {spec!r}: {name} takes {takes}")
+            key, val, positional = known[positional], part, positional + 1
+        if key in args:
+            raise SamplerError(f"sampler {spec!r}: {key} is given twice")
+        try:
+            number = float(val)
+        except ValueError:
+            raise SamplerError(f"sampler {spec!r}: {key}={val.strip()!r} is not a number") from None
+        if not math.isfinite(number):
+            raise SamplerError(f"sampler {spec!r}: {key} must be a finite number, got {val.strip()}")
+        args[key] = number
+    return args
+
+
+def _whole(spec: str, key: str, value: float) -> int:
+    if value != int(value) or value < 1:
+        raise SamplerError(f"sampler {spec!r}: {key} must be a whole number >= 1, got {value:g}")
+    return int(value)
 
 
 def parse_sampler(spec: str | Sampler) -> Sampler:
     """Parses "greedy", "temperature(0.7)", "top_k(40)", "top_k(k=40, t=0.8)", "nucleus(0.9)", "beam(3)",
-    "beam(4, alpha=0.6)". Numbers only: nothing is evaluated as code."""
+    "beam(4, alpha=0.6)" (`topk`, `top_p`, `temperature=`, `beam_size=` are aliases). Numbers only: nothing is
+    evaluated as code.
+
+    Raises:
+      SamplerError: an unknown sampler or keyword, or a value out of range, each named: `k >= 1` and `n >= 1`
+        whole numbers, `0 < p <= 1`, temperature `t > 0` (use greedy for t = 0), `alpha >= 0`, all finite.
+    """
     if isinstance(spec, Sampler):
         return spec
-    m = _SPEC.match(spec or "")
+    m = _SPEC.match(spec or "") if isinstance(spec, str) else None
     if not m:
-        raise ValueError(
-            f"Cannot parse sampler {spec!r}; e.g. 'greedy', 'temperature(0.7)', 'top_k(40)', 'nucleus(0.9)', 'beam(3)'."
+        raise SamplerError(f"cannot parse sampler {spec!r}; {_EXAMPLES}")
+    name, argstr = _NAMES.get(m.group(1), m.group(1)), (m.group(2) or "").strip()
+    if name not in _ARGS:
+        raise SamplerError(
+            f"unknown sampler {m.group(1)!r} in {spec!r}: use greedy, temperature, top_k, nucleus (top_p) or beam"
         )
-    name, argstr = m.group(1), (m.group(2) or "").strip()
-    pos, kw = [], {}
-    for part in filter(None, (a.strip() for a in argstr.split(","))):
-        key, eq, val = part.partition("=")
-        try:
-            num = float(val if eq else key)
-        except ValueError:
-            raise ValueError(f"Sampler {spec!r}: argument {part!r} is not a number.") from None
-        if eq:
-            kw[key.strip()] = num
-        else:
-            pos.append(num)
-    first = pos[0] if pos else None
-    t = kw.get("t", kw.get("temperature", pos[1] if len(pos) > 1 else 1.0))
+    args = _sampler_args(spec, name, argstr)
+    t = args.get("t", 1.0)
+    if t <= 0:
+        raise SamplerError(f"sampler {spec!r}: temperature t must be > 0, got {t:g} (for t = 0 use 'greedy')")
     if name == "greedy":
         return Sampler("greedy")
     if name == "temperature":
-        return Sampler("temperature", temperature=kw.get("t", first if first is not None else 1.0))
-    if name in ("top_k", "topk"):
-        return Sampler("top_k", k=int(kw.get("k", first or 1)), temperature=t)
-    if name in ("nucleus", "top_p"):
-        return Sampler("nucleus", p=kw.get("p", first if first is not None else 1.0), temperature=t)
-    if name == "beam":
-        return Sampler(
-            "beam",
-            beam_size=int(kw.get("n", first or 1)),
-            length_penalty=kw.get("alpha", pos[1] if len(pos) > 1 else 0.0),
-        )
-    raise ValueError(f"Unknown sampler {name!r}: use greedy, temperature, top_k, nucleus (top_p) or beam.")
+        return Sampler("temperature", temperature=t)
+    if name == "top_k":
+        if "k" not in args:
+            raise SamplerError(f"sampler {spec!r}: top_k needs k, e.g. top_k(40)")
+        return Sampler("top_k", k=_whole(spec, "k", args["k"]), temperature=t)
+    if name == "nucleus":
+        p = args.get("p", 1.0)
+        if not 0 < p <= 1:
+            raise SamplerError(f"sampler {spec!r}: p must be in (0, 1], got {p:g}")
+        return Sampler("nucleus", p=p, temperature=t)
+    alpha = args.get("alpha", 0.0)
+    if alpha < 0:
+        raise SamplerError(f"sampler {spec!r}: the length penalty alpha must be >= 0, got {alpha:g}")
+    return Sampler("beam", beam_size=_whole(spec, "n", args.get("n", 1)), length_penalty=alpha)
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, sampler: Sampler) -> jax.Array:
@@ -97,6 +156,8 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, sampler: Sampler) -> jax.Ar
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampler.temperature
     if sampler.kind == "top_k":
+        if sampler.k > logits.shape[-1]:  # Known when tracing: refused before anything runs.
+            raise SamplerError(f"sampler top_k({sampler.k}): k is larger than the vocabulary ({logits.shape[-1]})")
         kth = jax.lax.top_k(logits, sampler.k)[0][:, -1:]
         logits = jnp.where(logits < kth, _NEG_INF, logits)
     elif sampler.kind == "nucleus":
@@ -155,25 +216,30 @@ def _mask_logits(logits, batch):
     return logits
 
 
-def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token):
+def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token, constraint=None):
     logits, cache = _prefill(model, params, batch, max_decode_len)
     b = logits.shape[0]
     valid = batch.get("_mask", jnp.ones((b,), bool))
 
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, _, _, _ = state
         return jnp.logical_and(i < max_decode_len, jnp.logical_not(jnp.all(done)))
 
     def body(state):
-        i, tokens, logp, done, logits, cache = state
-        tok = sample_tokens(_mask_logits(logits, batch), jax.random.fold_in(rng, i), sampler)
+        i, tokens, logp, done, logits, cache, grammar = state
+        masked = _mask_logits(logits, batch)
+        if constraint is not None:  # Only tokens the row's grammar state allows (see constrain.py).
+            masked = constraint.mask_logits(masked, grammar, i, max_decode_len)
+        tok = sample_tokens(masked, jax.random.fold_in(rng, i), sampler)
+        if constraint is not None:
+            grammar = constraint.advance(grammar, tok)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         tokens = tokens.at[:, i].set(tok)
         logp = logp.at[:, i].set(lp)
         done = jnp.logical_or(done, tok == eos_token)
         # big_vision checks the early stop before extending; a skipped last extend changes nothing returned.
         logits, cache = _extend(model, params, cache, tok)
-        return i + 1, tokens, logp, done, logits, cache
+        return i + 1, tokens, logp, done, logits, cache, grammar
 
     init = (
         jnp.int32(0),
@@ -182,12 +248,13 @@ def _sample_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_toke
         jnp.logical_not(valid),
         logits,
         cache,
+        constraint.init(b) if constraint is not None else {},
     )
-    _, tokens, logp, _, _, _ = jax.lax.while_loop(cond, body, init)
+    _, tokens, logp, _, _, _, _ = jax.lax.while_loop(cond, body, init)
     return tokens, logp
 
 
-def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token):
+def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token, constraint=None):
     """big_vision's beam search: each step, every live beam + EOS is a finished candidate; live beams expand
     with non-EOS tokens and the best `beam_size` survive; stop when no live beam can beat the finished ones.
     With length_penalty alpha > 0, finished scores are divided by ((5 + len) / 6) ** alpha (GNMT) and the loop
@@ -210,7 +277,7 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
         return ((5.0 + length) / 6.0) ** alpha if alpha else 1.0
 
     def cond(state):
-        i, live_seq, live_score, fin_seq, fin_score, logits, cache = state
+        i, live_seq, live_score, fin_seq, fin_score, logits, cache, grammar = state
         if alpha:
             can_improve = jnp.any(live_score > _NEG_INF / 2, axis=-1)
         else:  # Scores only fall, so a row is done when its best live beam is below its worst kept finished one.
@@ -218,8 +285,11 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
         return jnp.logical_and(i < max_decode_len, jnp.any(jnp.logical_and(can_improve, valid)))
 
     def body(state):
-        i, live_seq, live_score, fin_seq, fin_score, logits, cache = state
-        logp = jax.nn.log_softmax(_mask_logits(logits, batch), axis=-1).reshape(b, nb, v)
+        i, live_seq, live_score, fin_seq, fin_score, logits, cache, grammar = state
+        masked = _mask_logits(logits, batch)
+        if constraint is not None:  # Each beam's own grammar state (see constrain.py).
+            masked = constraint.mask_logits(masked, grammar, i, max_decode_len)
+        logp = jax.nn.log_softmax(masked, axis=-1).reshape(b, nb, v)
         # Finished candidates: every live beam followed by EOS.
         cand_score = (live_score + logp[:, :, eos_token]) / penalty(i + 1)
         cand_seq = live_seq.at[:, :, i].set(eos_token)
@@ -236,11 +306,14 @@ def _beam_loop(model, params, batch, rng, *, max_decode_len, sampler, eos_token)
         live_score = new_score
         rows = (jnp.arange(b)[:, None] * nb + parent).reshape(-1)
         cache = jax.tree.map(lambda c: c[rows], cache)
+        if constraint is not None:
+            grammar = constraint.advance(constraint.reorder(grammar, rows), tok.reshape(-1))
         logits, cache = _extend(model, params, cache, tok.reshape(-1))
-        return i + 1, live_seq, live_score, fin_seq, fin_score, logits, cache
+        return i + 1, live_seq, live_score, fin_seq, fin_score, logits, cache, grammar
 
-    state = (jnp.int32(0), live_seq, live_score, fin_seq, fin_score, logits, cache)
-    _, live_seq, live_score, fin_seq, fin_score, _, _ = jax.lax.while_loop(cond, body, state)
+    grammar = constraint.init(b * nb) if constraint is not None else {}
+    state = (jnp.int32(0), live_seq, live_score, fin_seq, fin_score, logits, cache, grammar)
+    _, live_seq, live_score, fin_seq, fin_score, _, _, _ = jax.lax.while_loop(cond, body, state)
     # A row with no finished hypothesis (none ended within max_decode_len) falls back to its live beams.
     none_finished = fin_score[:, :1] <= _NEG_INF / 2
     seqs = jnp.where(none_finished[:, :, None], live_seq, fin_seq)
@@ -260,14 +333,23 @@ class _Compiled:
 _COMPILED: dict[str, _Compiled] = {}
 
 
-def _get_fn(model: Model, max_decode_len: int, sampler: Sampler, eos_token: int) -> Callable:
-    key = f"{model!r}|{max_decode_len}|{sampler}|{eos_token}"
+def _get_fn(model: Model, max_decode_len: int, sampler: Sampler, eos_token: int, constraint: Any = None) -> Callable:
+    key = f"{model!r}|{max_decode_len}|{sampler}|{eos_token}" + (f"|{constraint!r}" if constraint is not None else "")
     if key not in _COMPILED:
         loop = _beam_loop if sampler.kind == "beam" else _sample_loop
 
         def fn(params, batch, rng):
             TRACE_COUNTS[key] = TRACE_COUNTS.get(key, 0) + 1  # Runs once per trace, i.e. per compilation.
-            return loop(model, params, batch, rng, max_decode_len=max_decode_len, sampler=sampler, eos_token=eos_token)
+            return loop(
+                model,
+                params,
+                batch,
+                rng,
+                max_decode_len=max_decode_len,
+                sampler=sampler,
+                eos_token=eos_token,
+                constraint=constraint,
+            )
 
         _COMPILED[key] = _Compiled(jax.jit(fn), key)
     return _COMPILED[key].fn
@@ -285,6 +367,7 @@ def decode(
     return_logp: bool = False,
     rng: jax.Array | int | None = None,
     return_beams: bool = False,
+    constraint: Any = None,
 ):
     """Decodes up to `max_decode_len` tokens per row.
 
@@ -301,18 +384,22 @@ def decode(
       return_logp: also return the log-probability of each sampled token, f32[B, M] (for beam: the scores).
       rng: a PRNG key or an int seed for the stochastic samplers (default seed 0).
       return_beams: for beam search, return all beams [B, K, M] and scores [B, K], sorted best first.
+      constraint: a `constrain.LocGrammar`: only tokens its automaton allows at each position are sampled, so
+        every output is a well-formed localization string (logp still come from the unconstrained logits).
 
     Returns:
       tokens i32[B, M], plus logp f32[B, M] if `return_logp`.
     """
     sampler = parse_sampler(sampler)
+    if int(max_decode_len) < 1:
+        raise DecodeOptionError(f"max_decode_len must be >= 1 (tokens to generate), got {max_decode_len}")
     model = _with_cache_dtype(model, cache_dtype)
     if rng is None:
         rng = 0
     if isinstance(rng, (int, np.integer)):
         rng = jax.random.PRNGKey(int(rng))
     arrays = {k: batch[k] for k in ("image", "text", "mask_ar", "mask_input", "_mask", "mask_logits") if k in batch}
-    fn = _get_fn(model, int(max_decode_len), sampler, int(eos_token))
+    fn = _get_fn(model, int(max_decode_len), sampler, int(eos_token), constraint)
     out = fn(params, arrays, rng)
     if sampler.kind == "beam":
         seqs, scores = out

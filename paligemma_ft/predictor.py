@@ -5,19 +5,14 @@ notebook and the trainer's evaluations share.
     p = load_predictor("builtin:demo")                # or a .npz, a run's workdir, kaggle:<handle>
     p.predict_images(["a.jpg"], "caption en")          # -> ["a red circle and a blue square"]
 
-Checkpoint specs (`model_init` in configs):
-  `builtin:NAME`     a model shipped in the package (`builtin:demo`, `paligemma_ft/assets/demo.npz`)
-  `kaggle:HANDLE`    a released checkpoint, fetched with kagglehub or read from its cache
-                     (`paligemma_ft.checkpoints.kaggle`)
-  `DIR`              another run's workdir: its exported `DIR/params.npz`
-  `FILE.npz[:sub]`   a big_vision `.npz`, optionally one subtree (`:img`, `:llm`)
-The architecture comes from a preset name when given, otherwise it is inferred from the parameter shapes.
+Checkpoint specs, the architecture and the tokenizer are resolved by `paligemma_ft.checkpoints.loading`, the one
+loading path every command shares (`builtin:NAME`, `kaggle:HANDLE`, `hf:REPO_ID`, a workdir, an HF folder,
+`FILE.npz[:sub]`).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,81 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma_ft import decode as decode_lib
+from paligemma_ft import multihost
+from paligemma_ft import sharding as sharding_lib
 from paligemma_ft import tokenizer as tokenizer_lib
-from paligemma_ft.checkpoints import npz as ckpt_lib
+from paligemma_ft.checkpoints import loading
+from paligemma_ft.checkpoints.loading import checkpoint_path as resolve_checkpoint  # noqa: F401 - older callers.
+from paligemma_ft.checkpoints.loading import init_shapes, model_config  # noqa: F401 - older callers.
+from paligemma_ft.data import images as images_lib
 from paligemma_ft.data import transforms
-from paligemma_ft.model import Model, get_preset, infer_config_from_shapes
+from paligemma_ft.model import Model
 
 PyTree = Any
 ImageLike = Any  # A path, encoded bytes, a PIL image or a uint8[H, W, 3] array.
-BUILTIN_MODELS = ("demo",)
-
-
-def resolve_checkpoint(spec: str) -> str:
-    """The local `.npz` path (with an optional `:subtree` selector) that a checkpoint spec names.
-
-    Raises:
-      FileNotFoundError: the file, builtin model or workdir export does not exist (the message names it).
-    """
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        path = str(importlib.resources.files("paligemma_ft") / "assets" / f"{name}.npz")
-        if name not in BUILTIN_MODELS or not os.path.exists(path):
-            raise FileNotFoundError(
-                f"checkpoint {spec!r}: no such builtin model (known: "
-                f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}); looked for {path}"
-            )
-        return path
-    if spec.startswith("kaggle:"):
-        from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - kagglehub is imported only when needed.
-
-        return str(kaggle.resolve_model_init(spec))
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        export = os.path.join(path, "params.npz")
-        if not os.path.exists(export):
-            raise FileNotFoundError(
-                f"checkpoint {spec!r} is a folder without params.npz; a run writes it at the "
-                "end of training (its orbax checkpoints in checkpoints/ are resumed by "
-                "`paligemma-ft train`, not read here)"
-            )
-        return export
-    if not os.path.exists(ckpt_lib.split_selector(path)[0]):
-        raise FileNotFoundError(f"checkpoint {spec!r}: {ckpt_lib.split_selector(path)[0]} does not exist")
-    return path
-
-
-def _plain(tree: Any) -> dict:
-    if tree is None:
-        return {}
-    return tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)
-
-
-def model_config(
-    preset: str | None, path: str | None, overrides: Mapping[str, Any] | None = None
-) -> tuple[dict[str, Any], int | None]:
-    """`(Model kwargs, resolution)` from a preset name, else the checkpoint's shapes; `overrides` per tower."""
-    if preset:
-        cfg, res = get_preset(preset)
-    elif path is not None:
-        cfg, res = infer_config_from_shapes(ckpt_lib.names_and_shapes(ckpt_lib.load_params(path)))
-    else:
-        raise ValueError(
-            "the model is undefined: set config.model_name_or_preset (e.g. 'tiny_pg1') or "
-            "config.model_init (a checkpoint whose shapes define the model)"
-        )
-    extra = _plain(overrides)
-    unknown = set(extra) - {"img", "llm"}
-    if unknown:
-        raise ValueError(f"config.model: unknown keys {sorted(unknown)}; expected 'img' and/or 'llm'")
-    cfg = {tower: {**cfg.get(tower, {}), **_plain(extra.get(tower))} for tower in ("img", "llm")}
-    return cfg, res
-
-
-def init_shapes(model: Model, res: int, text_len: int) -> PyTree:
-    """The parameters' `jax.ShapeDtypeStruct`s for images `res x res` and `text_len` tokens (nothing computed)."""
-    image, text = jnp.zeros((1, res, res, 3)), jnp.zeros((1, text_len), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, text, text)["params"])
 
 
 def _per_example_loss(model: Model, params: PyTree, batch: dict) -> jax.Array:
@@ -158,35 +90,63 @@ class Predictor:
         self.model, self.params, self.tok, self.res = model, params, tok, int(res)
         self.max_decode_len, self.sampler, self.prompt_len = int(max_decode_len), sampler, int(prompt_len)
         self._rng = jax.random.PRNGKey(seed)
+        self.constrain = ""  # "" or a `constrain.MODES` name: localization outputs that always parse.
+
+    def reseed(self, key: jax.Array) -> None:
+        """Restarts the sampling keys from `key` (each `generate` call splits off the next one); the trainer seeds
+        each evaluation from (seed, step, evaluator), so a resumed run samples what an uninterrupted one does."""
+        self._rng = key
 
     def generate(
         self, batch: Mapping[str, Any], *, max_decode_len: int | None = None, sampler: str | None = None
     ) -> list[str]:
         """One string per row of `batch` (`image f32[B, R, R, 3]`, `text, mask_ar, mask_input i32[B, L]`, optional
         `_mask bool[B]`: padding rows, False, do not keep the decode loop running)."""
-        keys = ("image", "text", "mask_ar", "mask_input", "_mask")
-        arrays = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+        arrays, back = self._inputs(batch, ("image", "text", "mask_ar", "mask_input", "_mask"))
         self._rng, rng = jax.random.split(self._rng)
+        host_rng: Any = np.asarray(rng)  # A host value: the same key on every process, whatever the params' devices.
         tokens = decode_lib.decode(
             self.model,
             self.params,
             arrays,
-            rng=rng,
+            rng=host_rng,
             max_decode_len=max_decode_len or self.max_decode_len,
             sampler=sampler or self.sampler,
+            constraint=self._grammar(self.constrain),
         )
-        return [self.tok.decode(until_eos(row)) for row in np.asarray(tokens)]
+        return [self.tok.decode(until_eos(row)) for row in back(tokens)]
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of modes per predictor; the vocabulary scan is slow.
+    def _grammar(self, mode: str) -> Any:
+        if not mode:
+            return None
+        from paligemma_ft.constrain import LocGrammar  # noqa: PLC0415
+
+        return LocGrammar.from_tokenizer(self.tok, mode)
 
     def losses(self, batch: Mapping[str, Any]) -> np.ndarray:
         """f32[B]: per-example teacher-forced loss of a training-style batch (`text, mask_ar, mask_loss`)."""
-        arrays = {k: jnp.asarray(batch[k]) for k in ("image", "text", "mask_ar", "mask_loss")}
-        return np.asarray(_loss_fn(self.model)(self.params, arrays))
+        arrays, back = self._inputs(batch, ("image", "text", "mask_ar", "mask_loss"))
+        return back(_loss_fn(self.model)(self.params, arrays))
+
+    def _inputs(self, batch: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict, Any]:
+        """`(device arrays of batch[keys], outputs -> this batch's rows as numpy)`.
+
+        With parameters on one process's devices the rows go in as they are. With parameters spanning processes
+        (the trainer's evaluations in a multi-process run) every process passes its own rows: they become one
+        global batch split over the parameters' mesh, and each process gets its own rows' outputs back.
+        """
+        if not multihost.spans_processes(self.params):
+            return {k: jnp.asarray(batch[k]) for k in keys if k in batch}, np.asarray
+        mesh = jax.tree.leaves(self.params)[0].sharding.mesh
+        sharding = sharding_lib.batch_sharding(mesh)
+        arrays, n = multihost.global_batch({k: batch[k] for k in keys if k in batch}, sharding, what="evaluation")
+        return arrays, lambda out: multihost.local_rows(out, sharding, n)
 
     def prepare_image(self, image: ImageLike) -> np.ndarray:
         """f32[res, res, 3] in [-1, 1] from a path, bytes, PIL image or uint8 array (decode errors raise)."""
         if isinstance(image, (str, os.PathLike)):
-            with open(image, "rb") as f:
-                image = f.read()
+            image = images_lib.read_image_file(image)  # Regular files within the size limit only.
         elif hasattr(image, "save") and hasattr(image, "mode"):  # A PIL image.
             image = np.asarray(image.convert("RGB"))
         return transforms.value_range(transforms.resize(transforms.decode_image(image), self.res))
@@ -214,45 +174,21 @@ def load_predictor(
     adapters: str | None = None,
     **kwargs: Any,
 ) -> Predictor:
-    """A `Predictor` for a checkpoint spec (see the module docstring) on the default device.
+    """A `Predictor` for a checkpoint spec (`checkpoints/loading.py`) on the default device, in float32.
 
     Args:
-      checkpoint: `builtin:demo`, a `.npz`, a run's workdir or `kaggle:<handle>`; or a LoRA run's `adapters.npz`
-        alone, whose base is the checkpoint it records.
-      adapters: a LoRA run's `adapters.npz` to merge into `checkpoint` (which must be the base it was trained on).
-      tokenizer: a tokenizer spec; default `builtin:tiny` for builtin models, otherwise required.
-      preset: a model preset; default: inferred from the checkpoint's shapes.
+      checkpoint: `builtin:demo`, a `.npz`, a run's workdir, an HF folder, `hf:<repo>` or `kaggle:<handle>`; or a
+        LoRA run's `adapters.npz` alone (its base is the checkpoint it records).
+      tokenizer: a tokenizer spec; default: the one found with the checkpoint (`loading.resolve_tokenizer`).
+      preset: a model preset; default: the checkpoint's own architecture.
+      adapters: a LoRA run's `adapters.npz`, merged into `checkpoint` (which must be the base it was trained on).
       res: image side; default the preset's / the checkpoint's position embeddings'.
       kwargs: `max_decode_len`, `sampler`, `prompt_len`, `seed` for the Predictor.
 
     Raises:
       FileNotFoundError / ValueError: a missing file, or a tokenizer that does not fit the model (named).
     """
-    if adapters is None and checkpoint.endswith(".npz") and os.path.isfile(checkpoint):
-        from paligemma_ft import adapters as adapters_lib  # noqa: PLC0415 - LoRA only.
-
-        if adapters_lib.is_adapters_file(checkpoint):  # The adapters name their base.
-            checkpoint, adapters = adapters_lib.load_adapters(checkpoint)[1]["base"]["spec"], checkpoint
-    path = resolve_checkpoint(checkpoint)
-    if tokenizer is None:
-        if not checkpoint.startswith("builtin:"):
-            raise ValueError(
-                f"checkpoint {checkpoint!r} needs a tokenizer: pass a SentencePiece .model path "
-                "(paligemma_tokenizer.model) or builtin:tiny"
-            )
-        tokenizer = "builtin:tiny"
-    tok = tokenizer_lib.Tokenizer.from_spec(tokenizer)
-    cfg, ckpt_res = model_config(preset, path, model_overrides)
-    model = Model(**cfg)
-    res = int(res or ckpt_res or 224)
-    shapes = init_shapes(model, res, 8)
-    tokenizer_lib.check_vocab(tok, shapes["llm"]["embedder"]["input_embedding"].shape[0], source=path)
-    host = ckpt_lib.load_for_model(path, shapes)
-    if adapters is not None:  # Merged on the host: inference needs no adapter arithmetic.
-        from paligemma_ft import adapters as adapters_lib  # noqa: PLC0415 - LoRA only.
-        from paligemma_ft.utils import recover_tree, tree_flatten_with_names  # noqa: PLC0415
-
-        merged = adapters_lib.apply_adapters(dict(tree_flatten_with_names(host)), adapters, base=checkpoint)
-        host = recover_tree(list(merged), list(merged.values()))
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), host)
-    return Predictor(model, params, tok, res=res, **kwargs)
+    loaded = loading.load_model(
+        checkpoint, tokenizer, preset=preset, model_overrides=model_overrides, res=res, adapters=adapters
+    )
+    return Predictor(loaded.model, loaded.params, loaded.tok, res=loaded.res, **kwargs)

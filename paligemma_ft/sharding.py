@@ -19,7 +19,7 @@ import ast
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -303,21 +303,87 @@ def _multi_host_env() -> str | None:
     return None
 
 
-def maybe_initialize_distributed(config: Any) -> bool:
-    """Calls `jax.distributed.initialize()` (auto-detecting the cluster) on multi-host runs; call it first.
+# `jax.distributed.initialize` arguments read from the environment when the config leaves them unset. jax reads
+# JAX_COORDINATOR_ADDRESS (and JAX_LOCAL_DEVICE_IDS) itself, but not the process count and index, so without
+# these a launch outside SLURM, Open MPI or a TPU pod could not be described by variables alone.
+ENV_KEYS = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+    "local_device_ids": "JAX_LOCAL_DEVICE_IDS",
+}
 
-    `config.distributed`: True forces it, False never does, absent/None detects a multi-host environment from
-    `JAX_COORDINATOR_ADDRESS`, `BV_JAX_INIT`, SLURM/Open MPI with several tasks, or several TPU workers.
+
+def distributed_kwargs(group: Any, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`jax.distributed.initialize` keyword arguments: `config.distributed.<key>` when set, else the JAX_* variable.
+
+    Unset ones are left out, for jax's cluster auto-detection (SLURM, Open MPI, TPU pods) to fill in.
+
+    Raises:
+      ValueError: a value that is not an integer (or a comma-separated list of them), naming the key or variable.
+    """
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key, var in ENV_KEYS.items():
+        value = group.get(key) if hasattr(group, "get") else None
+        where = f"config.distributed.{key}"
+        if value is None and environ.get(var, "").strip():
+            value, where = environ[var].strip(), var
+        if value is None:
+            continue
+        try:
+            if key in ("num_processes", "process_id"):
+                value = int(value)
+            elif key == "local_device_ids":
+                items = value.split(",") if isinstance(value, str) else value
+                value = [int(i) for i in items]
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if key in ("num_processes", "process_id") else "a list of device indices"
+            raise ValueError(f"{where}={value!r} must be {kind}.") from None
+        out[key] = value
+    if "num_processes" in out and "process_id" in out and not 0 <= out["process_id"] < out["num_processes"]:
+        raise ValueError(
+            f"process id {out['process_id']} is outside [0, {out['num_processes']}) "
+            "(config.distributed.process_id / JAX_PROCESS_ID against num_processes / JAX_NUM_PROCESSES)."
+        )
+    return out
+
+
+def maybe_initialize_distributed(config: Any) -> bool:
+    """Calls `jax.distributed.initialize` on multi-process runs; call it before anything else touches jax.
+
+    `config.distributed.enabled` (or a bare bool `config.distributed`): True forces it, False never does, None
+    detects a multi-process environment from `JAX_COORDINATOR_ADDRESS`, `BV_JAX_INIT`, SLURM/Open MPI with
+    several tasks, or several TPU workers. The coordinator address, process count, process index and local
+    devices come from the group's keys when set, else from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+    `JAX_PROCESS_ID` and `JAX_LOCAL_DEVICE_IDS`, else from jax's cluster auto-detection. On CPU the processes
+    exchange data over gloo (jax's default CPU collectives).
 
     Returns:
-      Whether `initialize` was called now (False on a single host or when already initialized).
+      Whether `initialize` was called now (False on a single process or when already initialized).
+
+    Raises:
+      ValueError: a malformed value, or a launch jax cannot complete (e.g. a coordinator address but no process
+        count or index, outside any cluster it detects); the message names the keys and variables to set.
     """
-    wanted = config.get("distributed") if hasattr(config, "get") else None
+    group: Any = config.get("distributed") if hasattr(config, "get") else None
+    wanted = group.get("enabled") if hasattr(group, "get") else group
     if wanted is False:
         return False
-    reason = "config.distributed=True" if wanted else _multi_host_env()
+    reason = "config.distributed.enabled=True" if wanted else _multi_host_env()
     if reason is None or jax.distributed.is_initialized():
         return False
-    log.info("Initializing jax.distributed (%s).", reason)
-    jax.distributed.initialize()
+    kwargs = distributed_kwargs(group)
+    log.info("Initializing jax.distributed (%s) with %s.", reason, kwargs or "auto-detected settings")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, TypeError) as e:  # jax's own messages name its arguments, not our keys or variables.
+        raise ValueError(
+            f"Cannot start a multi-process run ({reason}; given {kwargs or 'nothing'}): {e} Set "
+            "JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
+            "process (or config.distributed.*), or launch under SLURM (srun), Open MPI or on a TPU pod, which "
+            "jax detects."
+        ) from e
     return True

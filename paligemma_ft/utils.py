@@ -9,6 +9,7 @@ or a weight-decay mask are `(regex, value)` pairs matched against these names wi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -130,3 +131,23 @@ def match_first(rules: Sequence[tuple[str, T]], name: str, *, what: str) -> T:
 def names_and_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     """`{name: shape}` for every leaf that has a `.shape` (arrays, `jax.ShapeDtypeStruct`)."""
     return {name: tuple(leaf.shape) for name, leaf in tree_flatten_with_names(tree) if hasattr(leaf, "shape")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafAdapter:
+    """How a model tower makes one stored parameter fit its own shape (big_vision's per-tower `load` fixes).
+
+    Each tower module lists its adapters in `CHECKPOINT_ADAPTERS`; `checkpoints/fit.py` applies them while
+    loading. Whether an adapter applies is decided from the shapes alone, before any data is read.
+
+    Attributes:
+      pattern: regex, full-matched against the name below the tower (`pos_embedding`, `embedder/input_embedding`).
+      fits: `(stored_shape, model_shape) -> bool`: the adapter turns the first into the second.
+      apply: `(array, model_shape, rng: np.random.Generator) -> array` of `model_shape`, in the array's dtype.
+      describe: `(name, stored_shape, model_shape) -> str`, the log line.
+    """
+
+    pattern: str
+    fits: Callable[[tuple[int, ...], tuple[int, ...]], bool]
+    apply: Callable[..., Any]
+    describe: Callable[[str, tuple[int, ...], tuple[int, ...]], str]

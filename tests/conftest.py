@@ -14,3 +14,33 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_DATA = dict(source="shapes", n=64, seed=0, task="caption", image_size=32)
+
+
+@pytest.fixture
+def tiny_config():
+    """A factory of tiny random-init runs of the demo config: tiny_pg1 at 32 px, text length 16, batch 8, 4 steps
+    with a checkpoint every 2, one caption evaluator on 10 scenes; keyword arguments override top-level keys."""
+    from paligemma_ft.config import load_config  # noqa: PLC0415 - after the device flags above.
+
+    def make(**overrides):
+        c = load_config("configs/demo.py")
+        c.unlock()
+        c.model_name_or_preset, c.model_init = "tiny_pg1", ""
+        c.input.data = dict(TINY_DATA)
+        c.input.res, c.input.text_len, c.input.batch_size = 32, 16, 8
+        c.input.prefix = "caption en"
+        c.total_steps, c.ckpt_steps, c.quiet = 4, 2, True
+        c.evals = dict(
+            val=dict(type="caption", batch_size=8, max_decode_len=6, bootstrap=0, data=dict(TINY_DATA, n=10, offset=64))
+        )
+        plain = c.to_dict()
+        plain.update(overrides)  # As a dict: an override may change a field's type (a schedule list for a dict).
+        return ml_collections.ConfigDict(plain)
+
+    return make

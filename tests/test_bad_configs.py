@@ -19,6 +19,7 @@ from paligemma_ft.commands import cli
 from paligemma_ft.config import load_config
 from paligemma_ft.tokenizer import Tokenizer
 from paligemma_ft.training import loop as train
+from paligemma_ft.training import step as step_lib
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 SMALL = [  # Whole dicts, so that the test does not depend on the demo's data and evaluation names.
@@ -40,7 +41,7 @@ def no_compute(monkeypatch):
     def refuse(*args, **kwargs):
         raise ComputeStarted("the run reached training or evaluation")
 
-    monkeypatch.setattr(train, "train_step", refuse)
+    monkeypatch.setattr(step_lib, "train_step", refuse)
     monkeypatch.setattr(train, "run_evals", refuse)
 
 

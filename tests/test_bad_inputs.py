@@ -1,7 +1,8 @@
 """The bad-input corpus (`tests/data/bad/`, from `scripts/make_bad_corpus.py`) through the data pipeline.
 
-Every case goes through the training pipeline under both policies: under "skip" a bad example is dropped and
-counted once with its file, line and reason while every good example still arrives; under "error" the run stops
+Every case goes through the training pipeline under both policies: under "skip" a bad example never reaches a
+batch (its place takes a good one) and is counted once with its file, line and reason while every good example
+still arrives; under "error" the run stops
 with a `BadExample` whose message starts with `file:line`. Unusual but valid inputs (a 1x1 image, CMYK, 16-bit,
 an animated GIF, a 100 000-character caption) are accepted under both policies.
 """
@@ -90,9 +91,9 @@ def test_skip_policy_drops_and_counts_the_bad_example(tok, case):
     report = pipeline.BadInputReport()
     it = pipeline.make_train_iter(input_cfg(path), tok, process_index=0, process_count=1, report=report)
     usable = 5 if EXPECTED[case] is None else 4
-    batches = [next(it) for _ in range(usable)]  # Two epochs of the usable examples.
+    batches = [next(it) for _ in range(usable)]  # 2 x usable rows: more than one epoch of the 5 examples.
     seen = [r for b in batches for r in rows(b)]
-    assert len(set(seen)) == usable and collections.Counter(seen).most_common(1)[0][1] == 2
+    assert len(set(seen)) == usable  # Every good example, and no other row.
     for b in batches:
         assert b["image"].shape == (2, RES, RES, 3) and np.isfinite(b["image"]).all()
         assert -1 <= b["image"].min() and b["image"].max() <= 1

@@ -1,52 +1,17 @@
-"""The benchmarks measure the trainer's computation (they cannot import it: it needs grain and orbax)."""
+"""The benchmarks measure the trainer's computation: bench/bench_train.py jits the trainer's own step."""
 
-import functools
 import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
-from paligemma_ft.training import loop as train
+from paligemma_ft.training import step as step_lib
 
 _PATH = pathlib.Path(__file__).parent.parent / "bench" / "bench_train.py"
 _spec = importlib.util.spec_from_file_location("bench_train", _PATH)
 bench_train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_train)
-
-
-def test_bench_step_is_the_trainers_computation():
-    cfg, res = bench_train.model_config("tiny_pg1", "float32", None, "einsum")
-    model = bench_train.Model(**cfg)
-    batch = {k: jnp.asarray(v) for k, v in bench_train.make_batch(2, res, 8, 5, 1600).items()}
-    z = jnp.zeros((1, 8), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
-    schedule = [(".*", {"decay_type": "constant"})]
-    tx, _ = bench_train.optim.make_optimizer(dict(schedule=schedule), params, total_steps=10)
-    trainable = bench_train.optim.trainable_mask(params, schedule)
-    state = {"params": params, "opt": jax.eval_shape(tx.init, params)}
-
-    def trace(loss):
-        return str(
-            jax.make_jaxpr(
-                functools.partial(
-                    bench_train.train_step, loss=functools.partial(loss, model=model), tx=tx, trainable=trainable
-                )
-            )(state, batch)
-        )
-
-    # The trainer's update, fed the same gradients, traces identically up to its metrics and RNG handling.
-    ours = trace(bench_train.chunked_loss)
-    trainer = str(
-        jax.make_jaxpr(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable))(
-            {**state, "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}, batch
-        )
-    )
-    assert bench_train.chunked_loss is train.loss_fn
-    assert ours.count("dot_general") == trainer.count("dot_general") > 0
-    assert trace(bench_train.full_loss) != ours  # The "before" loss is another computation.
-    # The batch layout: 5 loss positions after a prefix, as the trainer's batches.
-    assert batch["text"].shape == (2, 9) and int(batch["mask_loss"][0, 1:].sum()) == 5
 
 
 def _compiled_step_flops(pattern: str) -> tuple[float, float]:
@@ -65,7 +30,7 @@ def _compiled_step_flops(pattern: str) -> tuple[float, float]:
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
     batch = bench_train.make_batch(4, res, 8, 5, 1600)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable))
+    step = step_lib.jit_train_step(model, tx, trainable)
     compiled = step.lower(state, batch).compile(compiler_options={"xla_backend_optimization_level": 0})
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -81,3 +46,13 @@ def test_compiled_step_skips_the_backward_of_a_frozen_tower():
     assert vit_backward > 0.02 * counted_frozen  # Large enough to see.
     # XLA also counts elementwise FLOPs (and the rematerialized logits), hence the wide bounds.
     assert 0.8 * vit_backward < with_patch - frozen_vit < 1.5 * vit_backward
+
+
+def test_bench_loop_times_the_trainer_and_appends_a_row(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_loop", _PATH.with_name("bench_loop.py"))
+    bench_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_loop)
+    results = tmp_path / "RESULTS.md"
+    bench_loop.main(["--steps", "12", "--warmup", "2", "--repeats", "1", "--label", "x", "--results", str(results)])
+    row = results.read_text().strip().split(" | ")
+    assert row[0] == "| x" and row[2] == "tiny_pg1, 32 px, batch 8, text 16" and float(row[3]) > 0

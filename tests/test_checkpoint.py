@@ -1,4 +1,4 @@
-"""Tests for big_vision `.npz` checkpoint IO: format, adaptation to the model, validation and placement."""
+"""Tests for big_vision `.npz` checkpoint IO (format, header checks), fitting to the model, validation, placement."""
 
 import logging
 import os
@@ -13,6 +13,7 @@ import scipy.ndimage
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from paligemma_ft.checkpoints import fit, placement
 from paligemma_ft.checkpoints import npz as ckpt
 from paligemma_ft.utils import recover_tree, tree_flatten_with_names
 
@@ -205,7 +206,7 @@ def test_posemb_resampled_bilinearly_16_to_64_tokens(dtype, caplog):
     expected = abstract(params)
     expected["img"]["pos_embedding"] = jax.ShapeDtypeStruct((1, 64, 8), dtype)
     with caplog.at_level(logging.INFO):
-        out = ckpt.adapt_params(params, expected)
+        out = fit.adapt_params(params, expected)
     old = params["img"]["pos_embedding"]
     by_hand = scipy.ndimage.zoom(old.astype(np.float32).reshape(4, 4, 8), (2, 2, 1), order=1)
     new = out["img"]["pos_embedding"]
@@ -221,25 +222,30 @@ def test_vocab_extension_appends_small_random_rows_and_keeps_old_ones(caplog):
     expected = abstract(params)
     expected["llm"]["embedder"]["input_embedding"] = jax.ShapeDtypeStruct((80, 8), np.float32)
     with caplog.at_level(logging.INFO):
-        out = ckpt.adapt_params(params, expected, rng_seed=3)
+        out = fit.adapt_params(params, expected, rng_seed=3)
     table = out["llm"]["embedder"]["input_embedding"]
     assert table.shape == (80, 8) and table.dtype == np.float32
     old = params["llm"]["embedder"]["input_embedding"]
     assert table[:50].tobytes() == old.tobytes()
     new_rows = table[50:]
     assert 0.01 < new_rows.std() < 0.03 and abs(new_rows.mean()) < 0.01
-    again = ckpt.adapt_params(params, expected, rng_seed=3)["llm"]["embedder"]["input_embedding"]
+    again = fit.adapt_params(params, expected, rng_seed=3)["llm"]["embedder"]["input_embedding"]
     assert again.tobytes() == table.tobytes()  # Deterministic for a seed.
     assert "from 50 to 80 rows" in caplog.text
 
 
-def test_vocab_larger_than_model_is_not_truncated():
+def test_vocab_larger_than_model_is_cut_only_when_the_extra_rows_are_zero():
     params = make_params()
     expected = abstract(params)
     expected["llm"]["embedder"]["input_embedding"] = jax.ShapeDtypeStruct((40, 8), np.float32)
-    out = ckpt.adapt_params(params, expected)
-    with pytest.raises(ckpt.CheckpointMismatchError, match=r"expected shape \(40, 8\), found shape \(50, 8\)"):
-        ckpt.check_params(out, expected, source="x")
+    with pytest.raises(ValueError, match=r"rows 40\.\.49 hold trained values; set model\.llm\.vocab_size=50"):
+        fit.adapt_params(params, expected)
+    params["llm"]["embedder"]["input_embedding"][40:] = 0  # Padding rows, as an export pads.
+    out = fit.adapt_params(params, expected)
+    ckpt.check_params(out, expected, source="x")
+    np.testing.assert_array_equal(
+        out["llm"]["embedder"]["input_embedding"], params["llm"]["embedder"]["input_embedding"][:40]
+    )
 
 
 def _unscanned_shapes():
@@ -262,7 +268,7 @@ def test_scan_to_per_layer_and_back_round_trip(caplog):
     scanned = make_params()
     per_layer_expected = abstract(make_params(shapes=_unscanned_shapes()))
     with caplog.at_level(logging.INFO):
-        per_layer = ckpt.adapt_params(scanned, per_layer_expected)
+        per_layer = fit.adapt_params(scanned, per_layer_expected)
     ckpt.check_params(per_layer, per_layer_expected, source="x")
     f = flat(per_layer)
     assert "img/Transformer/encoderblock_1/LayerNorm_0/scale" in f and "llm/layers/0/attn/kv_einsum/w" in f
@@ -270,14 +276,14 @@ def test_scan_to_per_layer_and_back_round_trip(caplog):
         f["llm/layers/1/mlp/gating_einsum"], scanned["llm"]["layers"]["mlp"]["gating_einsum"][1]
     )
     assert "scan layout (depth 2) to per-layer" in caplog.text
-    back = ckpt.adapt_params(per_layer, abstract(scanned))
+    back = fit.adapt_params(per_layer, abstract(scanned))
     assert_bit_exact(back, scanned)
 
 
 def test_scan_conversion_also_works_on_a_selected_tower():
     scanned = make_params()
     expected = abstract(make_params(shapes=_unscanned_shapes()))["img"]
-    out = ckpt.adapt_params(scanned["img"], expected)
+    out = fit.adapt_params(scanned["img"], expected)
     ckpt.check_params(out, expected, source="x")
 
 
@@ -285,7 +291,7 @@ def test_stacking_with_a_missing_layer_names_the_parameter():
     per_layer = make_params(shapes=_unscanned_shapes())
     del per_layer["llm"]["layers"]["0"]["mlp"]
     with pytest.raises(ckpt.CheckpointError, match=r"llm/layers/mlp/gating_einsum.*\[1\]"):
-        ckpt.adapt_params(per_layer, abstract(make_params()))
+        fit.adapt_params(per_layer, abstract(make_params()))
 
 
 def test_gating_einsum_transposed_from_2_f_d_to_2_d_f(caplog):
@@ -295,28 +301,56 @@ def test_gating_einsum_transposed_from_2_f_d_to_2_d_f(caplog):
     params["llm"]["layers"]["mlp"]["gating_einsum"] = np.ascontiguousarray(np.swapaxes(gating, -1, -2))
     assert params["llm"]["layers"]["mlp"]["gating_einsum"].shape == (2, 2, 16, 8)
     with caplog.at_level(logging.INFO):
-        out = ckpt.adapt_params(params, expected)
+        out = fit.adapt_params(params, expected)
     np.testing.assert_array_equal(out["llm"]["layers"]["mlp"]["gating_einsum"], gating)
     assert "Transposed llm/layers/mlp/gating_einsum" in caplog.text
 
 
-def test_load_for_model_adapts_checks_and_casts(tmp_path):
+def test_fit_plan_reads_adapts_and_lists_problems_from_headers(tmp_path):
     model = make_params()
     expected = abstract(model)
     expected["img"]["pos_embedding"] = jax.ShapeDtypeStruct((1, 64, 8), np.float32)
     expected["llm"]["embedder"]["input_embedding"] = jax.ShapeDtypeStruct((60, 8), np.float32)
     stored = make_params(ml_dtypes.bfloat16)
     np.savez(tmp_path / "pt.bf16.npz", **{f"params/{n}": v.view("V2") for n, v in flat(stored).items()})
-    out = ckpt.load_for_model(tmp_path / "pt.bf16.npz", expected)
-    assert {n: v.shape for n, v in flat(out).items()} == {n: v.shape for n, v in flat(expected).items()}
-    assert all(v.dtype == ml_dtypes.bfloat16 for v in flat(out).values())  # No cast by default.
-    cast = ckpt.load_for_model(tmp_path / "pt.bf16.npz", expected, dtypes=jnp.float32)
-    assert all(v.dtype == np.float32 for v in flat(cast).values())
-    np.testing.assert_array_equal(cast["llm"]["final_norm"]["scale"], stored["llm"]["final_norm"]["scale"])
+    with ckpt.NpzReader(tmp_path / "pt.bf16.npz") as reader:
+        plan = fit.plan_fit(reader, expected)
+        out = {n: plan.read(n) for n in plan.loaded}
+    assert {n: v.shape for n, v in out.items()} == {n: v.shape for n, v in flat(expected).items()}
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in out.values())  # No cast when reading.
+    assert plan.loaded["img/pos_embedding"] is not None and plan.loaded["llm/final_norm/scale"] is None
+    np.testing.assert_array_equal(out["llm/final_norm/scale"], stored["llm"]["final_norm"]["scale"])
     bad = abstract(model)
     bad["llm"]["final_norm"]["scale"] = jax.ShapeDtypeStruct((9,), np.float32)
-    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)pt\.bf16\.npz.*wrong shape.*llm/final_norm/scale"):
-        ckpt.load_for_model(tmp_path / "pt.bf16.npz", bad)
+    with ckpt.NpzReader(tmp_path / "pt.bf16.npz") as reader:
+        with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)pt\.bf16\.npz.*wrong shape.*llm/final_norm/scale"):
+            fit.plan_fit(reader, bad)
+
+
+def test_fit_plan_initialises_missing_and_dont_load_but_refuses_unexpected(tmp_path, caplog):
+    model = abstract(make_params())
+    model["llm"]["adapter"] = {"w": jax.ShapeDtypeStruct((8, 2), np.float32)}  # New in the model.
+    stored = make_params()
+    ckpt.save_params(tmp_path / "p.npz", stored)
+    with ckpt.NpzReader(tmp_path / "p.npz") as reader, caplog.at_level(logging.INFO):
+        plan = fit.plan_fit(reader, model, dont_load=[r"img/head/.*"])
+        plan.log()
+    assert plan.missing == ["llm/adapter/w"] and plan.not_loaded == ["img/head/kernel"]
+    assert plan.initialised == ["img/head/kernel", "llm/adapter/w"] and "img/head/kernel" not in plan.loaded
+    assert "Initialising 1 parameter(s) the checkpoint" in caplog.text and "llm/adapter/w" in caplog.text
+    with ckpt.NpzReader(tmp_path / "p.npz") as reader:  # Inference: nothing may be left uninitialised.
+        with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)1 missing.*llm/adapter/w"):
+            fit.plan_fit(reader, model, allow_missing=False)
+    smaller = abstract(make_params())
+    del smaller["llm"]["final_norm"]
+    with ckpt.NpzReader(tmp_path / "p.npz") as reader:
+        with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)1 unexpected.*llm/final_norm/scale"):
+            fit.plan_fit(reader, smaller)
+        assert fit.plan_fit(reader, smaller, dont_load=["llm/final_norm/.*"]).skipped == ["llm/final_norm/scale"]
+    with ckpt.NpzReader(f"{tmp_path}/p.npz:img", keep_selector=True) as reader:  # Only the ViT: LLM initialised.
+        plan = fit.plan_fit(reader, abstract(make_params()))
+    assert set(plan.loaded) == {n for n in SHAPES if n.startswith("img/")}
+    assert set(plan.missing) == {n for n in SHAPES if n.startswith("llm/")}
 
 
 # ------------------------------------------------------------------------------------------- placement
@@ -340,7 +374,7 @@ def test_place_params_on_8_devices_with_fsdp_spec_and_dtype_change():
     shardings = jax.tree.map(lambda a: _fsdp_sharding(mesh, a.shape), params)
     dtypes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), params)
     dtypes["img"]["pos_embedding"] = None  # Keep f32.
-    placed = ckpt.place_params(params, shardings, dtypes)
+    placed = placement.place_params(params, shardings, dtypes)
     assert params == {}  # Consumed: the host tree no longer holds the arrays.
     for name, x in flat(placed).items():
         ref = flat(reference)[name]
@@ -358,7 +392,7 @@ def test_place_params_single_sharding_callable_dtypes_and_keep_input():
     mesh = jax.make_mesh((8,), ("data",))
     params = make_params(ml_dtypes.bfloat16)
     replicated = NamedSharding(mesh, P())
-    placed = ckpt.place_params(
+    placed = placement.place_params(
         params, replicated, lambda n: jnp.float32 if n.startswith("img/") else None, consume=False
     )
     assert flat(params).keys() == flat(placed).keys()  # Input left intact.
@@ -375,7 +409,7 @@ def test_place_params_missing_sharding_fails_before_moving_anything():
     shardings = jax.tree.map(lambda a: NamedSharding(mesh, P()), params)
     del shardings["llm"]["final_norm"]
     with pytest.raises(ValueError, match="llm/final_norm/scale"):
-        ckpt.place_params(params, shardings)
+        placement.place_params(params, shardings)
     assert flat(params).keys() == set(SHAPES)  # Nothing consumed.
 
 
@@ -383,7 +417,7 @@ def test_place_params_indivisible_sharding_names_parameter():
     mesh = jax.make_mesh((8,), ("data",))
     params = {"img": {"embedding": {"bias": np.zeros(6, np.float32)}}}
     with pytest.raises(ValueError, match="img/embedding/bias"):
-        ckpt.place_params(params, NamedSharding(mesh, P("data")))
+        placement.place_params(params, NamedSharding(mesh, P("data")))
 
 
 # ------------------------------------------------------------------------------------- with the real model
@@ -402,5 +436,73 @@ def test_real_tiny_model_scan_checkpoint_fits_per_layer_model_at_twice_the_resol
     stored = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract_params(True, res))
     ckpt.save_params(tmp_path / "tiny.npz", stored)
     expected = abstract_params(False, 2 * res)
-    loaded = ckpt.load_for_model(tmp_path / "tiny.npz", expected)  # Raises on any name/shape problem.
-    assert flat(loaded)["img/pos_embedding"].shape[1] == 4 * flat(stored)["img/pos_embedding"].shape[1]
+    with ckpt.NpzReader(tmp_path / "tiny.npz") as reader:
+        plan = fit.plan_fit(reader, expected, allow_missing=False)  # Raises on any name/shape problem.
+        posemb = plan.read("img/pos_embedding")
+    assert posemb.shape[1] == 4 * flat(stored)["img/pos_embedding"].shape[1]
+    assert set(plan.loaded) == set(flat(expected))
+
+
+# ---------------------------------------------------------------------------------------- hostile files
+
+
+def _zip_bomb(path, n_floats=64 * 2**20):
+    """A deflated member whose `.npy` header declares n float32 (256 MiB of zeros): about 1 MB on disk."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, array in flat(make_params()).items():
+            if name != "llm/final_norm/scale":
+                with zf.open(name + ".npy", "w") as f:
+                    np.lib.format.write_array(f, array)
+        with zf.open("llm/final_norm/scale.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n_floats,)})
+            zeros = bytes(1 << 24)
+            for _ in range(n_floats * 4 // len(zeros)):
+                f.write(zeros)
+
+
+def test_zip_bomb_is_refused_from_its_headers_in_under_a_second(tmp_path):
+    import time
+    import tracemalloc
+
+    _zip_bomb(tmp_path / "bomb.npz")
+    assert os.path.getsize(tmp_path / "bomb.npz") < 2e6
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(
+        ckpt.CheckpointMismatchError, match=r"llm/final_norm/scale  expected shape \(8,\), found shape \(67108864,\)"
+    ):
+        with ckpt.NpzReader(tmp_path / "bomb.npz") as reader:
+            fit.plan_fit(reader, abstract(make_params()))
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 1.0
+    assert peak < 20e6  # The 256 MiB member was never inflated.
+
+
+def test_member_whose_zip_size_disagrees_with_its_header_is_refused(tmp_path):
+    path = tmp_path / "forged.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        with zf.open("img/head/bias.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (4,)})
+            f.write(bytes(1000))  # 1000 bytes of data where the header promises 16.
+    with pytest.raises(ckpt.CheckpointError, match=r"forged\.npz.*'img/head/bias' declares 1\d\d\d bytes"):
+        ckpt.NpzReader(path)
+
+
+def test_reader_gives_shapes_without_reading_and_slices_stacked_arrays(tmp_path):
+    params = make_params(ml_dtypes.bfloat16)
+    ckpt.save_params(tmp_path / "p.npz", params)
+    specs = ckpt.read_specs(tmp_path / "p.npz")
+    assert {n: s.shape for n, s in specs.items()} == SHAPES
+    assert specs["llm/layers/mlp/gating_einsum"].dtype == ml_dtypes.bfloat16
+    with ckpt.NpzReader(tmp_path / "p.npz") as reader:
+        layer = reader.read("llm/layers/mlp/gating_einsum", 1)  # Read straight from its offset in the file.
+    assert layer.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(layer, params["llm"]["layers"]["mlp"]["gating_einsum"][1])
+    np.savez_compressed(tmp_path / "c.npz", **{n: v for n, v in flat(make_params()).items()})  # Deflated members.
+    with ckpt.NpzReader(tmp_path / "c.npz") as reader:
+        np.testing.assert_array_equal(reader.read("img/head/kernel"), make_params()["img"]["head"]["kernel"])
+        np.testing.assert_array_equal(
+            reader.read("llm/layers/attn/kv_einsum/w", 0), make_params()["llm"]["layers"]["attn"]["kv_einsum"]["w"][0]
+        )

@@ -18,6 +18,8 @@ import ml_collections
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
+    # This file's own keys (the declared ones are in paligemma_ft/config_base.py).
+    c.local_keys = ("arg", "optim", "use_ema", "kaggle_key", "hf_token", "pad_token_id")
     c.total_steps = 10                 # steps
     c.seed = 0
     c.model_init = "weights.npz"

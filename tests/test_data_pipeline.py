@@ -269,5 +269,5 @@ def test_all_bad_examples_stop_with_a_clear_error(tok, tmp_path):
     it = pipeline.make_train_iter(
         input_cfg({"source": "jsonl", "path": str(path)}), tok, process_index=0, process_count=1
     )
-    with pytest.raises(ValueError, match="Every example of this process's data shard is bad"):
+    with pytest.raises(ValueError, match="Every example of input.data is bad"):
         next(it)

@@ -189,6 +189,49 @@ def test_coco_bad_annotations_and_bad_file(folder):
         sources.CocoSource(folder / "broken.json", folder)
 
 
+def test_coco_duplicate_and_colliding_image_ids_are_bad_input_naming_the_ids(folder):
+    """Without the check, the second `id: 1` silently replaced the first: a's captions were paired with image b."""
+    (folder / "images" / "c.png").write_bytes(png((0, 0, 255)))
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.png"},
+            {"id": 1, "file_name": "b.png"},  # Duplicate.
+            {"id": 7, "file_name": "b.png"},
+            {"id": "7", "file_name": "c.png"},  # Collides with 7: both are example id "7".
+            {"id": 2, "file_name": "c.png"},
+            {"id": [5], "file_name": "a.png"},  # Not an id at all.
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "red"},
+            {"id": 11, "image_id": 1, "caption": "a red square"},
+            {"id": 12, "image_id": 7, "caption": "green"},
+            {"id": 13, "image_id": "7", "caption": "blue"},
+            {"id": 14, "image_id": 2, "caption": "blue square"},
+        ],
+    }
+    path = folder / "captions.json"
+    path.write_text(json.dumps(data))
+    for mode in ("train", "eval"):
+        src = sources.CocoSource(path, folder / "images", mode=mode)
+        # Only the image with a unique id is left, with its own caption and pixels.
+        assert [src[i]["id"] for i in range(len(src))] == ["2"]
+        assert src[0]["references"] == ["blue square"] and src[0]["image"] == png((0, 0, 255))
+        reasons = [(e.reason, e.file, e.line) for e in src.skipped]
+        assert reasons == [
+            ("duplicate_image_id", str(path), None),
+            ("colliding_image_id", str(path), None),
+            ("bad_image_id", str(path), None),
+        ]
+        duplicate, colliding, bad = (str(e) for e in src.skipped)
+        assert "image id 1 is used by 2 images (#0 id 1 'a.png', #1 id 1 'b.png')" in duplicate
+        assert "its 2 caption(s) are left out" in duplicate
+        assert "image ids 7 and '7' are the same example id '7'" in colliding and "2 caption(s)" in colliding
+        assert "#5 id [5] 'a.png'" in bad
+    with pytest.raises(BadExample, match=r"image id 1 is used by 2 images") as info:
+        sources.CocoSource(path, folder / "images", bad_input="error")
+    assert info.value.reason == "duplicate_image_id"
+
+
 # ------------------------------------------------------------------------------------------------------ shapes
 
 
@@ -247,7 +290,7 @@ def test_shapes_source_and_folder(tmp_path):
     src = sources.make_source({"source": "shapes", "n": 5, "seed": 2, "task": "count", "image_size": 32})
     assert len(src) == 5 and src[4]["image"].shape == (32, 32, 3) and src[4]["prefix"].startswith("answer en")
     with pytest.raises(ValueError, match="not a shapes task"):
-        sources.make_source({"source": "shapes", "task": "segment"})
+        sources.make_source({"source": "shapes", "task": "segmentation"})
     paths = shapes.write_shapes_folder(tmp_path / "ds", 6, seed=2, task="caption", n_val=2, image_size=(40, 30))
     train = sources.JsonlSource(paths["train"])
     val = sources.JsonlSource(paths["val"])

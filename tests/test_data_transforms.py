@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from paligemma_ft.data import images
 from paligemma_ft.data import transforms as T
 from paligemma_ft.data.transforms import BadExample
 from paligemma_ft.tokenizer import Tokenizer
@@ -73,7 +74,7 @@ def test_palette_with_alpha_mode_to_rgb():
     # PNG cannot store mode PA; PIL produces it in memory (e.g. from some GIF/WebP files).
     im = Image.new("RGB", (4, 4), RED).convert("P", palette=Image.Palette.ADAPTIVE).convert("PA")
     assert im.mode == "PA"
-    np.testing.assert_array_equal(T._pil_to_rgb(im)[1, 1], RED)
+    np.testing.assert_array_equal(images._pil_to_rgb(im)[1, 1], RED)
 
 
 def test_decode_cmyk_jpeg():

@@ -190,8 +190,8 @@ def test_make_evaluator_names_and_errors():
     assert isinstance(make_evaluator("v", {"type": "proj.paligemma.transfers.vqav2", "pred": "decode"}), VqaEvaluator)
     ev = make_evaluator("v", {"type": "vqa", "anls_theta": 0.3, "lowercase": False, "data": {"split": "val"}})
     assert (ev.anls_theta, ev.lowercase, ev.name) == (0.3, False, "v")
-    with pytest.raises(ValueError, match="unknown evaluator type 'segmentation'"):
-        make_evaluator("s", {"type": "segmentation"})
+    with pytest.raises(ValueError, match="unknown evaluator type 'pope'"):
+        make_evaluator("s", {"type": "pope"})
     with pytest.raises(ValueError, match=r"'c'.*unknown config key\(s\) \['bootstrapp'\]"):
         make_evaluator("c", {"type": "caption", "bootstrapp": 10})
     with pytest.raises(ValueError, match="no 'type'"):

@@ -9,9 +9,11 @@ import ml_collections
 import numpy as np
 
 from paligemma_ft import decode as decode_lib
+from paligemma_ft.checkpoints.loading import checkpoint_path
 from paligemma_ft.commands import cli
-from paligemma_ft.evaluate.runner import format_table, run_evals
-from paligemma_ft.predictor import load_predictor, resolve_checkpoint
+from paligemma_ft.data.shapes import encode_image, make_example
+from paligemma_ft.evaluate.runner import evaluate_command, format_table, run_evals
+from paligemma_ft.predictor import load_predictor
 
 DECODE_LEN = 13  # Used by no other test, so this file's decode function starts with no trace.
 
@@ -80,7 +82,7 @@ def test_cli_evaluate_prints_a_table_and_writes_eval_metrics(tmp_path, capsys):
     config.write_text(textwrap.dedent(CONFIG_FILE))
     workdir = tmp_path / "run"
     workdir.mkdir()
-    shutil.copy(resolve_checkpoint("builtin:demo"), workdir / "params.npz")  # As a finished run leaves it.
+    shutil.copy(checkpoint_path("builtin:demo"), workdir / "params.npz")  # As a finished run leaves it.
     (workdir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 5, "train/loss": 1.0}\n')
 
     assert cli.main(["evaluate", "--config", str(config), "--workdir", str(workdir)]) == 0
@@ -146,3 +148,41 @@ def test_cli_evaluate_errors_are_one_line(tmp_path, capsys):
         for word in words:
             assert word in err, (extra, word, err)
     assert not (tmp_path / "eval_metrics.json").exists()
+
+
+def test_bad_rows_are_listed_with_file_line_and_reason(tmp_path, capsys):
+    """A split with good rows, a missing image, a malformed line and a text file named .png: the bad rows are
+    masked, and listed in the output folder; the command names the list."""
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(encode_image(make_example(0, i, "caption", 64)["image"]))
+    (folder / "fake.png").write_text("not an image")
+    lines = [
+        '{"image": "0.png", "suffix": "a"}',
+        '{"image": "missing.png", "suffix": "b"}',
+        '{"image": "1.png", "suffix": "c"',
+        '{"image": "fake.png", "suffix": "d"}',
+        '{"image": "2.png", "suffix": "e"}',
+    ]
+    (folder / "val.jsonl").write_text("\n".join(lines) + "\n")
+    split = str(folder / "val.jsonl")
+    data = dict(source="jsonl", path=split)
+    config = _config(val=dict(type="caption", data=data, batch_size=4, max_decode_len=DECODE_LEN, bootstrap=0))
+    outdir = tmp_path / "out"
+    metrics = evaluate_command(config, checkpoint="builtin:demo", outdir=outdir)
+    assert metrics["val/n"] == 2  # Lines 1 and 5; line 3 cannot be parsed, lines 2 and 4 have no usable image.
+    listed = [json.loads(line) for line in (outdir / "bad_rows_val.jsonl").read_text().splitlines()]
+    assert sorted((r["file"], r["line"], r["reason"]) for r in listed) == [
+        (split, 2, "missing_image"),
+        (split, 3, "malformed_json"),
+        (split, 4, "unreadable_image"),
+    ]
+    assert all(r["detail"] for r in listed)
+    out = capsys.readouterr().out
+    assert f"val: 3 bad row(s) of the split were not scored; listed in {outdir / 'bad_rows_val.jsonl'}" in out
+    # A clean split later: the stale list is removed.
+    (folder / "val.jsonl").write_text("\n".join([lines[0], lines[4]]) + "\n")
+    evaluate_command(config, checkpoint="builtin:demo", outdir=outdir)
+    assert not (outdir / "bad_rows_val.jsonl").exists()
+    assert "bad row" not in capsys.readouterr().out

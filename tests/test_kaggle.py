@@ -413,21 +413,23 @@ def test_resolve_model_init(isolated):
 
 
 def test_tokenizer_from_config_or_bundle(isolated, tmp_path):
+    from paligemma_ft.checkpoints import loading
+
     bundle = put_bundle(isolated, PG1 + "/1", ["paligemma-3b-pt-224.bf16.npz"])
-    checkpoint = bundle / "paligemma-3b-pt-224.bf16.npz"
+    checkpoint = loading.Checkpoint(f"kaggle:{PG1}/1", "kaggle", str(bundle / "paligemma-3b-pt-224.bf16.npz"))
     assert kaggle.find_tokenizer(bundle) is None
-    with pytest.raises(kaggle.KaggleError) as e:
-        kaggle.resolve_tokenizer(None, checkpoint)
+    with pytest.raises(loading.TokenizerNotFoundError) as e:
+        loading.resolve_tokenizer(None, checkpoint, 257_152)
     message = str(e.value)
-    assert "set the tokenizer path in the config" in message and str(bundle) in message
+    assert "set config.tokenizer" in message and str(bundle) in message
     assert "paligemma_tokenizer.model" in message and kaggle.TOKENIZER_URL in message
     (bundle / "sub").mkdir()
     (bundle / "sub/tokenizer.model").write_bytes(b"spm")
-    assert kaggle.find_tokenizer(checkpoint) == bundle / "sub/tokenizer.model"
+    assert kaggle.find_tokenizer(checkpoint.file) == bundle / "sub/tokenizer.model"
     (bundle / "paligemma_tokenizer.model").write_bytes(b"spm")
     assert kaggle.find_tokenizer(bundle) == bundle / "paligemma_tokenizer.model"
-    assert kaggle.resolve_tokenizer(None, checkpoint) == str(bundle / "paligemma_tokenizer.model")
-    assert kaggle.resolve_tokenizer("/my/tok.model", checkpoint) == "/my/tok.model"
+    assert loading.resolve_tokenizer(None, checkpoint, 257_152) == str(bundle / "paligemma_tokenizer.model")
+    assert loading.resolve_tokenizer("/my/tok.model", checkpoint, 257_152) == "/my/tok.model"
     assert kaggle.find_tokenizer(tmp_path / "missing") is None
 
 

@@ -1,5 +1,6 @@
 """Kill anywhere, lose nothing: SIGKILL a training run while it steps, checkpoints and evaluates, restart it with
-the same command each time, and end bitwise where an uninterrupted run ends.
+the same command each time, and end bitwise where an uninterrupted run ends. SIGTERM and Ctrl-C (SIGINT) stop it
+after saving the step in flight (exit 143 / 130, nothing redone); a second signal stops it at once.
 
 The run is the demo config shrunk by overrides (the tiny preset from random init, 12 steps, a checkpoint every 3,
 an evaluation every 4) on 2 simulated CPU devices. Where the run is gets read from its workdir: the rows of
@@ -179,12 +180,30 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env) -> pathlib.Path:
+    """The uninterrupted run's workdir (the first run also fills the compilation cache)."""
+    folder = tmp_path_factory.mktemp("reference")
+    run_to_end(folder / "run", env, folder / "reference.log")
+    return folder / "run"
+
+
+def assert_same_end(got: pathlib.Path, want: pathlib.Path, note: str) -> None:
+    """`params.npz` bitwise equal, every training step once, the same losses, evaluations and order."""
+    a, b = np.load(want / "params.npz", allow_pickle=False), np.load(got / "params.npz", allow_pickle=False)
+    assert sorted(b.files) == sorted(a.files)
+    for name in a.files:
+        assert b[name].dtype == a[name].dtype and b[name].tobytes() == a[name].tobytes(), f"{name} {note}"
+    steps = [r["step"] for r in rows(got) if "train/loss" in r]
+    assert steps == list(range(1, TOTAL + 1)), f"duplicated or missing training steps {note}"
+    assert [comparable(r) for r in rows(got)] == [comparable(r) for r in rows(want)], note
+
+
 @pytest.mark.slow
-def test_killed_anywhere_and_restarted_ends_bitwise_like_an_uninterrupted_run(tmp_path, env):
+def test_killed_anywhere_and_restarted_ends_bitwise_like_an_uninterrupted_run(tmp_path, env, reference):
     seed = int(os.environ.get("PALIGEMMA_FT_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_to_end(reference, env, tmp_path / "reference.log")  # Also fills the compilation cache.
+    killed = tmp_path / "killed"
 
     phases = []
     for trigger, jitter in (
@@ -197,19 +216,80 @@ def test_killed_anywhere_and_restarted_ends_bitwise_like_an_uninterrupted_run(tm
     note = f"(seed {seed}, kills at: {phases}; log {tmp_path / 'killed.log'})"
     assert sum(bool(p) for p in phases) >= 2, f"the run ended before most kills {note}"
 
-    want = np.load(reference / "params.npz", allow_pickle=False)
-    got = np.load(killed / "params.npz", allow_pickle=False)
-    assert sorted(got.files) == sorted(want.files)
-    for name in want.files:
-        assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes(), f"{name} {note}"
-
-    ref_rows, got_rows = rows(reference), rows(killed)
-    steps = [r["step"] for r in got_rows if "train/loss" in r]
-    assert steps == list(range(1, TOTAL + 1)), f"duplicated or missing training steps {note}"
-    assert [comparable(r) for r in got_rows] == [comparable(r) for r in ref_rows], note  # Losses, evals, order.
+    assert_same_end(killed, reference, note)
 
     leftovers = sorted(os.listdir(killed / "checkpoints"), key=lambda name: (len(name), name))
     assert leftovers == [str(TOTAL - CKPT), str(TOTAL)], f"unfinished or extra checkpoint folders {note}"
-    for path in [*killed.rglob("*"), *reference.rglob("*"), tmp_path / "killed.log", tmp_path / "reference.log"]:
+    for path in [*killed.rglob("*"), *reference.parent.rglob("*"), tmp_path / "killed.log"]:
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"a credential leaked into {path}"
+
+
+def run_and_signal(workdir, env, log_path, trigger, signals, jitter: float) -> tuple[int, str]:
+    """Starts the run, waits until `trigger(workdir)` (on rows this run wrote), waits `jitter` s, sends `signals`
+    (a second one once the run said it received the first), and waits for the end: (exit code, its output)."""
+    metrics = workdir / "metrics.jsonl"
+    before = metrics.stat().st_ino if metrics.exists() else None
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    output = lambda: log_path.read_bytes()[offset:].decode(errors="replace")  # noqa: E731
+    with open(log_path, "ab") as log:
+        proc = start(workdir, env, log)
+        try:
+            deadline = time.monotonic() + LIMIT
+            while proc.poll() is None and time.monotonic() < deadline:
+                ours = metrics.exists() and metrics.stat().st_ino != before
+                if ours and trigger(workdir):
+                    break
+                time.sleep(0.005)
+            assert proc.poll() is None, f"the run ended before its signal:\n{output()[-3000:]}"
+            time.sleep(jitter)
+            proc.send_signal(signals[0])
+            if len(signals) > 1:
+                name = signal.Signals(signals[0]).name
+                while proc.poll() is None and f"{name} received" not in output():
+                    time.sleep(0.005)
+                proc.send_signal(signals[1])
+            return proc.wait(timeout=LIMIT), output()
+        finally:
+            proc.kill()
+
+
+def reached(step: int):
+    return lambda workdir: "steps" if any(s >= step for s in train_steps(workdir)) else ""
+
+
+def stopped_at(output: str, note: str) -> int:
+    lines = [line for line in output.splitlines() if "rerun the same command to resume" in line]
+    assert len(lines) == 1 and "Traceback" not in output, f"{note}\n{output[-3000:]}"
+    step = int(lines[0].removeprefix("stopped at step ").split(";")[0])
+    assert lines[0] == f"stopped at step {step}; rerun the same command to resume", note
+    return step
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_save_the_step_in_flight_and_a_resume_ends_bitwise(tmp_path, env, reference):
+    seed = int(os.environ.get("PALIGEMMA_FT_KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    work, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    note = f"(seed {seed}; log {log})"
+
+    # SIGTERM at a random step before the step-8 evaluation: exit 143 after saving the step it reached.
+    code, out = run_and_signal(work, env, log, reached(rng.randint(1, 5)), [signal.SIGTERM], rng.uniform(0, 0.2))
+    assert code == 128 + signal.SIGTERM, f"{code} {note}\n{out[-3000:]}"
+    first = stopped_at(out, note)
+    assert max(train_steps(work)) == first and str(first) in os.listdir(work / "checkpoints"), note
+
+    # Ctrl-C during an evaluation, and again once the run said it stops: the second one ends it at once.
+    code, out = run_and_signal(work, env, log, during_evaluation, [signal.SIGINT, signal.SIGINT], 0.0)
+    assert f"from step {first} (0 metrics rows after it will be redone)" in out, f"a step was redone {note}"
+    assert code == -signal.SIGINT and "rerun the same command" not in out and "Traceback" not in out, note
+
+    # Ctrl-C at a random later step: exit 130, and again nothing is redone by the run to the end.
+    code, out = run_and_signal(work, env, log, reached(rng.randint(9, TOTAL - 1)), [signal.SIGINT], 0.0)
+    assert code == 128 + signal.SIGINT, f"{code} {note}\n{out[-3000:]}"
+    second = stopped_at(out, note)
+    offset = log.stat().st_size
+    run_to_end(work, env, log)
+    out = log.read_bytes()[offset:].decode(errors="replace")
+    assert f"from step {second} (0 metrics rows after it will be redone)" in out, note
+    assert_same_end(work, reference, note)

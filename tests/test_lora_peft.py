@@ -1,15 +1,17 @@
-"""The PEFT export: `peft.PeftModel.from_pretrained` on our HF export of the base gives our LoRA model's logits."""
+"""The PEFT export: `peft.PeftModel.from_pretrained` on the Hugging Face export of the base (`paligemma-ft convert`,
+`checkpoints/hf_export.py`) gives our LoRA model's logits."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 from test_hf_crosscheck import BATCH, TOL, _inputs, _random_params  # noqa: E402
 
-from paligemma_ft.checkpoints import hf  # noqa: E402
+from paligemma_ft.checkpoints import fit, hf_export  # noqa: E402
 from paligemma_ft.checkpoints import peft as peft_export  # noqa: E402
 from paligemma_ft.model import Model, get_preset, lora  # noqa: E402
 from paligemma_ft.utils import recover_tree, tree_flatten_with_names  # noqa: E402
@@ -41,7 +43,8 @@ def test_peft_adapter_on_hf_export_matches_our_logits(tmp_path, preset, scan):
     assert np.abs(ours - plain).max() > 0.1  # The adapters matter.
 
     out = peft_export.export_peft(adapters, {k: np.shape(v) for k, v in base.items()}, spec, tmp_path / "peft")
-    hf_base = hf.to_hf_model(recover_tree(list(base), [np.asarray(v) for v in base.values()]), cfg, image_size=res)
+    hf_export.export(fit.DictSource({k: np.asarray(v) for k, v in base.items()}), cfg, res, tmp_path / "hf")
+    hf_base = transformers.PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     model_hf = peft.PeftModel.from_pretrained(hf_base, out).eval()
     n_img = (res // cfg["img"]["patch_size"][0]) ** 2
     placeholder = np.full((BATCH, n_img), vocab)

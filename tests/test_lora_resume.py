@@ -20,7 +20,9 @@ def test_qlora_killed_anywhere_and_restarted_ends_bitwise(tmp_path, env, monkeyp
         return [*cmd, *LORA]
 
     monkeypatch.setattr(kill_resume, "command", command)
-    kill_resume.test_killed_anywhere_and_restarted_ends_bitwise_like_an_uninterrupted_run(tmp_path, env)
+    reference = tmp_path / "reference"  # The uninterrupted QLoRA run (the module's fixture runs demo.py).
+    kill_resume.run_to_end(reference, env, tmp_path / "reference.log")
+    kill_resume.test_killed_anywhere_and_restarted_ends_bitwise_like_an_uninterrupted_run(tmp_path, env, reference)
     (want, want_meta), (got, got_meta) = (load_adapters(tmp_path / d / "adapters.npz") for d in ("reference", "killed"))
     assert got_meta == want_meta and sorted(got) == sorted(want)
     assert all(got[k].tobytes() == want[k].tobytes() for k in want)

@@ -12,12 +12,15 @@ import pytest
 from PIL import Image
 
 from paligemma_ft import adapters as adapters_lib
+from paligemma_ft import config_base
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
-from paligemma_ft.commands import plan, predict
+from paligemma_ft.commands import app_logic, plan, predict
 from paligemma_ft.config import load_config
 from paligemma_ft.evaluate.runner import evaluate_command
 from paligemma_ft.model import lora
 from paligemma_ft.training import loop as train
+from paligemma_ft.training import setup as setup_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 _DATA = dict(source="shapes", n=64, seed=0, task="long_caption", image_size=64)
@@ -61,7 +64,7 @@ def test_lora_run_freezes_the_base_and_exports(tmp_path, capsys):
     manager = train_state.make_manager(workdir / "checkpoints")
     state, _ = train_state.restore_latest(manager, s.state_abstract, s.state_shard)
     manager.close()
-    base = _flat(ckpt_lib.split_selector(s.path)[0])
+    base = _flat(s.path.file)
     final = dict(tree_flatten_with_names(jax.device_get(state["params"])))
     for k, v in base.items():
         np.testing.assert_array_equal(final[k], v, err_msg=k)
@@ -73,7 +76,9 @@ def test_lora_run_freezes_the_base_and_exports(tmp_path, capsys):
     assert set(adapters) == {k for k in final if lora.is_adapter(k)}
     assert meta["rank"] == 8 and meta["base"]["name"].endswith("demo.npz")
     assert (workdir / "adapters.npz").stat().st_size < (workdir / "params.npz").stat().st_size / 3
-    again = adapters_lib.apply_adapters(base, str(workdir / "adapters.npz"), base="builtin:demo")
+    # The base loaded through the loading path with the adapters merged on the device is the merged export.
+    again = dict(tree_flatten_with_names(loading.load_model("builtin:demo", adapters=workdir / "adapters.npz").params))
+    assert set(again) == set(merged)
     for k in merged:
         np.testing.assert_allclose(again[k], merged[k], atol=1e-6, err_msg=k)
     # The report's overview counts the adapters.
@@ -94,6 +99,10 @@ def test_lora_run_freezes_the_base_and_exports(tmp_path, capsys):
         )
         lines.append(buf.getvalue())
     assert lines[0] == lines[1] == lines[2] and lines[0].startswith(str(image))
+    # The app (--adapters) loads the same merged parameters.
+    app_predictor, _ = app_logic.load_model("builtin:demo", None, str(workdir / "adapters.npz"))
+    for k, v in tree_flatten_with_names(app_predictor.params):
+        np.testing.assert_array_equal(v, again[k], err_msg=k)
     # evaluate: the base + --adapters scores exactly like the run's merged export.
     evals = {"val": dict(type="caption", batch_size=8, max_decode_len=8, bootstrap=0, data=dict(_DATA, n=8))}
     scores = [
@@ -163,7 +172,7 @@ def test_qlora_nf4_run_trains_and_merges_from_the_original_base(tmp_path):
     state, _ = train_state.restore_latest(manager, s4.state_abstract, s4.state_shard)
     manager.close()
     final = dict(tree_flatten_with_names(jax.device_get(state["params"])))
-    base = _flat(ckpt_lib.split_selector(s.path)[0])
+    base = _flat(s.path.file)
     want_q = lora.quantize_flat(base, s4.model.lora)
     for k in [k for k in final if k.endswith(lora.CODES)]:
         assert final[k].tobytes() == want_q[k].tobytes(), k
@@ -171,7 +180,7 @@ def test_qlora_nf4_run_trains_and_merges_from_the_original_base(tmp_path):
     # params.npz merges the adapters into the original (unquantized) demo weights.
     adapters, meta = adapters_lib.load_adapters(workdir / "adapters.npz")
     assert meta["quant"] == "nf4"
-    want = adapters_lib.apply_adapters(base, str(workdir / "adapters.npz"), base="builtin:demo")
+    want = dict(tree_flatten_with_names(loading.load_model("builtin:demo", adapters=workdir / "adapters.npz").params))
     merged = _flat(workdir / "params.npz")
     for k in want:
         np.testing.assert_allclose(merged[k], want[k], atol=1e-6, err_msg=k)
@@ -187,3 +196,44 @@ def test_plan_counts_adapters_and_a_quantized_base():
     # NF4 codes take half a byte per weight (plus block scales) instead of float32's four.
     assert plans["nf4"].param_bytes < 0.55 * plans["none"].param_bytes
     assert plans["nf4"].opt_bytes == plans["none"].opt_bytes  # Only the adapters carry optimizer state.
+
+
+def test_loading_path_quantizes_the_base_as_read_and_initialises_what_it_lacks():
+    """setup.init_params -> loading.load_params: the QLoRA codes are the checkpoint's weights quantized, adapters
+    come from the model's init (B = 0), and a `dont_load` float weight gets the model's own codes and scales."""
+    config = lora_config(**{"lora.quant": "nf4", "dont_load": ["llm/layers/mlp/linear"]})
+    s = setup_lib.setup(config)
+    params = dict(tree_flatten_with_names(jax.device_get(setup_lib.init_params(s, seed=0))))
+    base = _flat(s.path.file)
+    want = lora.quantize_flat(base, s.model.lora)
+    z = np.zeros((1, s.text_len + 1), np.int32)
+    fresh = jax.device_get(s.model.init(jax.random.PRNGKey(0), np.zeros((1, s.res, s.res, 3), np.float32), z, z))
+    fresh = dict(tree_flatten_with_names(fresh["params"]))
+    assert {k for k in params if k.endswith(lora.CODES)} == {k for k in want if k.endswith(lora.CODES)}
+    for k, v in params.items():
+        if lora.is_adapter(k):
+            np.testing.assert_array_equal(v, fresh[k], err_msg=k)  # The model's init: A random, B zero.
+            assert k.endswith(lora.ADAPTER_A) or not v.any(), k
+        elif k.startswith("llm/layers/mlp/linear"):  # dont_load: initialised, not the checkpoint's.
+            assert v.astype(np.float32).tobytes() == fresh[k].astype(np.float32).tobytes(), k
+            assert v.tobytes() != want[k].astype(v.dtype).tobytes(), k
+        else:
+            assert v.tobytes() == want[k].astype(v.dtype).tobytes(), k
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--config.lora.rank=0", "--config.lora.quant=nf4"], "lora.quant='nf4' needs config.lora.rank >= 1"),
+        (["--config.lora.quant=nf5"], "lora.quant='nf5': must be one of none, int8, nf4"),
+        (["--config.lora.dropout=1.0"], r"lora.dropout=1.0: must be in \[0, 1\)"),
+        (["--config.lora.targets=['llm/(']"], r"config.lora.targets\[0\] = 'llm/\(' is not a regex"),
+        (["--config.lora.targets=[]"], "config.lora.targets is empty"),
+        (["--config.lora.alpha=-1.0"], r"lora.alpha=-1.0: must be > 0"),
+    ],
+)
+def test_lora_values_are_checked_before_compute(override, message):
+    assert load_config("demo_lora").to_dict() == load_config("configs/demo_lora.py").to_dict()  # Declared keys only.
+    config_base.validate(load_config("demo_lora"))
+    with pytest.raises(ValueError, match=message):
+        config_base.validate(load_config("demo_lora", override))

@@ -208,7 +208,7 @@ def test_forward_outputs_and_prefix_lm(tiny):
 
 def test_scan_and_loop_agree(tiny):
     model, params, image, text, mask_ar = tiny
-    from paligemma_ft.checkpoints.npz import adapt_params  # scan → unscanned conversion
+    from paligemma_ft.checkpoints.fit import adapt_params  # scan → unscanned conversion
 
     cfg = {"img": dict(model.img, scan=False), "llm": dict(model.llm, scan=False)}
     loop_model = Model(**cfg)

@@ -9,7 +9,7 @@ import pytest
 
 from paligemma_ft import decode
 from paligemma_ft.model import Model, get_preset
-from paligemma_ft.training.loop import loss_fn
+from paligemma_ft.training.losses import loss_fn
 
 TEXT_LEN = 8
 # Both sides of each comparison compile with the same options; these cut XLA:CPU compile time about 3x.

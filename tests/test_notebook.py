@@ -15,9 +15,18 @@ nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbcli
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "finetune_paligemma.ipynb"
 SECRET = "nb-s3cr3t-0123456789abcdef"  # A Kaggle key that must never appear in the notebook's outputs.
 
-# Appended to the executed notebook: the real-run config must fit the PaliGemma 2 3B parameter names (only the
-# LLM's attention trains) and use known data keys, so a typo in it fails here rather than on someone's GPU.
-CHECK_REAL_CONFIG = """
+CONFIGS = NOTEBOOK.parents[1] / "configs"
+LONGCAP_OVERRIDES = [  # What the notebook's longcap100 run changes in configs/longcap100.py, and nothing else.
+    "--config.data_dir=/data/longcap100",
+    "--config.tokenizer=paligemma_tokenizer.model",
+    "--config.total_steps=64",
+]
+
+# Appended to the executed notebook: the real-run config is configs/longcap100.py with the notebook's overrides
+# (no copy that can drift), fits the PaliGemma 2 3B parameter names (only the LLM's attention trains) and uses
+# known data keys, so a typo in it fails here rather than on someone's GPU.
+CHECK_REAL_CONFIG = f"""
+from paligemma_ft.config import load_config as _load
 from paligemma_ft.training import optim
 from paligemma_ft.data.sources import check_data_config
 from paligemma_ft.model import Model, get_preset
@@ -25,6 +34,8 @@ from paligemma_ft.predictor import init_shapes
 from paligemma_ft.utils import tree_flatten_with_names
 
 real = longcap100_config("/data/longcap100", "paligemma_tokenizer.model")
+assert real.to_dict() == _load({str(CONFIGS / "longcap100.py")!r}, {LONGCAP_OVERRIDES!r}).to_dict()
+assert real.input.lowercase is True  # The colab's lower-cased captions (a drifted copy once lacked them).
 cfg, res = get_preset(real.model_name_or_preset)
 shapes = init_shapes(Model(**cfg), res, real.input.text_len + 1)
 trainable = [n for n, t in tree_flatten_with_names(optim.trainable_mask(shapes, real.schedule)) if t]
@@ -34,6 +45,28 @@ for d in (real.input.data, real.evals.val.data):
     check_data_config(d.to_dict())
 print("REAL CONFIG OK", len(trainable))
 """
+
+
+def _config_cell(nb) -> str:
+    """The notebook's config cell (the one that defines `longcap100_config`)."""
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and "def longcap100_config" in c.source]
+    assert len(cells) == 1
+    return cells[0]
+
+
+def test_notebook_config_is_the_shipped_file(monkeypatch):
+    """The notebook loads configs/longcap100.py and configs/demo.py by name: no copy of either."""
+    from paligemma_ft.config import load_config
+
+    monkeypatch.delenv("PALIGEMMA_FT_NOTEBOOK_STEPS", raising=False)
+    source = _config_cell(nbformat.read(NOTEBOOK, as_version=4))
+    assert "ConfigDict(" not in source and "schedule" not in source  # No config written out in the notebook.
+    namespace = {"os": __import__("os")}
+    exec(compile(source, "<notebook config cell>", "exec"), namespace)  # Builds the demo config (RUN="demo").
+    assert namespace["config"].to_dict() == load_config(str(CONFIGS / "demo.py")).to_dict()
+    real = namespace["longcap100_config"]("/data/longcap100", "paligemma_tokenizer.model", 64)
+    assert real.to_dict() == load_config(str(CONFIGS / "longcap100.py"), LONGCAP_OVERRIDES).to_dict()
+    assert real.input.lowercase is True and real.input.data.path == "/data/longcap100/data_train90.jsonl"
 
 
 def outputs_text(nb) -> str:

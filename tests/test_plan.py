@@ -119,8 +119,8 @@ def test_3b_plan_uses_abstract_shapes_only():
             "--config.input.text_len=32",
         ],
     )
-    with pytest.warns(UserWarning, match="fewer than the 257152 embeddings"):
-        p = plan.make_plan(config, device="NVIDIA H100 80GB HBM3", arithmetic_only=True)
+    # No tokenizer is loaded (a plan needs shapes only), so the demo's tiny one raises no vocabulary warning.
+    p = plan.make_plan(config, device="NVIDIA H100 80GB HBM3", arithmetic_only=True)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 * 2**20  # < 2 GiB more.
     cfg, res = get_preset("pg2_3b_224")
     assert p.params == flops.param_counts(cfg, res)["total"] > 3e9

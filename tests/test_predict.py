@@ -5,9 +5,11 @@ import pytest
 from PIL import Image
 
 from paligemma_ft import predictor as predictor_lib
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.commands import cli, predict
 from paligemma_ft.data.shapes import encode_image, make_example
+from paligemma_ft.evaluate import draw
 from paligemma_ft.evaluate.detection import Box, parse_detections
 
 SIZE = (80, 64)  # (width, height): not square and not the model's 64 x 64, so drawings must keep the file's size.
@@ -95,7 +97,7 @@ def test_draw_puts_the_parsed_boxes_on_the_image(images, tmp_path, monkeypatch, 
     changed = np.abs(drawn - original).sum(-1) > 0
     for box in expected:  # Each box's left edge, halfway down, is painted in its label colour.
         y, x = int((box.y0 + box.y1) / 2 * SIZE[1]), int(round(box.x0 * SIZE[0]))
-        assert tuple(drawn[y, x]) == predict._COLOURS[0]
+        assert tuple(drawn[y, x]) == draw.PALETTE[0]
     inside = np.zeros_like(changed)
     for box in expected:
         y0, x0 = int(box.y0 * SIZE[1]) - 12, int(box.x0 * SIZE[0]) - 2  # Labels sit just above a box.
@@ -108,15 +110,15 @@ def test_draw_boxes_colours_labels_apart():
     boxes = [Box("cat", 0.2, 0.1, 0.8, 0.4), Box("dog", 0.2, 0.6, 0.8, 0.9), Box("cat", 0.5, 0.45, 0.6, 0.55)]
     im = np.asarray(predict.draw_boxes(image, boxes))
     assert im.shape == image.shape
-    assert tuple(im[35, 10]) == predict._COLOURS[0] and tuple(im[35, 60]) == predict._COLOURS[1]
-    assert tuple(im[27, 45]) == predict._COLOURS[0]  # Same label, same colour.
+    assert tuple(im[35, 10]) == draw.PALETTE[0] and tuple(im[35, 60]) == draw.PALETTE[1]
+    assert tuple(im[27, 45]) == draw.PALETTE[0]  # Same label, same colour.
     assert tuple(im[25, 25]) == (128, 128, 128)  # Inside a box: untouched.
 
 
 @pytest.fixture(scope="module")
 def small_vocab_npz(tmp_path_factory):
     """The demo model with its embedding table cut to 1000 rows: the 1664-piece tiny tokenizer does not fit."""
-    params = ckpt_lib.load_params(predictor_lib.resolve_checkpoint("builtin:demo"))
+    params = ckpt_lib.load_params(loading.checkpoint_path("builtin:demo"))
     params["llm"]["embedder"]["input_embedding"] = params["llm"]["embedder"]["input_embedding"][:1000]
     path = tmp_path_factory.mktemp("ckpt") / "small_vocab.npz"
     ckpt_lib.save_params(path, params)
@@ -155,3 +157,53 @@ def test_bad_inputs_give_one_error_line_and_exit_2(images, tmp_path, capsys, sma
         for word in words:
             assert word in err, (argv, word, err)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_draw_fills_segment_masks_through_the_codec(images, tmp_path, monkeypatch, capsys):
+    """`segment` outputs: the <seg> codes go through the codec (`--codec`) and each mask is filled in its box."""
+    from paligemma_ft.model import vqvae
+
+    codec_path = tmp_path / "codec.npz"
+    np.savez(codec_path, **vqvae.random_codec_arrays(0))
+    codec = vqvae.load_codec(str(codec_path))
+    paths, _ = images
+    box = "<loc0100><loc0100><loc0900><loc0900>"
+    text = box + "".join(f"<seg{c:03d}>" for c in range(16)) + " circle"
+    monkeypatch.setattr(predictor_lib.Predictor, "generate", lambda self, batch, **kw: [text] * len(batch["text"]))
+    out = tmp_path / "seg.png"
+    argv = [
+        "predict",
+        "--image",
+        paths[0],
+        "--prompt",
+        "segment circle",
+        "--draw",
+        str(out),
+        "--codec",
+        str(codec_path),
+    ]
+    assert cli.main(argv) == 0
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(paths[0]).convert("RGB")).astype(int)
+    (parsed,), _ = parse_detections(text)
+    from paligemma_ft.evaluate.segmentation import predicted_masks
+
+    (mask,) = predicted_masks([parsed], SIZE[1], SIZE[0], codec)
+    assert mask.any() and not mask.all()
+    tinted = np.abs(drawn - original).sum(-1) > 0
+    inner = np.zeros_like(mask)
+    inner[21:54, 10:69] = True  # Away from the outline and the label (inside the box top: no room above it).
+    np.testing.assert_array_equal(tinted[inner], mask[inner])  # Exactly the mask's pixels are filled.
+    # Without the codec file: one error line naming what to download, before the model loads.
+    monkeypatch.setenv("PALIGEMMA_FT_CODEC", str(tmp_path / "none" / "vae-oid.npz"))
+    assert cli.main(["predict", "--image", paths[0], "--prompt", "segment circle", "--draw", str(out)]) == 2
+    assert "vae-oid.npz" in capsys.readouterr().err
+
+
+def test_constrain_flag_gives_parsable_outputs(images, capsys):
+    paths, _ = images
+    argv = ["predict", "--image", paths[0], "--prompt", "detect circle", "--max-decode-len", "12"]
+    assert cli.main([*argv, "--constrain", "detect"]) == 0
+    prediction = capsys.readouterr().out.split("\t", 1)[1].strip()
+    boxes, ok = parse_detections(prediction)
+    assert ok  # The demo model was never taught <loc> tokens: only the grammar makes this parse.

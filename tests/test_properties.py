@@ -187,6 +187,8 @@ BAD_REASONS = {
     "missing_image",
     "path_escape",
     "unreadable_image",
+    "not_a_file",  # A folder (e.g. "image": "."), pipe or device: refused before it is read.
+    "image_too_large",
     "empty_image",
     "missing_suffix",
     "empty_suffix",

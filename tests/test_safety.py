@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import pathlib
+import re
 
 import jax
 import ml_collections
@@ -20,7 +21,8 @@ import pytest
 from PIL import Image
 
 from paligemma_ft import config as config_lib
-from paligemma_ft import sharding
+from paligemma_ft import safety, sharding
+from paligemma_ft.commands import cli
 from paligemma_ft.data import pipeline, sources
 from paligemma_ft.data.transforms import BadExample
 from paligemma_ft.tokenizer import Tokenizer
@@ -180,3 +182,134 @@ def test_saved_config_and_report_hold_no_credentials(tmp_path):
     saved = json.loads(written["config.json"])
     assert saved["kaggle"] == {"username": "someone"} and saved["wandb"] == {"project": "p"}  # Only the secrets go.
     assert saved["total_steps"] == base["total_steps"] and b'"username": "someone"' in written["report.md"]
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+
+
+def test_secrets_are_redacted_by_pattern():
+    tree = {
+        "auth_header": SECRET,
+        "passphrase": SECRET,
+        "db_password": SECRET,
+        "wandbApiKey": SECRET,
+        "credentials_file": SECRET,
+        "kaggle": {"username": "someone", "key": SECRET},
+        "hub": {"url": f"https://someone:{SECRET}@hub.example.com/x", "header": f"Authorization: Bearer {SECRET}"},
+        "tokenizer": "builtin:tiny",  # Names that only look like credential words stay, and non-strings stay.
+        "keypoints": "nose,eyes",
+        "author": "someone",
+        "text_len": 16,
+        "max_decode_len": 32,
+        "pad_token_id": 0,
+        "rng_key": 3,
+        "prefix": "caption en",
+    }
+    out = safety.redact(tree)
+    assert SECRET not in json.dumps(out)
+    assert set(out) == {
+        "kaggle",
+        "hub",
+        "tokenizer",
+        "keypoints",
+        "author",
+        "text_len",
+        "max_decode_len",
+        "pad_token_id",
+        "rng_key",
+        "prefix",
+    }
+    assert out["kaggle"] == {"username": "someone"} and out["hub"]["url"] == "https://***@hub.example.com/x"
+    assert out["hub"]["header"].startswith("Authorization: ***")
+    assert [out[k] for k in ("tokenizer", "keypoints", "text_len", "rng_key")] == ["builtin:tiny", "nose,eyes", 16, 3]
+
+
+RANDOM_LOOKING = "Zx81kQp2Lm4Tr7Vw9Yb3Nc6Hd0Jf5Gs1"
+
+
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        (f"override '--config.wandb.api_key={SECRET}': unknown key", SECRET),
+        (f"override '--config.hf_tokn=hf_{SECRET}': unknown key config.hf_tokn", SECRET),  # A typo in the name.
+        (f"override '--config.wandb.api_kye={RANDOM_LOOKING}': unknown key", RANDOM_LOOKING),
+        (f"cannot fetch https://user:{SECRET}@example.com/model.npz", SECRET),
+        (f"request refused with header Bearer {SECRET}", SECRET),
+        (f'{{"passphrase": "{SECRET}"}}', SECRET),
+        (f"bad value ghp_{SECRET}", SECRET),
+    ],
+)
+def test_messages_are_redacted_by_pattern(text, secret):
+    out = safety.redact_text(text)
+    assert secret not in out and "***" in out
+
+
+def test_ordinary_messages_are_not_redacted():
+    for text in (
+        "override '--config.tokenizer=builtin:tiny': unknown key",
+        "Checkpoint '/runs/x/params.npz' does not fit the model: key 'llm/embedder' expected shape (10,)",
+        "KeyError: 'img/embedding'",
+        "model_init kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224/1",
+        "input.max_image_bytes=67108864",
+        "image file /data/sk-learn-models/hf_cats/x.png does not exist",  # Token-like prefixes in plain names.
+    ):
+        assert safety.redact_text(text) == text
+
+
+def test_a_mistyped_override_is_not_echoed_with_its_secret(capsys):
+    token = "hf_" + SECRET.replace("-", "")
+    for item in (f"--config.hf_tokn={token}", f"--config.wandb_api_key={token}"):
+        assert cli.main(["inspect", "--config", DEMO, item]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "unknown key" in err and token not in err and "***" in err
+
+
+# ------------------------------------------------------------------------------------------ escaping data text
+
+HOSTILE = [
+    "<script>alert('x')</script>",
+    "![x](http://evil.example/pixel.png)",
+    "a | b ``` c",
+    "\x1b[2J\x1b[31mred\x1b[0m\u202egnp.exe",
+]
+
+
+def _hostile_workdir(tmp_path, config):
+    (tmp_path / "eval").mkdir()
+    rows = [
+        {"prompt": HOSTILE[i], "prediction": HOSTILE[(i + 1) % 4], "references": [HOSTILE[(i + 2) % 4]]}
+        for i in range(4)
+    ]
+    (tmp_path / "eval" / "predictions_val_step2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval" / "bad_rows_val.jsonl").write_text('{"file": "v.jsonl", "line": 3, "reason": "x"}\n')
+    metrics = run_report.MetricsLog(tmp_path / "metrics.jsonl")
+    metrics.write(0, {"val/cider": 0.1})
+    metrics.write(2, {"val/cider": 0.5, "train/loss": 1.0})
+    return run_report.write_report(tmp_path, config, sharding.make_mesh([("data", -1)]), "overview", {})
+
+
+def test_report_md_shows_data_text_and_never_renders_it(tmp_path):
+    from markdown_it import MarkdownIt
+
+    config = config_lib.load_config(DEMO, ["--config.input.prefix='```</code><script>x</script>'"])
+    text = _hostile_workdir(tmp_path, config).read_text()
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert "<script" not in html and "&lt;script&gt;" in html
+    assert [m for m in re.findall(r"<img[^>]*>", html)] == ['<img src="curves.png" alt="curves" />']
+    assert "![x](http://evil.example/pixel.png)" in html  # Shown as text.
+    assert "\x1b" not in text and "\u202e" not in text and "\\x1b[2J" in html and "\\u202e" in html
+    rows = re.findall(r"<tr>(.*?)</tr>", html, re.S)
+    predictions = [r for r in rows if "alert" in r or "evil" in r]
+    assert len(predictions) == 4 and all(r.count("<td>") == 3 for r in predictions)  # `|` split no cell.
+    assert html.count('<code class="language-json">') == 1 and "</code><script>" not in html  # One config block.
+    assert '<a href="eval/bad_rows_val.jsonl">bad_rows_val.jsonl</a>: 1 row(s)' in html
+
+
+def test_console_summary_makes_escape_codes_visible(tmp_path):
+    config = config_lib.load_config(DEMO, [])
+    _hostile_workdir(tmp_path, config)
+    rows = run_report.MetricsLog(tmp_path / "metrics.jsonl").rows()
+    summary = run_report.console_summary(rows, tmp_path / "eval")
+    assert "\x1b" not in summary and "\u202e" not in summary
+    assert "\\x1b[2J\\x1b[31mred\\x1b[0m\\u202egnp.exe" in summary and "<script>alert('x')</script>" in summary
+    assert safety.printable("caf\u00e9 \u4e2d\u6587\tok\n") == "caf\u00e9 \u4e2d\u6587\\tok\\n"  # Scripts stay.

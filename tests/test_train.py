@@ -5,43 +5,24 @@ from __future__ import annotations
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from paligemma_ft import predictor as predictor_lib
+from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
-from paligemma_ft.config import load_config
 from paligemma_ft.training import loop as train
+from paligemma_ft.training.workdir import ConfigChangeError
 from paligemma_ft.utils import tree_flatten_with_names
-
-_DATA = dict(source="shapes", n=64, seed=0, task="caption", image_size=32)
-
-
-def _tiny_config(**overrides):
-    """A tiny random-init run: tiny_pg1 at 32 px, text length 16, batch 8."""
-    c = load_config("configs/demo.py")
-    c.unlock()
-    c.model_name_or_preset, c.model_init = "tiny_pg1", ""
-    c.input.data = dict(_DATA)
-    c.input.res, c.input.text_len, c.input.batch_size = 32, 16, 8
-    c.input.prefix = "caption en"
-    c.total_steps, c.ckpt_steps, c.quiet = 4, 2, True
-    c.evals = dict(
-        val=dict(type="caption", batch_size=8, max_decode_len=6, bootstrap=0, data=dict(_DATA, n=10, offset=64))
-    )
-    plain = c.to_dict()
-    plain.update(overrides)  # As a dict: an override may change a field's type (a schedule list for a dict).
-    return ml_collections.ConfigDict(plain)
 
 
 def _rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_writes_everything_and_a_second_run_resumes(tmp_path, capsys):
+def test_run_writes_everything_and_a_second_run_resumes(tiny_config, tmp_path, capsys):
     workdir = tmp_path / "run"
-    config = _tiny_config()
+    config = tiny_config()
     last = train.run(config, workdir)
     rows = _rows(workdir)
     train_steps = [r["step"] for r in rows if "train/loss" in r]
@@ -65,13 +46,13 @@ def test_run_writes_everything_and_a_second_run_resumes(tmp_path, capsys):
     # params.npz is big_vision's layout: it loads into the model as it is, and a predictor runs on it.
     p = predictor_lib.load_predictor(str(workdir), "builtin:tiny")
     assert set(ckpt_lib.names_and_shapes(p.params)) == set(
-        ckpt_lib.names_and_shapes(predictor_lib.init_shapes(p.model, 32, 8))
+        ckpt_lib.names_and_shapes(loading.init_shapes(p.model, 32, 8))
     )
     capsys.readouterr()
 
     # Same command again: it resumes at step 4, trains nothing and keeps one row per training step.
     before = np.load(workdir / "params.npz")
-    train.run(_tiny_config(), workdir)
+    train.run(tiny_config(), workdir)
     out = capsys.readouterr().out
     assert "Resuming" in out and "from step 4" in out
     rows2 = _rows(workdir)
@@ -80,13 +61,22 @@ def test_run_writes_everything_and_a_second_run_resumes(tmp_path, capsys):
     after = np.load(workdir / "params.npz")
     assert all(np.array_equal(before[k], after[k]) for k in before.files)
 
-    # More steps on the same workdir continue from the checkpoint instead of restarting.
-    train.run(_tiny_config(total_steps=6, ckpt_steps=2), workdir)
+    # More steps on the same workdir: a changed config, refused (config.json untouched) unless allowed; then the
+    # run continues from the checkpoint instead of restarting, and the report records the change.
+    saved_config = (workdir / "config.json").read_bytes()
+    with pytest.raises(ConfigChangeError, match=r"total_steps: 4 -> 6\. Pass --allow-config-change"):
+        train.run(tiny_config(total_steps=6, ckpt_steps=2), workdir)
+    assert (workdir / "config.json").read_bytes() == saved_config
+    train.run(tiny_config(total_steps=6, ckpt_steps=2, allow_config_change=True), workdir)
     assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 6
+    report = (workdir / "report.md").read_text()
+    assert "Resumed at step 4 with a changed config" in report and "| `total_steps` | `4` | `6` |" in report
+    assert '"total_steps": 4' in report  # The config before the change, in full.
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
-    config = lambda: _tiny_config(total_steps=6, ckpt_steps=3, evals={})  # noqa: E731
+def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    config = lambda: tiny_config(total_steps=6, ckpt_steps=3, evals={})  # noqa: E731
     full = tmp_path / "full"
     train.run(config(), full)
 
@@ -112,7 +102,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert loss(full) == loss(part) and len(loss(part)) == 6
 
 
-def test_data_parallel_and_fsdp_meshes_give_single_device_losses(tmp_path):
+def test_data_parallel_and_fsdp_meshes_give_single_device_losses(tiny_config, tmp_path):
     assert jax.device_count() == 8
     common = dict(total_steps=5, ckpt_steps=0, evals={})
     runs = {
@@ -122,16 +112,16 @@ def test_data_parallel_and_fsdp_meshes_give_single_device_losses(tmp_path):
     }
     losses = {}
     for name, overrides in runs.items():
-        train.run(_tiny_config(**common, **overrides), tmp_path / name)
+        train.run(tiny_config(**common, **overrides), tmp_path / name)
         losses[name] = [r["train/loss"] for r in _rows(tmp_path / name) if "train/loss" in r]
     assert len(losses["one"]) == 5
     np.testing.assert_allclose(losses["data_parallel"], losses["one"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(losses["fsdp"], losses["one"], rtol=0, atol=1e-5)
 
 
-def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state(tmp_path):
+def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state(tiny_config, tmp_path):
     # The demo model with the image tower and embeddings frozen (stored float16); the LLM layers train.
-    config = _tiny_config(
+    config = tiny_config(
         model_init="builtin:demo",
         model_name_or_preset="",
         total_steps=3,
@@ -141,10 +131,10 @@ def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state
         schedule=[("img/.*", None), ("llm/embedder/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))],
     )
     config.input.res = 64
-    config.input.data = dict(_DATA, image_size=64)
+    config.input.data = dict(config.input.data, image_size=64)
     workdir = tmp_path / "frozen"
     train.run(config, workdir)
-    start = ckpt_lib.load_params(predictor_lib.resolve_checkpoint("builtin:demo"))
+    start = ckpt_lib.load_params(loading.checkpoint_path("builtin:demo"))
     end = ckpt_lib.load_params(workdir / "params.npz")
     start, end = dict(tree_flatten_with_names(start)), dict(tree_flatten_with_names(end))
     frozen = [n for n in end if n.startswith(("img/", "llm/embedder/"))]
@@ -164,6 +154,11 @@ def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state
     assert len([x for x in opt_leaves if x.shape]) == 2 * n_trainable
 
 
-def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"at step \d+ .*last good checkpoint"):
-        train.run(_tiny_config(lr=float("inf"), evals={}), tmp_path / "nan")
+def test_non_finite_loss_stops_naming_step_and_checkpoint(tiny_config, tmp_path):
+    """lr=inf: step 1 starts from finite parameters, step 2 does not. The loop reads metrics one step late, yet
+    the error names step 2, and step 2's checkpoint is never written (a checkpoint every step)."""
+    workdir = tmp_path / "nan"
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 2 .*last good checkpoint: step 1 in .*checkpoints"):
+        train.run(tiny_config(lr=float("inf"), evals={}, ckpt_steps=1), workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+    assert not (workdir / "run.lock").exists()  # The lock goes with the run, however it ends.

@@ -1,23 +1,21 @@
-"""Hugging Face transformers export: our (big_vision) parameter tree → `PaliGemmaForConditionalGeneration`.
+"""Hugging Face transformers PaliGemma: the config both ways, and our tree as a torch model in memory.
 
-Used two ways: as the HF export (`export_hf` writes a folder that `from_pretrained` loads), and in tests as a
-second, independent implementation whose logits must match ours. torch and transformers are imported inside the
-functions so `paligemma_ft` imports without the `hf` extra.
+`to_hf_config` / `from_hf_config` map our `dict(img=..., llm=...)` to transformers' `PaliGemmaConfig` and back;
+`to_hf_state_dict` / `to_hf_model` build an in-memory HF model from our parameters (the tests' second,
+independent implementation whose logits must match ours). Files are written and read tensor by tensor by
+`hf_export.py` and `hf_import.py` (`paligemma-ft convert`), with the names of `hf_names.py`. torch and
+transformers are imported inside the functions so `paligemma_ft` imports without the `hf` extra.
 
-Conventions bridged here (big_vision ↔ HF):
-  * Weights: flax kernels are [in, out], torch `Linear.weight` is [out, in]; the patchify conv is HWIO in flax,
-    OIHW in torch; per-head einsum weights ([N, D, H], [N, H, D]) flatten heads × head_dim into one axis.
-  * `kv_einsum[0]` is K and `[1]` is V; `gating_einsum[0]` is the GELU gate and `[1]` the linear "up" branch;
-    a fused `qkv_einsum` (kv heads == heads) splits into q, k, v. RMSNorm scales copy unchanged: HF's Gemma
-    RMSNorm also multiplies by (1 + weight).
+Conventions bridged here (big_vision ↔ HF; the weight layouts are in `hf_names.py`):
   * Vocabulary: big_vision feeds image embeddings as soft tokens in front of the text; HF marks their places
     with an `<image>` placeholder id that must be a row of the embedding. The placeholder is our vocab size V and
     the HF table is padded with zero rows to the next multiple of 64 above V (257 152 → 257 216, the released HF
-    PaliGemma layout). Those extra rows produce logit 0 and are never real tokens.
+    PaliGemma layout). Those extra rows produce logit 0 and are never real tokens; the import drops them again
+    when no token uses them.
   * Soft-caps: HF applies `final_logit_softcapping` on every forward pass, big_vision's teacher-forced pass and
     first decoded token never do (reference 2.6). The presets use 0.0, which maps to None (identical logits).
   * Gemma 2 in HF alternates sliding-window and global layers; big_vision has no sliding window, so every layer
-    is declared `full_attention`.
+    is declared `full_attention` on export, and an imported window is checked against the sequence length.
 
 Axes: D width, N heads, K kv heads, H head dim, F mlp dim, V vocab, p patch size, C channels.
 """
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from paligemma_ft.checkpoints.npz import CheckpointError
 from paligemma_ft.model.presets import resolve_img_config, resolve_llm_config
 
 if TYPE_CHECKING:  # Only for annotations; the real imports are lazy.
@@ -141,7 +140,100 @@ def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> transfo
     )
 
 
-# --- Parameters -----------------------------------------------------------------------------------------------
+# --- HF config -> ours -------------------------------------------------------------------------------------
+
+
+def _refuse(where: str, key: str, value: Any, why: str) -> CheckpointError:
+    return CheckpointError(f"{where}: {key}={value!r} {why}")
+
+
+def from_hf_config(config: Mapping[str, Any], *, vocab_size: int, where: str = "config.json") -> tuple[dict, int]:
+    """Our `(model config, image size)` from an HF PaliGemma `config.json` (a dict), the inverse of `to_hf_config`.
+
+    `vocab_size` is our vocabulary (the HF table without its `<image>` and padding rows, see `hf_import`).
+
+    Raises:
+      CheckpointError: not a PaliGemma config, or a setting big_vision's model cannot express; one line naming
+        the key and the file.
+    """
+    kind = config.get("model_type")
+    if kind != "paligemma":
+        raise CheckpointError(
+            f"{where} describes a {kind!r} model (architectures {config.get('architectures')}), not PaliGemma "
+            "(model_type 'paligemma'); only PaliGemma 1 and 2 folders convert."
+        )
+    v, t = dict(config.get("vision_config") or {}), dict(config.get("text_config") or {})
+    if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise _refuse(where, "vision_config.model_type", v.get("model_type"), "is not SigLIP.")
+    if v.get("vision_use_head", False):
+        raise _refuse(where, "vision_config.vision_use_head", True, "adds a MAP head PaliGemma does not have.")
+    if v.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_fast", "gelu_new"):
+        raise _refuse(where, "vision_config.hidden_act", v.get("hidden_act"), "is not the tanh GELU big_vision uses.")
+    text_kind = t.get("model_type", "gemma")
+    if text_kind not in ("gemma", "gemma2"):
+        raise _refuse(where, "text_config.model_type", text_kind, "is not Gemma 1 or 2 (PaliGemma 1 or 2).")
+    act = t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu"):  # HF's Gemma runs "gelu" as the tanh form too.
+        raise _refuse(where, "text_config.hidden_activation", act, "is not the tanh GELU big_vision uses.")
+    rope = (t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta")) or 10_000.0
+    if float(rope) != 10_000.0:
+        raise _refuse(where, "text_config.rope_theta", rope, "differs from big_vision's fixed 10 000.")
+    patch = int(v.get("patch_size", 14))
+    width, heads = int(t.get("hidden_size", 2048)), int(t.get("num_attention_heads", 8))
+    head_dim = int(t.get("head_dim") or width // heads)
+    img = dict(
+        width=int(v.get("hidden_size", 1152)),
+        depth=int(v.get("num_hidden_layers", 27)),
+        mlp_dim=int(v.get("intermediate_size", 4304)),
+        num_heads=int(v.get("num_attention_heads", 16)),
+        patch_size=(patch, patch),
+        pool_type="none",
+        scan=True,
+    )
+    if int(config.get("projection_dim") or width) != width:
+        raise _refuse(where, "projection_dim", config.get("projection_dim"), f"differs from the text width {width}.")
+    llm: dict[str, Any] = dict(
+        variant=None,
+        width=width,
+        depth=int(t.get("num_hidden_layers", 18)),
+        mlp_dim=int(t.get("intermediate_size", 16384)),
+        num_heads=heads,
+        num_kv_heads=int(t.get("num_key_value_heads", heads)),
+        head_dim=head_dim,
+        vocab_size=int(vocab_size),
+        post_norms=text_kind == "gemma2",
+        attn_logits_softcap=float(t.get("attn_logit_softcapping") or 0.0),
+        # HF applies this cap on every forward pass, our model (as big_vision) only when decoding (reference 2.6).
+        final_logits_softcap=float(t.get("final_logit_softcapping") or 0.0),
+        query_pre_attn_norm="rsqrt_head_dim",
+    )
+    if text_kind == "gemma2":
+        scalar = int(t.get("query_pre_attn_scalar", head_dim))
+        if scalar == width // heads and scalar != head_dim:
+            llm["query_pre_attn_norm"] = "rsqrt_emb_per_head"  # Gemma 2 27B.
+        elif scalar != head_dim:
+            raise _refuse(
+                where, "text_config.query_pre_attn_scalar", scalar, f"is neither head_dim ({head_dim}) nor width/heads."
+            )
+    return {"img": img, "llm": llm}, int(v.get("image_size", 224))
+
+
+def sliding_window(config: Mapping[str, Any]) -> int | None:
+    """The window of a Gemma 2 config's sliding-window layers, or None when every layer attends to all tokens.
+
+    transformers 5 lists `layer_types`; 4.x configs alternate sliding and global layers whenever `sliding_window`
+    is set. big_vision has no sliding window (see `hf_import.check_sliding_window`).
+    """
+    t = config.get("text_config") or {}
+    if t.get("model_type") != "gemma2" or not t.get("sliding_window"):
+        return None
+    types = t.get("layer_types")
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(t["sliding_window"])
+
+
+# --- Parameters (in memory, for torch) ---------------------------------------------------------------------
 
 
 def _to_torch(x: Any) -> torch.Tensor:
@@ -156,146 +248,24 @@ def _to_torch(x: Any) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def _unstack(stacked: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
-    """Splits a scanned block (every leaf has a leading depth axis) into one subtree per layer."""
-    leaves = {k: np.asarray(v) for k, v in _flatten(stacked).items()}
-    depth = {np.shape(v)[0] for v in leaves.values()}
-    if len(depth) != 1:
-        raise ValueError(f"Scanned parameters under {where!r} disagree on the depth axis: {sorted(depth)}.")
-    return [_unflatten({k: v[i] for k, v in leaves.items()}) for i in range(depth.pop())]
+def pad_vocab(table: np.ndarray) -> np.ndarray:
+    """Our table [V, D] with HF's rows appended as zeros: `<image>` (id V) and the padding to a multiple of 64.
 
-
-def _numbered(tree: Mapping[str, Any], prefix: str, where: str) -> list[Mapping[str, Any]]:
-    """Unscanned layers `{prefix}0`, `{prefix}1`, ... of `tree`, in order."""
-    out = []
-    while f"{prefix}{len(out)}" in tree:
-        out.append(tree[f"{prefix}{len(out)}"])
-    if not out:
-        raise ValueError(
-            f"No layers under {where!r}: expected a scanned block or {prefix}0, {prefix}1, ...; "
-            f"found keys {sorted(tree)}."
-        )
-    return out
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, v in flat.items():
-        *parents, leaf = name.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def _linear(kernel: Any) -> np.ndarray:
-    """flax Dense kernel [in, out] → torch Linear weight [out, in]."""
-    return np.asarray(kernel).T
-
-
-def _vision_state(img: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    pre = "model.vision_tower."  # HF 5.x in-memory names (save_pretrained writes its own layout).
-    # Conv kernel HWIO [p, p, C, D] → OIHW [D, C, p, p]; patches stay row-major (y then x) on both sides.
-    sd = {
-        pre + "embeddings.patch_embedding.weight": np.asarray(img["embedding"]["kernel"]).transpose(3, 2, 0, 1),
-        pre + "embeddings.patch_embedding.bias": np.asarray(img["embedding"]["bias"]),
-        pre + "embeddings.position_embedding.weight": np.asarray(img["pos_embedding"])[0],
-    }  # [1, P, D] → [P, D]
-    enc = img["Transformer"]
-    # scan=True: one stacked `encoderblock`; scan=False: `encoderblock_{i}`.
-    blocks = (
-        _unstack(enc["encoderblock"], "img/Transformer/encoderblock")
-        if "encoderblock" in enc
-        else _numbered(enc, "encoderblock_", "img/Transformer")
-    )
-    for i, blk in enumerate(blocks):
-        lp = f"{pre}encoder.layers.{i}."
-        for hf, ours in (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1")):
-            sd[lp + hf + ".weight"] = np.asarray(blk[ours]["scale"])
-            sd[lp + hf + ".bias"] = np.asarray(blk[ours]["bias"])
-        mha = blk["MultiHeadDotProductAttention_0"]
-        for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-            k = np.asarray(mha[ours]["kernel"])  # [D, N, H] → [N·H, D]
-            sd[f"{lp}self_attn.{hf}.weight"] = k.reshape(k.shape[0], -1).T
-            sd[f"{lp}self_attn.{hf}.bias"] = np.asarray(mha[ours]["bias"]).reshape(-1)
-        k = np.asarray(mha["out"]["kernel"])  # [N, H, D] → [D, N·H]
-        sd[lp + "self_attn.out_proj.weight"] = k.reshape(-1, k.shape[-1]).T
-        sd[lp + "self_attn.out_proj.bias"] = np.asarray(mha["out"]["bias"])
-        for hf, ours in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
-            sd[f"{lp}mlp.{hf}.weight"] = _linear(blk["MlpBlock_0"][ours]["kernel"])
-            sd[f"{lp}mlp.{hf}.bias"] = np.asarray(blk["MlpBlock_0"][ours]["bias"])
-    sd[pre + "post_layernorm.weight"] = np.asarray(enc["encoder_norm"]["scale"])
-    sd[pre + "post_layernorm.bias"] = np.asarray(enc["encoder_norm"]["bias"])
-    # The ViT head is PaliGemma's linear projection into the LLM width.
-    sd["model.multi_modal_projector.linear.weight"] = _linear(img["head"]["kernel"])
-    sd["model.multi_modal_projector.linear.bias"] = np.asarray(img["head"]["bias"])
-    return sd
-
-
-def _heads_in(w: np.ndarray) -> np.ndarray:
-    """Per-head input projection [N, D, H] → torch Linear weight [N·H, D] (head-major, as HF's `.view(N, H)`)."""
-    return w.transpose(0, 2, 1).reshape(-1, w.shape[1])
-
-
-def _text_state(llm: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    pre = "model.language_model."
-    table = np.asarray(llm["embedder"]["input_embedding"])  # [V, D]
+    The placeholder's row is never read (image features replace it) and the padding ids are never real tokens,
+    so zeros keep the export's meaning and make the rows recognisable as unused on the way back.
+    """
     vocab, width = table.shape
-    # Zero rows for <image> (id V) and HF's padding to a multiple of 64; the placeholder's row is never read
-    # (image features replace it) and the padding ids are never real tokens.
     padded = np.zeros((hf_vocab_size(vocab), width), table.dtype)
     padded[:vocab] = table
-    sd = {
-        pre + "embed_tokens.weight": padded,
-        "lm_head.weight": padded,  # Tied output layer.
-        pre + "norm.weight": np.asarray(llm["final_norm"]["scale"]),
-    }
-    # scan=True: `llm/layers/...` stacked on a leading depth axis; scan=False: `llm/layers/{i}/...`.
-    layers = llm["layers"]
-    blocks = _numbered(layers, "", "llm/layers") if "0" in layers else _unstack(layers, "llm/layers")
-    for i, blk in enumerate(blocks):
-        lp = f"{pre}layers.{i}."
-        attn = blk["attn"]
-        if "qkv_einsum" in attn:  # kv heads == heads: one fused [3, N, D, H] weight.
-            q, k, v = np.asarray(attn["qkv_einsum"]["w"])
-        else:
-            q = np.asarray(attn["q_einsum"]["w"])  # [N, D, H]
-            k, v = np.asarray(attn["kv_einsum"]["w"])  # [2, K, D, H]: index 0 is K, 1 is V.
-        sd[lp + "self_attn.q_proj.weight"] = _heads_in(q)
-        sd[lp + "self_attn.k_proj.weight"] = _heads_in(k)
-        sd[lp + "self_attn.v_proj.weight"] = _heads_in(v)
-        o = np.asarray(attn["attn_vec_einsum"]["w"])  # [N, H, D] → [D, N·H]
-        sd[lp + "self_attn.o_proj.weight"] = o.reshape(-1, o.shape[-1]).T
-        gating = np.asarray(blk["mlp"]["gating_einsum"])  # [2, D, F]: index 0 goes through GELU, 1 is linear.
-        sd[lp + "mlp.gate_proj.weight"] = gating[0].T
-        sd[lp + "mlp.up_proj.weight"] = gating[1].T
-        sd[lp + "mlp.down_proj.weight"] = _linear(blk["mlp"]["linear"])
-        sd[lp + "input_layernorm.weight"] = np.asarray(blk["pre_attention_norm"]["scale"])
-        if "post_attention_norm" in blk:  # Gemma 2: four norms per block.
-            sd[lp + "post_attention_layernorm.weight"] = np.asarray(blk["post_attention_norm"]["scale"])
-            sd[lp + "pre_feedforward_layernorm.weight"] = np.asarray(blk["pre_ffw_norm"]["scale"])
-            sd[lp + "post_feedforward_layernorm.weight"] = np.asarray(blk["post_ffw_norm"]["scale"])
-        else:  # Gemma 1 calls its pre-MLP norm `post_attention_layernorm`.
-            sd[lp + "post_attention_layernorm.weight"] = np.asarray(blk["pre_ffw_norm"]["scale"])
-    return sd
+    return padded
 
 
 def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Converts our parameter tree (`{"img": ..., "llm": ...}`, scanned or not) to HF's state dict.
+    """Converts our parameter tree (`{"img": ..., "llm": ...}`, scanned or not) to HF's in-memory state dict.
 
     The result loads with `PaliGemmaForConditionalGeneration(to_hf_config(...)).load_state_dict(sd, strict=True)`.
     Each tensor keeps its leaf's dtype (float32, float16 or bfloat16); `lm_head.weight` is the embedding table.
+    The names and transforms are `hf_names`' rules, the ones the streaming export writes to files.
 
     Args:
       params: the nested parameter dict, optionally wrapped as `{"params": {...}}`.
@@ -303,6 +273,8 @@ def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     Returns:
       `{hf_name: torch.Tensor}` with torch layouts (Linear [out, in], conv OIHW).
     """
+    from paligemma_ft.checkpoints import fit, hf_names  # noqa: PLC0415 - fit imports the model.
+
     if set(params) == {"params"}:
         params = params["params"]
     missing = [k for k in ("img", "llm") if k not in params]
@@ -311,10 +283,23 @@ def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             f"to_hf_state_dict needs the full PaliGemma tree; top-level key(s) {missing} missing "
             f"(found {sorted(params)})."
         )
-    sd = {**_vision_state(params["img"]), **_text_state(params["llm"])}
-    tensors = {name: _to_torch(v) for name, v in sd.items()}
-    tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"]  # Same tensor: tied.
+    source = fit.DictSource(jax_free(params))
+    view = fit.relayout(source, fit.per_layer(source.specs()))
+    tensors = {}
+    for rule in hf_names.rules_from_names(list(view.specs())):
+        for name, array in zip(rule.hf, rule.to_hf(view.read(rule.ours))):
+            tensors[hf_names.in_layout(name, hf_names.MEMORY)] = _to_torch(array)
+    table = _to_torch(pad_vocab(np.asarray(view.read("llm/embedder/input_embedding"))))
+    tensors[hf_names.in_layout(hf_names.EMBEDDING, hf_names.MEMORY)] = table
+    tensors["lm_head.weight"] = table  # Same tensor: tied.
     return tensors
+
+
+def jax_free(tree: Any) -> Any:
+    """The tree with its leaves as numpy arrays (jax arrays are fetched to the host)."""
+    if isinstance(tree, Mapping):
+        return {k: jax_free(v) for k, v in tree.items()}
+    return np.asarray(tree)
 
 
 def to_hf_model(
@@ -358,11 +343,11 @@ def export_hf(
 ) -> str:
     """Writes an HF `PaliGemmaForConditionalGeneration` folder (config + safetensors) to `outdir`.
 
-    `PaliGemmaForConditionalGeneration.from_pretrained(outdir)` reloads it. The tokenizer/processor files are not
-    written (ours is a SentencePiece model: copy it alongside if needed). Returns `outdir` as a string.
+    The streaming exporter of `paligemma-ft convert` on an in-memory tree (`hf_export.export`); no tokenizer or
+    processor files are written (pass a tokenizer to `hf_export.export` for those). Returns `outdir`.
     """
-    model = to_hf_model(params, model_config, image_size=image_size)
-    outdir = os.fspath(outdir)
-    os.makedirs(outdir, exist_ok=True)
-    model.save_pretrained(outdir)
-    return outdir
+    from paligemma_ft.checkpoints import fit, hf_export  # noqa: PLC0415
+
+    source = fit.DictSource(jax_free(params["params"] if set(params) == {"params"} else params))
+    hf_export.export(source, model_config, image_size, outdir)
+    return os.fspath(outdir)

@@ -31,6 +31,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from paligemma_ft.errors import UserError
+
 _LOG = logging.getLogger(__name__)
 
 KAGGLE_WEB = "https://www.kaggle.com"
@@ -43,7 +45,7 @@ SPEC_PREFIX = "kaggle:"
 # ------------------------------------------------------------------------------------------------- errors
 
 
-class KaggleError(Exception):
+class KaggleError(UserError):
     """A Kaggle checkpoint cannot be had; the message says why and what to do."""
 
 
@@ -652,29 +654,6 @@ def find_tokenizer(bundle_dir: str | os.PathLike) -> Path | None:
         if found:
             return found[0]
     return None
-
-
-def resolve_tokenizer(configured: str | None, bundle: str | os.PathLike | None) -> str:
-    """The tokenizer to use: the configured path, else one inside the checkpoint's bundle.
-
-    Raises:
-      KaggleError: neither is there; the message names both options.
-    """
-    if configured:
-        return configured
-    found = find_tokenizer(bundle) if bundle is not None else None
-    if found is not None:
-        return str(found)
-    where = (
-        f"inside the downloaded bundle {Path(bundle).parent if Path(bundle).is_file() else bundle}"
-        if bundle is not None
-        else "inside a downloaded bundle (no Kaggle checkpoint is used)"
-    )
-    raise KaggleError(
-        f"No tokenizer: none is configured, and none of {', '.join(TOKENIZER_NAMES)} is {where}. "
-        "Either set the tokenizer path in the config to PaliGemma's paligemma_tokenizer.model "
-        f"(download it from {TOKENIZER_URL}), or put that file into the bundle folder."
-    )
 
 
 def download_command(handle: str, file: str | None) -> int:

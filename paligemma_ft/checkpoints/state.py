@@ -1,18 +1,22 @@
 """Orbax checkpoints of the training state: params, optimizer state, step, RNG, and the data iterator (JSON).
 
 Each checkpoint is one orbax step folder with two items: `state` (a pytree of sharded arrays, restored directly
-onto its shardings) and `data` (the data iterator's `get_state()`, as JSON). Orbax writes to a temporary folder
-and renames it when complete, so a crash during a save leaves the previous checkpoint usable; temporary folders
-left by a crash are removed when the next run opens the folder.
+onto its shardings) and `data` (JSON: `{"processes": [every process's data-iterator `get_state()`, in process
+order], "_state_checksums": ...}`; each process gets its own entry back). Orbax writes to a temporary folder and
+renames it when complete, so a crash during a save leaves the previous checkpoint usable; temporary folders left by
+a crash are removed when the next run opens the folder.
 
 Damage that orbax cannot see is caught here:
 * Integrity: `save` records a checksum of every array (two uint32 per leaf, computed on the devices: the wrapping
   sum of the array's bits and of the bits weighted by odd position factors) in the `data` item, and
   `restore_latest` recomputes it. A flipped byte in a stored array otherwise restores silently with wrong values
   (orbax's files carry no checksum of the array data).
-* Fallback: a newest checkpoint that cannot be read (truncated, corrupted, half deleted) is moved aside as
-  `<step>.damaged` with a logged warning, and the previous one is used. Only when none is readable does
-  `restore_latest` raise.
+  A checkpoint without checksums (written before they existed) is restored with a logged warning.
+* Data states: all processes' entries are checked together (`check_data`, e.g. the iterator's `check_states`)
+  on every process, so all processes take the same decision; a malformed one is damage like any other.
+* Fallback: a newest checkpoint that cannot be read (truncated, corrupted, half deleted, a bad data state) is
+  moved aside as `<step>.damaged` with a logged warning, and the previous one is used. Only when none is
+  readable does `restore_latest` raise.
 * Write errors: a failed save (disk full, permissions) raises `CheckpointSaveError`, which names the step, the
   folder, the cause and the last complete checkpoint, wherever orbax reports it (the save call itself, the next
   save, or `wait_until_finished` / `close`); the previous checkpoints are never touched by a failed save.
@@ -25,16 +29,19 @@ import logging
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from paligemma_ft import multihost
+
 PyTree = Any
 log = logging.getLogger(__name__)
 CHECKSUM_KEY = "_state_checksums"  # Reserved key of the `data` item; removed before the data state is returned.
+PROCESSES_KEY = "processes"  # Key of the `data` item holding every process's data state.
 
 
 class CheckpointSaveError(RuntimeError):
@@ -162,16 +169,16 @@ def state_checksums(state: PyTree) -> dict[str, list[int]]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, data_state: Mapping[str, Any]) -> None:
-    """Starts saving `state` (arrays) and `data_state` (JSON-able) as checkpoint `step` (asynchronous).
+    """Starts saving `state` (arrays) and this process's `data_state` (JSON-able) as checkpoint `step`.
 
-    The arrays' checksums are computed (on the devices) before this returns, so `state` may be donated next.
+    Every process calls it (a collective): the data states of all processes are gathered into the checkpoint. The
+    arrays' checksums are computed (on the devices) before this returns, so `state` may be donated next; the
+    writing itself is asynchronous.
 
     Raises:
       CheckpointSaveError: this save, or the previous asynchronous one, failed (e.g. disk full).
     """
-    if CHECKSUM_KEY in data_state:
-        raise ValueError(f"data_state must not use the reserved key {CHECKSUM_KEY!r}.")
-    data = {**dict(data_state), CHECKSUM_KEY: state_checksums(state)}
+    data = {PROCESSES_KEY: multihost.allgather_json(dict(data_state)), CHECKSUM_KEY: state_checksums(state)}
     manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)))
 
 
@@ -208,13 +215,71 @@ def _few(items: list) -> str:
     return (shown + (f" and {len(items) - 4} more" if len(items) > 4 else "")) or "none"
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> tuple[PyTree, dict]:
+def _is_config_change(error: Exception) -> bool:
+    """Errors that say "another config wrote this", not "this is damaged" (`config_change = True` on the class)."""
+    return isinstance(error, CheckpointMismatchError) or bool(getattr(error, "config_change", False))
+
+
+def _own_data_state(data: Any, check_data: Callable[[Any], Any] | None, where: str) -> Any:
+    """This process's entry of a checkpoint's `data` item (without checksums), after checking every entry.
+
+    Checkpoints written before every process's state was kept hold one state at the top level; it is checked
+    and returned as it is.
+
+    Raises:
+      CheckpointMismatchError: a data state of another config, or of another process count whose states differ.
+      ValueError: a malformed `data` item or entry (damage).
+    """
+    if PROCESSES_KEY not in data:
+        entries, legacy = [data], True
+    else:
+        entries, legacy = data[PROCESSES_KEY], False
+        if not isinstance(entries, list) or not entries or set(data) != {PROCESSES_KEY}:
+            raise ValueError(f"the data item is not {{{PROCESSES_KEY!r}: [one state per process]}}: {data!r}"[:300])
+    if check_data is not None:
+        try:
+            check_data(entries)
+        except Exception as e:
+            if _is_config_change(e):
+                raise CheckpointMismatchError(
+                    f"{where}: its data state does not fit this config: {e} Use a new --workdir for this config, or "
+                    "run with the config the checkpoint was written with (see config.json next to it)."
+                ) from e
+            raise ValueError(f"bad data state: {e}") from e
+    if legacy:
+        return data
+    count, index = jax.process_count(), jax.process_index()
+    if len(entries) == count:
+        return entries[index]
+    if any(entry != entries[0] for entry in entries):
+        raise CheckpointMismatchError(
+            f"{where} holds the data states of {len(entries)} processes, which differ, and this run has {count} "
+            f"processes; resume it with {len(entries)}."
+        )
+    return entries[0]  # The same state on every process (the pipeline's is): any process count can go on.
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, target: PyTree, check_data: Callable[[Any], Any] | None
+) -> tuple[PyTree, Any]:
     out = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     )
+    if not isinstance(out["data"], Mapping):
+        raise ValueError(f"the data item is a {type(out['data']).__name__}, not a JSON object")
     data = dict(out["data"])
     expected = data.pop(CHECKSUM_KEY, None)
-    if expected is not None:  # Checkpoints written before checksums existed are taken as they are.
+    data_state = _own_data_state(data, check_data, f"Checkpoint step {step} in {manager.directory}")
+    if expected is None:
+        log.warning(
+            "Checkpoint step %d in %s has no checksums (written before they were recorded): its arrays are "
+            "restored without an integrity check.",
+            step,
+            manager.directory,
+        )
+    else:
+        if not isinstance(expected, Mapping):
+            raise ValueError(f"the recorded checksums are a {type(expected).__name__}, not a JSON object")
         got = state_checksums(out["state"])
         bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
         if bad:
@@ -222,7 +287,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: PyTree) -> 
                 f"{len(bad)} of {len(expected)} arrays differ from the checksums recorded "
                 f"when the checkpoint was saved: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
             )
-    return out["state"], data
+    return out["state"], data_state
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path | None:
@@ -243,20 +308,29 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path | Non
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: PyTree, shardings: PyTree
-) -> tuple[PyTree, dict] | None:
+    manager: ocp.CheckpointManager,
+    abstract_state: PyTree,
+    shardings: PyTree,
+    *,
+    check_data: Callable[[Any], Any] | None = None,
+) -> tuple[PyTree, Any] | None:
     """`(state, data_state)` of the latest readable checkpoint, placed on `shardings`; None when there is none.
 
-    A checkpoint that fails to restore or to match its checksums is moved aside (`<step>.damaged`) with a
-    `logging.warning` naming the step and the error, and the next older one is tried.
+    `data_state` is this process's entry. A checkpoint that fails to restore, to match its checksums or to pass
+    `check_data` is moved aside (`<step>.damaged`) with a `logging.warning` naming the step and the error, and
+    the next older one is tried. Every process calls it and reaches the same decision.
 
     Args:
       abstract_state: `jax.ShapeDtypeStruct`s with the state's structure, shapes and dtypes.
       shardings: a matching tree of `jax.sharding.Sharding`.
+      check_data: called with the list of every process's saved data state; raises if one is bad (or they do not
+        fit together, e.g. processes out of step). An error whose class has
+        `config_change = True` (or a `CheckpointMismatchError`) means another config wrote it: raised, nothing
+        moved; any other error marks the checkpoint damaged.
 
     Raises:
-      CheckpointMismatchError: the newest checkpoint's arrays have other shapes or dtypes than `abstract_state`
-        (a changed config); nothing is moved.
+      CheckpointMismatchError: the newest checkpoint's arrays have other shapes or dtypes than `abstract_state`,
+        or its data state is another config's (a changed config); nothing is moved.
       CheckpointRestoreError: checkpoints exist but none can be restored (the message lists each failure).
     """
     steps = sorted(manager.all_steps(), reverse=True)
@@ -267,7 +341,7 @@ def restore_latest(
     for step in steps:
         try:
             _check_layout(manager, step, abstract_state)
-            restored = _restore_step(manager, step, target)
+            restored = _restore_step(manager, step, target, check_data)
         except CheckpointMismatchError:
             raise  # A config problem, not damage: every checkpoint in the folder would fail the same way.
         except Exception as e:  # noqa: BLE001 - tensorstore, orbax and JSON raise many types for damaged files.

@@ -5,9 +5,12 @@
     paligemma-ft app --checkpoint ft.npz --tokenizer paligemma_tokenizer.model --port 8502
 
 Pick a generated sample or upload an image, choose a task (caption, question, detect: boxes drawn on the image,
-or a free prompt) and the decoding options, and see the answer with its latency. Bad uploads (not an image, too
-large, too many pixels) and a checkpoint that cannot be loaded (missing, or a tokenizer that does not fit it) are
-shown as messages in the page. The logic lives in `paligemma_ft.commands.app_logic`; this file only lays out the page.
+segment: boxes and their masks filled, decoded by the VQ-VAE codec vae-oid.npz when it is present, or a free
+prompt) and the decoding options, and see the answer with its latency. Bad uploads (not an image, too
+large, too many pixels, a format outside the allow-list) and a checkpoint that cannot be loaded (missing, corrupt,
+truncated, pickled, or a tokenizer that does not fit it) are shown as messages in the page, with secrets masked;
+`PALIGEMMA_FT_DEBUG=1` shows the traceback of a failed answer instead. The logic lives in
+`paligemma_ft.commands.app_logic`; this file only lays out the page.
 
 `streamlit run paligemma_ft/commands/app.py` works too: the model then comes from the environment variables
 `PALIGEMMA_FT_APP_CHECKPOINT` and `PALIGEMMA_FT_APP_TOKENIZER` (what `paligemma-ft app` sets), default the
@@ -22,18 +25,25 @@ import sys
 from typing import Any
 
 from paligemma_ft.commands import app_logic as logic
+from paligemma_ft.errors import DEBUG_ENV
+from paligemma_ft.safety import redact_text
 
-_DEFAULT_TEXT = {"question": "how many circles are there?", "detect": "circle", "free prompt": "caption en"}
+_DEFAULT_TEXT = {
+    "question": "how many circles are there?",
+    "detect": "circle",
+    "segment": "circle",
+    "free prompt": "caption en",
+}
 
 
-def _cached_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
+def _cached_model(checkpoint: str, tokenizer: str | None, adapters: str | None) -> tuple[Any, list[str]]:
     import streamlit as st  # noqa: PLC0415
 
     @st.cache_resource(show_spinner="Loading the model (the first answer also compiles it)...")
-    def load(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
-        return logic.load_model(checkpoint, tokenizer)  # A ModelLoadError is raised, not cached.
+    def load(checkpoint: str, tokenizer: str | None, adapters: str | None) -> tuple[Any, list[str]]:
+        return logic.load_model(checkpoint, tokenizer, adapters)  # A ModelLoadError is raised, not cached.
 
-    return load(checkpoint, tokenizer)
+    return load(checkpoint, tokenizer, adapters)
 
 
 def _choose_image(st: Any) -> tuple[Any, str | None] | None:
@@ -63,7 +73,9 @@ def render_page() -> None:
     st.set_page_config(page_title="PaliGemma demo", layout="wide")
     st.title("PaliGemma fine-tune demo")
     checkpoint, tokenizer = logic.model_specs(os.environ)
-    st.caption(f"checkpoint `{checkpoint}` · tokenizer `{tokenizer or 'builtin:tiny (default)'}`")
+    adapters = logic.adapters_spec(os.environ)
+    with_adapters = f" · adapters `{adapters}`" if adapters else ""
+    st.caption(f"checkpoint `{checkpoint}` · tokenizer `{tokenizer or '(found with the checkpoint)'}`{with_adapters}")
 
     with st.sidebar:
         st.header("Decoding")
@@ -73,7 +85,7 @@ def render_page() -> None:
         max_len = st.slider("Max output tokens", 1, 128, 32)
 
     try:
-        predictor, load_warnings = _cached_model(checkpoint, tokenizer)
+        predictor, load_warnings = _cached_model(checkpoint, tokenizer, adapters)
     except logic.ModelLoadError as e:
         st.error(str(e))
         st.stop()
@@ -101,11 +113,14 @@ def render_page() -> None:
         st.warning(str(e))
         return
     except Exception as e:  # noqa: BLE001 - the page shows every failure as a message, never a traceback.
-        st.error(f"The model failed on this input: {type(e).__name__}: {e}")
+        if os.environ.get(DEBUG_ENV):
+            raise
+        st.error(f"The model failed on this input: {type(e).__name__}: {redact_text(str(e))}")
         return
 
+    codec, codec_note = logic.mask_codec() if any(b.seg for b in result.boxes) else (None, None)
     with left:
-        shown = logic.draw_prediction(image, result) if result.boxes else image
+        shown = logic.draw_prediction(image, result, codec) if result.boxes else image
         st.image(shown, caption="input" if not result.boxes else "input with the detected boxes", width=384)
     with right:
         st.markdown(f"**Prompt:** `{prompt}`")
@@ -126,15 +141,24 @@ def render_page() -> None:
                 st.info("No boxes in the output.")
             if result.malformed:
                 st.warning("Part of the output is not in PaliGemma's `<loc>` box format and was skipped.")
+            if codec_note:
+                st.info(codec_note)
 
 
-def launch(checkpoint: str = logic.DEFAULT_CHECKPOINT, tokenizer: str | None = None, *, port: int | None = None) -> int:
+def launch(
+    checkpoint: str = logic.DEFAULT_CHECKPOINT,
+    tokenizer: str | None = None,
+    *,
+    port: int | None = None,
+    adapters: str | None = None,
+) -> int:
     """`paligemma-ft app`: runs `streamlit run` on this page with the model given; returns its exit code.
 
     Args:
       checkpoint: a checkpoint spec (`builtin:demo`, a `.npz`, a run's workdir, `kaggle:<handle>`).
       tokenizer: a tokenizer spec; None for the builtin model's own.
       port: the local port (default: Streamlit's, 8501).
+      adapters: a LoRA run's `adapters.npz`, merged into `checkpoint` (its base).
     """
     try:
         import streamlit  # noqa: F401, PLC0415
@@ -146,6 +170,10 @@ def launch(checkpoint: str = logic.DEFAULT_CHECKPOINT, tokenizer: str | None = N
         env[logic.ENV_TOKENIZER] = tokenizer
     else:
         env.pop(logic.ENV_TOKENIZER, None)
+    if adapters:
+        env[logic.ENV_ADAPTERS] = adapters
+    else:
+        env.pop(logic.ENV_ADAPTERS, None)
     cmd = logic.streamlit_command(os.path.abspath(__file__), port)
     print(f"Starting the app on {checkpoint} (Ctrl+C stops it): {' '.join(cmd[1:])}", file=sys.stderr)
     try:

@@ -11,6 +11,7 @@ every refusal the page shows as a message, is testable as a plain function:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,16 +20,19 @@ from typing import Any
 import numpy as np
 
 from paligemma_ft.data import shapes
-from paligemma_ft.data.transforms import BadExample, decode_image
+from paligemma_ft.data.errors import BadExample
+from paligemma_ft.data.images import decode_image
+from paligemma_ft.errors import DEBUG_ENV, is_user_error
+from paligemma_ft.safety import redact_text
 
 # Limits for uploads. Streamlit refuses files above `server.maxUploadSize` (MB) before they reach the page (the
 # launcher sets it to MAX_UPLOAD_MB); the page checks again, for `streamlit run` started by hand.
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; the header is checked before any pixel is decoded.
-IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp")
+IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tiff")  # `data.images.ALLOWED_FORMATS`, by content.
 
-TASKS = ("caption", "question", "detect", "free prompt")
+TASKS = ("caption", "question", "detect", "segment", "free prompt")
 SAMPLERS = ("greedy", "temperature(0.7)", "top_k(40)", "nucleus(0.9)", "beam(3)")
 SAMPLE_SEED, SAMPLE_SIZE, NUM_SAMPLES = 2, 256, 6  # Shapes scenes the demo model never trained on (seeds 0, 1).
 DEFAULT_CHECKPOINT = "builtin:demo"
@@ -36,6 +40,7 @@ DEFAULT_CHECKPOINT = "builtin:demo"
 # The page reads its model from these environment variables (set by `paligemma-ft app`).
 ENV_CHECKPOINT = "PALIGEMMA_FT_APP_CHECKPOINT"
 ENV_TOKENIZER = "PALIGEMMA_FT_APP_TOKENIZER"
+ENV_ADAPTERS = "PALIGEMMA_FT_APP_ADAPTERS"  # A LoRA run's adapters.npz, merged into the checkpoint.
 
 
 class UploadError(ValueError):
@@ -43,7 +48,8 @@ class UploadError(ValueError):
 
 
 class ModelLoadError(ValueError):
-    """The checkpoint or tokenizer cannot be loaded (missing file, mismatch); the message says which and why."""
+    """The checkpoint or tokenizer cannot be loaded (missing, corrupt, truncated or pickled file, mismatch, missing
+    Kaggle credentials); the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +125,17 @@ def build_prompt(task: str, text: str = "", *, lang: str = "en") -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if not text:
-        what = {"question": "a question", "detect": "what to detect (e.g. circle ; square)", "free prompt": "a prompt"}[
-            task
-        ]
+        what = {
+            "question": "a question",
+            "detect": "what to detect (e.g. circle ; square)",
+            "segment": "what to segment (e.g. circle)",
+            "free prompt": "a prompt",
+        }[task]
         raise UploadError(f"Type {what} first.")
     if task == "question":
         return f"answer {lang} {text}"
-    if task == "detect":
-        return f"detect {text}"
+    if task in ("detect", "segment"):
+        return f"{task} {text}"
     return text
 
 
@@ -154,29 +163,53 @@ def run_prediction(
     return Prediction(text, seconds, tuple(boxes), malformed=not ok)
 
 
-def draw_prediction(image: np.ndarray, prediction: Prediction) -> Any:
-    """A PIL image of `image` with the prediction's boxes drawn and labelled."""
+def draw_prediction(image: np.ndarray, prediction: Prediction, codec: Any = None) -> Any:
+    """A PIL image of `image` with the prediction's boxes drawn and labelled, and with a mask codec (`mask_codec`)
+    the masks of `<seg>` outputs filled."""
     from paligemma_ft.commands.predict import draw_boxes  # noqa: PLC0415 - the same drawing as `paligemma-ft predict`.
 
-    return draw_boxes(image, prediction.boxes)
+    masks = None
+    if codec is not None and any(b.seg for b in prediction.boxes):
+        from paligemma_ft.evaluate.segmentation import predicted_masks  # noqa: PLC0415
+
+        masks = predicted_masks(prediction.boxes, image.shape[0], image.shape[1], codec)
+    return draw_boxes(image, prediction.boxes, masks)
 
 
-def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
-    """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the builtin model's own).
+def mask_codec(spec: str = "oi") -> tuple[Any, str | None]:
+    """`(codec, None)`, or `(None, why)` when the VQ-VAE mask codec cannot be loaded (masks are then not drawn)."""
+    from paligemma_ft.model.vqvae import load_codec  # noqa: PLC0415
+
+    try:
+        return load_codec(spec), None
+    except (FileNotFoundError, ValueError) as e:
+        return None, f"Masks are not drawn: {e}"
+
+
+def load_model(checkpoint: str, tokenizer: str | None, adapters: str | None = None) -> tuple[Any, list[str]]:
+    """`(Predictor, warnings)` for a checkpoint spec and tokenizer spec (None: the one found with the checkpoint),
+    with a LoRA run's `adapters` merged in when given.
 
     Raises:
-      ModelLoadError: a missing checkpoint or tokenizer, an unreadable file, or a tokenizer that does not fit the
-        model; the message names them.
+      ModelLoadError: a missing checkpoint or tokenizer, an unreadable, corrupt, truncated or pickled file, a
+        checkpoint or tokenizer that does not fit the model, missing Kaggle credentials; the message names them.
+        Other exceptions are bugs and propagate (Streamlit shows their traceback), as does every error when
+        `PALIGEMMA_FT_DEBUG=1`.
     """
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - JAX loads only when a model is needed.
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            predictor = load_predictor(checkpoint, tokenizer or None)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+            predictor = load_predictor(checkpoint, tokenizer or None, adapters=adapters or None)
+        except Exception as e:  # noqa: BLE001 - user errors become a message in the page; bugs are re-raised.
+            if not is_user_error(e) or os.environ.get(DEBUG_ENV):
+                raise
+            text = redact_text(str(e))
+            tok = tokenizer or "(found with the checkpoint)"
+            with_adapters = f" and adapters {adapters!r}" if adapters else ""
             raise ModelLoadError(
-                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tokenizer or 'builtin:tiny (default)'}: {e}"
+                f"Cannot load checkpoint {checkpoint!r} with tokenizer {tok}{with_adapters}: {text}"
             ) from None
     return predictor, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
@@ -184,6 +217,11 @@ def load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, list[str]]:
 def model_specs(environ: dict[str, str] | Any) -> tuple[str, str | None]:
     """`(checkpoint, tokenizer)` the page should load, from its environment (the launcher's flags)."""
     return environ.get(ENV_CHECKPOINT) or DEFAULT_CHECKPOINT, environ.get(ENV_TOKENIZER) or None
+
+
+def adapters_spec(environ: dict[str, str] | Any) -> str | None:
+    """The LoRA `adapters.npz` the page should merge into its checkpoint (`--adapters`), or None."""
+    return environ.get(ENV_ADAPTERS) or None
 
 
 def streamlit_command(

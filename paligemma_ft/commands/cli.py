@@ -2,15 +2,21 @@
 
     paligemma-ft download HANDLE [--file NAME]          fetch a Kaggle checkpoint (or reuse the cache); print its path
     paligemma-ft inspect --config PATH [--config.x=y]   show what the model will see for the config's data
-    paligemma-ft train --config PATH --workdir DIR [--config.x=y]
+    paligemma-ft train --config PATH --workdir DIR [--config.x=y] [--allow-config-change]
     paligemma-ft predict --image a.jpg [--image ...] --prompt "caption en" [--checkpoint SPEC --tokenizer SPEC]
     paligemma-ft evaluate --config PATH (--workdir DIR | --checkpoint SPEC) [--only NAME] [--outdir DIR]
     paligemma-ft app [--checkpoint SPEC --tokenizer SPEC --port N]   a local web page to try a checkpoint
     paligemma-ft plan --config PATH [--device H100 | --memory-gib N] [--devices N] [--arithmetic-only]
                                                         will the config fit? memory per device, what to change
+    paligemma-ft convert SRC DST [--step N] [--dtype D] [--tokenizer SPEC]   .npz / workdir <-> Hugging Face folder
 
 Everything here is callable from Python (`main([...])` returns the exit code), and each command imports its
 module only when it runs, so `paligemma-ft download` does not pay for importing JAX models.
+
+Every failure the user caused (a bad flag, config value, file, checkpoint, sampler, output folder, missing
+credentials: `paligemma_ft.errors.is_user_error`) is reported as one `error: ...` line on stderr (details, if any,
+on indented lines below it), with secrets masked and control characters made visible, and exit code 2.
+`PALIGEMMA_FT_DEBUG=1` raises it instead, with its traceback. Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from paligemma_ft.errors import DEBUG_ENV, UserError, check_output_dir, describe_os_error, is_user_error
+from paligemma_ft.safety import printable, redact_text
+
 # Commands that are registered but whose implementation is future work: (module, function) they will call.
 _FUTURE: dict[str, tuple[str, str, str]] = {}
-_DEBUG_ENV = "PALIGEMMA_FT_DEBUG"  # Set to 1 to see the traceback behind a one-line error.
+_MAX_DETAIL_LINES = 40  # Indented lines under the `error:` line (a mismatch can list every parameter).
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A bad command line: reported as one `error: ...` line and exit code 2."""
 
 
@@ -64,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with the config; checkpoints and logs go to --workdir")
     _add_config_args(p)
     p.add_argument("--workdir", required=True, metavar="DIR", help="output folder (checkpoints, logs, config)")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a workdir whose saved config.json differs (in keys that keep the state's shapes); the report "
+        "records both configs (same as --config.allow_config_change=True)",
+    )
 
     p = sub.add_parser("predict", help="run a checkpoint on image files with one prompt; one line per image")
     importlib.import_module("paligemma_ft.commands.predict").add_arguments(p)  # Light: JAX loads when it runs.
@@ -80,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default=None,
         metavar="SPEC",
-        help="parameters to evaluate instead (builtin:demo, .npz, workdir, kaggle:HANDLE); "
+        help="parameters to evaluate instead (builtin:demo, .npz, workdir, HF folder, hf:REPO, kaggle:HANDLE); "
         "default DIR/params.npz, else config.model_init",
     )
     p.add_argument(
@@ -108,13 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default="builtin:demo",
         metavar="SPEC",
-        help="builtin:demo (default), a big_vision .npz, a run's workdir or kaggle:HANDLE",
+        help="builtin:demo (default), a big_vision .npz, a run's workdir, an HF folder, hf:REPO or kaggle:HANDLE",
     )
     p.add_argument(
         "--tokenizer",
         default=None,
         metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
+        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
+    )
+    p.add_argument(
+        "--adapters",
+        default=None,
+        metavar="ADAPTERS.npz",
+        help="a LoRA run's adapters.npz, merged into --checkpoint (its base); or pass it as --checkpoint alone",
     )
     p.add_argument("--port", type=int, default=None, help="local port (default Streamlit's, 8501)")
 
@@ -140,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip compiling; estimate activations by arithmetic (faster, rougher)",
     )
+
+    p = sub.add_parser("convert", help="convert a checkpoint: .npz / workdir <-> Hugging Face folder, streamed")
+    importlib.import_module("paligemma_ft.commands.convert").add_arguments(p)
 
     for name, (_, _, what) in _FUTURE.items():
         p = sub.add_parser(name, help=f"(not implemented yet) {what}")
@@ -201,7 +226,10 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
         return int(inspect_main(config, n_batches=args.batches))
     if args.command == "train":
+        if args.allow_config_change:
+            overrides = [*overrides, "--config.allow_config_change=True"]
         config = _load(args, overrides)
+        check_output_dir(args.workdir, "--workdir")  # A file, a read-only folder: refused before any work.
         try:
             run = _resolve("paligemma_ft.training.loop", "run")
         except ImportError as e:
@@ -234,9 +262,17 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
             raise UsageError("app takes no --config overrides")
         from paligemma_ft.commands import app  # noqa: PLC0415 - Streamlit loads only in the page's own process.
 
-        return int(app.launch(args.checkpoint, args.tokenizer, port=args.port))
+        return int(app.launch(args.checkpoint, args.tokenizer, port=args.port, adapters=args.adapters))
+    if args.command == "convert":
+        if overrides:
+            raise UsageError("convert takes no --config overrides")
+        from paligemma_ft.commands import convert  # noqa: PLC0415
+
+        return int(convert.main(args))
     if args.command == "plan":
         config = _load(args, overrides)
+        if args.workdir:
+            check_output_dir(args.workdir, "--workdir")
         from paligemma_ft.commands import plan  # noqa: PLC0415
 
         if args.devices:
@@ -260,28 +296,40 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def format_error(error: BaseException, *, hint: bool = True) -> str:
+    """The text `main` prints for a user error: `error: <first line>`, then the message's other lines indented;
+    secrets masked (`safety.redact_text`), control characters visible (`safety.printable`)."""
+    text = describe_os_error(error) if isinstance(error, OSError) else str(error) or type(error).__name__
+    first, *rest = redact_text(text).splitlines() or [type(error).__name__]
+    if len(rest) > _MAX_DETAIL_LINES:
+        rest = [*rest[:_MAX_DETAIL_LINES], f"... {len(rest) - _MAX_DETAIL_LINES} more lines ({DEBUG_ENV}=1 shows all)"]
+    suffix = f" (set {DEBUG_ENV}=1 for the traceback)" if hint else ""
+    return "\n".join([f"error: {printable(first)}{suffix}", *(f"  {printable(line.rstrip())}" for line in rest)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line `argv` (default `sys.argv[1:]`) and returns the process exit code.
 
-    Bad command lines, bad configs and bad overrides print one `error: ...` line to stderr and return 2.
+    Bad command lines, configs, overrides, files, checkpoints and output folders print one `error: ...` line to
+    stderr and return 2 (see the module docstring).
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, unknown = parser.parse_known_args(argv)
         if args.command is None:
-            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", *_FUTURE]
+            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", "convert", *_FUTURE]
             raise UsageError(f"choose a command: {', '.join(commands)} (paligemma-ft --help for details)")
         return _run_command(args, split_overrides(unknown))
     except SystemExit as e:  # `--help` exits 0 from inside argparse.
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(format_error(e, hint=False), file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # Bad config file, override or input: the message says which.
-        if os.environ.get(_DEBUG_ENV):
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised.
+        if not is_user_error(e) or os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {e} (set {_DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(format_error(e), file=sys.stderr)
         return 2
 
 

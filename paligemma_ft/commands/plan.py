@@ -4,18 +4,18 @@
     paligemma-ft plan --config my.py --config.model_name_or_preset=pg2_3b_224 --device H100 [--arithmetic-only]
 
 Builds everything the trainer builds before it computes (model shapes with `jax.eval_shape`, mesh, parameter and
-optimizer shardings, storage dtypes, the optimizer: `paligemma_ft.training.loop.setup`), then lowers and compiles the
-trainer's own `train_step` for abstract inputs on the configured mesh without running it or allocating a
-parameter. It reports per device: parameters, optimizer state, the batch, and XLA's temporary buffers
-(activations, gradients, workspace) from `compiled.memory_analysis()`; with `--arithmetic-only` (or when the
-backend gives no analysis) the temporaries come from a rough arithmetic estimate instead. Compiling on a CPU for a
-GPU or TPU target gives the CPU compiler's figures: the target fuses differently, so treat them as estimates.
+optimizer shardings, storage dtypes, the optimizer: `paligemma_ft.training.setup.setup`), then lowers and compiles
+the trainer's own jitted step (`paligemma_ft.training.step.jit_train_step`) for abstract inputs on the configured
+mesh without running it or allocating a parameter. It reports per device: parameters, optimizer state, the batch,
+and XLA's temporary buffers (activations, gradients, workspace) from `compiled.memory_analysis()`; with
+`--arithmetic-only` (or when the backend gives no analysis) the temporaries come from a rough arithmetic estimate
+instead. Compiling on a CPU for a GPU or TPU target gives the CPU compiler's figures: the target fuses differently,
+so treat them as estimates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -28,17 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_ft import config_base
 from paligemma_ft import flops as flops_lib
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 GiB = 2**30
 _HEADROOM = 0.9  # Plan for 90 % of the device memory: allocators fragment and runtimes reserve some.
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
 
 
 def _per_device_bytes(shapes: Any, shardings: Any) -> int:
@@ -190,14 +186,14 @@ def make_plan(
         local accelerator's allocator limit, else unknown.
       arithmetic_only: skip compiling; estimate temporaries with `estimate_temp_bytes`.
     """
-    from paligemma_ft.training import loop as train  # noqa: PLC0415 - the trainer's own setup and step, imported lazily.
+    from paligemma_ft.training import setup as setup_lib  # noqa: PLC0415 - the trainer's set-up and step, lazily.
+    from paligemma_ft.training import step as step_lib  # noqa: PLC0415
 
-    s = train.setup(config)
+    config = config_base.complete(config)
+    s = setup_lib.setup(config, shapes_only=True)  # Shapes only: no data, tokenizer or (with a preset) checkpoint.
     batch_size = int(config.input.batch_size)
-    micro = int(_get(config, "grad_accum_steps", 1))
-    b_shard = sharding_lib.batch_sharding(s.mesh)
-    repl = s.state_shard["step"]
-    abstract_batch = _abstract_batch(batch_size, s.res, s.text_len, b_shard)
+    micro = int(config.grad_accum_steps)
+    abstract_batch = _abstract_batch(batch_size, s.res, s.text_len, s.batch_shard)
     param_bytes = _per_device_bytes(s.state_abstract["params"], s.state_shard["params"])
     opt_bytes = _per_device_bytes(s.state_abstract["opt"], s.state_shard["opt"])
     batch_bytes = _per_device_bytes(abstract_batch, jax.tree.map(lambda x: x.sharding, abstract_batch))
@@ -218,24 +214,14 @@ def make_plan(
     )
     peak = param_bytes + opt_bytes + batch_bytes + temp
     if not arithmetic_only:
-        step_cfg = train.StepConfig(
-            label_smoothing=float(_get(config, "label_smoothing", 0.0)),
-            reduction=_get(config, "loss_reduction", "example_mean"),
-            micro_batches=micro,
-            lr=float(_get(config, "lr", 1.0)),
-        )
-        step_fn = jax.jit(
-            functools.partial(
-                train.train_step,
-                model=s.model,
-                tx=s.tx,
-                trainable=s.trainable,
-                step_cfg=step_cfg,
-                sched_fn=s.sched_fns[0] if s.sched_fns else None,
-            ),
-            donate_argnums=0,
-            in_shardings=(s.state_shard, b_shard),
-            out_shardings=(s.state_shard, repl),
+        step_fn = step_lib.jit_train_step(  # Exactly the trainer's (its EOS id only counts truncations).
+            s.model,
+            s.tx,
+            s.trainable,
+            step_lib.StepConfig.from_config(config),
+            sched_fn=s.sched_fn,
+            state_shardings=s.state_shard,
+            batch_sharding=s.batch_shard,
         )
         t0 = time.perf_counter()
         compiled = step_fn.lower(s.state_abstract, abstract_batch).compile()

@@ -6,21 +6,27 @@
 
 Output: `<image path>\\t<prediction>` per image on stdout, in the order given (tabs and newlines inside a
 prediction are written as spaces, so every image is exactly one line). With a `detect ...` (or `segment ...`)
-prompt, `--draw OUT.png` writes the image at its own size with the parsed boxes and labels drawn; with several
-images the files are `OUT_0.png`, `OUT_1.png`, ... (0-based, in `--image` order). Notes go to stderr.
+prompt, `--draw OUT.png` writes the image at its own size with the parsed boxes and labels drawn (and, for
+`segment`, the masks filled: their `<seg>` codes decoded by the VQ-VAE codec `--codec`, default `oi` =
+vae-oid.npz); with several images the files are `OUT_0.png`, `OUT_1.png`, ... (0-based, in `--image` order).
+`--constrain detect|segment|refexp|refseg` decodes with a grammar that makes every output a well-formed
+localization string (paligemma_ft/constrain.py). Notes go to stderr.
 
-Images are checked (readable, decodable) before the model is loaded, and decoded in fixed-size batches (the last
-one padded), so the decode function compiles once however many images there are.
+Images are read and checked before the model is loaded (`paligemma_ft.data.images`: regular files only, JPEG,
+PNG, WebP, GIF, BMP or TIFF by content, within the size and pixel limits), and decoded in fixed-size batches (the
+last one padded), so the decode function compiles once however many images there are. Predictions are printed
+with control characters made visible, so a model output cannot send escape codes to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from paligemma_ft.safety import printable
 
 if TYPE_CHECKING:  # The CLI imports this module to build its parser: numpy, JAX and PIL load only when used.
     import numpy as np
@@ -28,16 +34,7 @@ if TYPE_CHECKING:  # The CLI imports this module to build its parser: numpy, JAX
     from paligemma_ft.evaluate.detection import Box
 
 DRAW_TASKS = ("detect", "segment")  # Prompts whose outputs hold <loc> boxes.
-_COLOURS = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (128, 128, 0),
-)
+CONSTRAIN_MODES = ("detect", "segment", "refexp", "refseg")  # constrain.MODES, without importing JAX.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         default="builtin:demo",
         metavar="SPEC",
-        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir or kaggle:HANDLE",
+        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir, an HF folder, hf:REPO or "
+        "kaggle:HANDLE",
     )
     p.add_argument(
         "--adapters",
@@ -58,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tokenizer",
         default=None,
         metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default builtin:tiny for builtin models)",
+        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
+        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
     )
     p.add_argument(
         "--image", action="append", required=True, metavar="PATH", help="an image file; repeat for several images"
@@ -74,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sampler", default="greedy", help="greedy, temperature(t), top_k(k), nucleus(p), beam(n) (default greedy)"
     )
     p.add_argument("--max-decode-len", type=int, default=32, help="tokens to generate at most (default 32)")
+    p.add_argument(
+        "--constrain",
+        default="",
+        choices=("", *CONSTRAIN_MODES),
+        help="decode with a grammar so every output is a well-formed localization string (default: off)",
+    )
+    p.add_argument(
+        "--codec",
+        default="oi",
+        metavar="SPEC",
+        help="mask codec for drawing segment outputs: oi (vae-oid.npz, the default) or a .npz path",
+    )
     p.add_argument("--preset", default=None, help="model preset (default: inferred from the checkpoint)")
     p.add_argument("--res", type=int, default=None, help="image side (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8, help="images decoded together (default 8)")
@@ -88,56 +99,40 @@ def draw_paths(draw: str, n: int) -> list[str]:
     return [str(path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}")) for i in range(n)]
 
 
-def draw_boxes(image: np.ndarray, boxes: Sequence[Box]) -> Any:
-    """A PIL image of `image` (uint8[H, W, 3]) with each box outlined and labelled, one colour per label."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image, ImageDraw  # noqa: PLC0415 - only when drawing.
+def draw_boxes(image: np.ndarray, boxes: Sequence[Box], masks: Sequence[Any] | None = None) -> Any:
+    """A PIL image of `image` (uint8[H, W, 3]) with each box outlined and labelled, one colour per label, and
+    its mask (bool[H, W] per box, or None) filled half transparent."""
+    from paligemma_ft.evaluate.draw import draw_objects  # noqa: PLC0415 - only when drawing.
 
-    im = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-    draw = ImageDraw.Draw(im)
-    width = max(1, round(min(im.size) / 100))
-    colours: dict[str, tuple[int, int, int]] = {}
-    for box in boxes:
-        colour = colours.setdefault(box.label, _COLOURS[len(colours) % len(_COLOURS)])
-        x0, y0 = round(box.x0 * im.width), round(box.y0 * im.height)
-        x1, y1 = round(box.x1 * im.width), round(box.y1 * im.height)
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        left, top, right, bottom = draw.textbbox((x0, y0), box.label)
-        top_y = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0  # Above the box if it fits.
-        draw.rectangle([x0, top_y, x0 + (right - left) + 4, top_y + (bottom - top) + 2], fill=colour)
-        draw.text((x0 + 2, top_y), box.label, fill=(255, 255, 255))
-    return im
+    return draw_objects(image, boxes, masks)
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:
-    """uint8[H, W, 3] per file, EXIF orientation applied.
+    """uint8[H, W, 3] per file, EXIF orientation applied (`paligemma_ft.data.images.load_image`: regular files of
+    an allowed format, within the size and pixel limits).
 
     Raises:
       FileNotFoundError: a path that does not exist (named).
-      ValueError: a folder, an empty or undecodable file (named, with the reason).
+      ValueError: a folder, pipe or device, a file too large, empty, undecodable or of another format (named,
+        with the reason).
     """
-    from paligemma_ft.data import transforms  # noqa: PLC0415
+    from paligemma_ft.data.errors import BadExample  # noqa: PLC0415 - lazy: the CLI imports this module.
+    from paligemma_ft.data.images import load_image  # noqa: PLC0415
 
-    images = []
+    out = []
     for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"image {path}: no such file")
-        if os.path.isdir(path):
-            raise ValueError(f"image {path}: is a folder, not an image file")
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:  # Permissions, a broken link, ...
-            raise ValueError(f"image {path}: cannot be read ({e.strerror or e})") from None
-        try:
-            images.append(transforms.decode_image(data))
-        except transforms.BadExample as e:
-            raise ValueError(f"image {path}: {e.detail or e.reason} [{e.reason}]") from None
-    return images
+            out.append(load_image(path))
+        except BadExample as e:
+            if e.reason == "missing_image":
+                raise FileNotFoundError(f"--image {path}: no such file") from None
+            raise ValueError(f"--image {path}: {e.detail or e.reason} [{e.reason}]") from None
+    return out
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.replace("\t", " ").splitlines()) if text else ""
+    """One printable line: tabs and line breaks as spaces, other control characters (ANSI escapes) as `\\x1b`."""
+    return printable(" ".join(text.replace("\t", " ").splitlines())) if text else ""
 
 
 def predict_batched(predictor: Any, images: Sequence[np.ndarray], prompt: str, batch_size: int) -> list[str]:
@@ -169,6 +164,8 @@ def predict_command(
     res: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    constrain: str = "",
+    codec: str = "oi",
     adapters: str | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
@@ -200,7 +197,17 @@ def predict_command(
         raise ValueError(f"--max-decode-len and --batch-size must be >= 1 (got {max_decode_len}, {batch_size})")
     if res is not None and res < 1:
         raise ValueError(f"--res must be >= 1, got {res}")
-    parse_sampler(sampler)  # A bad --sampler fails before the model loads.
+    try:
+        parse_sampler(sampler)  # A bad --sampler fails before the model loads.
+    except ValueError as e:
+        raise type(e)(f"--sampler: {e}") from None
+    if constrain and constrain not in CONSTRAIN_MODES:
+        raise ValueError(f"--constrain {constrain!r}: use one of {', '.join(CONSTRAIN_MODES)}")
+    mask_codec = None
+    if draw is not None and prompt.split()[0] == "segment":
+        from paligemma_ft.model.vqvae import load_codec  # noqa: PLC0415 - a missing file fails before the model loads.
+
+        mask_codec = load_codec(codec)
     images = read_images(image_paths)
     predictor = load_predictor(
         checkpoint,
@@ -214,15 +221,21 @@ def predict_command(
     )
     prompt_tokens = len(predictor.tok.encode(prompt, add_bos=True)) + len(predictor.tok.sep_ids)
     predictor.prompt_len = max(predictor.prompt_len, prompt_tokens)  # A long prompt is never cut.
+    predictor.constrain = constrain
     predictions = predict_batched(predictor, images, prompt, batch_size)
     for path, text in zip(image_paths, predictions):
-        print(f"{path}\t{_one_line(text)}", file=stdout, flush=True)
+        print(f"{printable(path)}\t{_one_line(text)}", file=stdout, flush=True)
     if draw is not None:
         for out, image, text in zip(draw_paths(draw, len(images)), images, predictions):
-            boxes, ok = parse_detections(text)
+            boxes, ok = parse_detections(text, require_label=constrain not in ("refexp", "refseg"))
+            masks = None
+            if mask_codec is not None:
+                from paligemma_ft.evaluate.segmentation import predicted_masks  # noqa: PLC0415
+
+                masks = predicted_masks(boxes, image.shape[0], image.shape[1], mask_codec)
             try:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
-                draw_boxes(image, boxes).save(out, format="PNG")
+                draw_boxes(image, boxes, masks).save(out, format="PNG")
             except OSError as e:
                 raise ValueError(f"--draw {out}: cannot be written ({e.strerror or e})") from None
             note = "" if ok else " (some segments were malformed and skipped)"
@@ -244,5 +257,7 @@ def main(args: argparse.Namespace) -> int:
         res=args.res,
         batch_size=args.batch_size,
         seed=args.seed,
+        constrain=args.constrain,
+        codec=args.codec,
         adapters=args.adapters,
     )

@@ -1,18 +1,22 @@
 """Grain pipelines: endless shuffled training batches with exact resume, and one-pass evaluation batches.
 
-Training (per process, `b = input.batch_size // process_count` examples a batch):
+Training reads one global order, whatever the number of processes (global batch `B = input.batch_size`, each
+of P processes takes its `b = B // P` rows of every batch):
 
-    source indices [process_index::process_count]    disjoint shards that together cover the data
-      -> shuffle(seed) -> repeat forever             grain reshuffles every epoch (seed + epoch)
+    source indices -> shuffle(seed) -> repeat forever     one global order; grain reshuffles every epoch
+      -> global batch k = positions [k B, (k + 1) B)       process p reads positions k B + p b ... k B + (p + 1) b - 1
       -> map(read + transforms)  in `num_workers` threads (PIL releases the GIL while decoding/resizing)
-      -> drop bad examples (policy "skip": counted in the report) -> batch(b) -> add `_mask`
+      -> a bad example (policy "skip": counted in the report) is replaced by the first good one of a second,
+         independently shuffled order, from the same position on -> stack b rows -> add `_mask`
 
-The only state is grain's index into the shuffled stream, so `get_state()`/`set_state()` resume exactly: the
-batches after a restore are the batches the uninterrupted run would have produced (bad examples are skipped
-deterministically, so filtering keeps this true).
+So global batch k holds the same examples with 1, 2 or 8 processes, and a multi-process run trains on exactly
+what a one-process run over the same devices trains on. The only state is k (`{"batches": k}`), so
+`get_state()`/`set_state()` resume exactly, with any process count: the batches after a restore are the batches
+the uninterrupted run would have produced (replacements are a function of the position, so they are too).
 
-Evaluation reads every example of the split exactly once, in order, and pads the last batch with masked copies
-(`_mask=False`) so shapes never change; all processes yield the same number of batches.
+Evaluation reads every example of the split exactly once, in order: global batch k is examples
+[k B, (k + 1) B), process p takes rows [p b, (p + 1) b) of it, and rows past the end are masked copies
+(`_mask=False`), so shapes never change and all processes yield the same number of batches.
 
 Batches (numpy): `image f32[b, R, R, 3]` in [-1, 1]; training `text, mask_ar, mask_loss i32[b, text_len + 1]`;
 prompts `text, mask_ar, mask_input i32[b, text_len]`; `_mask bool[b]`; evaluation adds `_meta` (b dicts).
@@ -26,6 +30,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -34,13 +39,16 @@ import grain
 import numpy as np
 
 from paligemma_ft import tokenizer as tokenizer_lib
+from paligemma_ft.data import images as images_lib
+from paligemma_ft.data import localization
 from paligemma_ft.data import sources as sources_lib
 from paligemma_ft.data import transforms as tf_lib
 from paligemma_ft.data.transforms import BadExample
 
 TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss")
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input")
-META_KEYS = ("id", "image_path", "prefix", "references", "file", "line")
+META_KEYS = ("id", "image_path", "prefix", "references", "file", "line", "objects", "image_size")
+_ENDLESS = sys.maxsize  # Length of an endless grain MapDataset.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +66,7 @@ class InputConfig:
       num_workers: grain read threads (0 reads in the calling thread).
       bad_input: "skip" (count, list and drop bad examples) or "error" (raise, naming file and line).
       max_image_pixels: decompression-bomb limit, checked from the image header before decoding.
+      max_image_bytes: image files larger than this are refused from their size, before they are read.
       transforms: names from `transforms.TRANSFORMS`, applied in order.
       prefetch: examples read ahead (default: two batches); bounds host memory at large resolutions.
     """
@@ -72,6 +81,7 @@ class InputConfig:
     num_workers: int = 2
     bad_input: str = "skip"
     max_image_pixels: int = tf_lib.DEFAULT_MAX_PIXELS
+    max_image_bytes: int = images_lib.DEFAULT_MAX_BYTES
     transforms: tuple[str, ...] = tf_lib.DEFAULT_TRANSFORMS
     prefetch: int | None = None
 
@@ -96,7 +106,7 @@ class InputConfig:
         tf_lib.check_transform_names(out.transforms)
         if out.bad_input not in sources_lib.BAD_INPUT_POLICIES:
             raise ValueError(f"input.bad_input={out.bad_input!r} must be one of {sources_lib.BAD_INPUT_POLICIES}.")
-        for key in ("res", "text_len", "batch_size", "max_image_pixels"):
+        for key in ("res", "text_len", "batch_size", "max_image_pixels", "max_image_bytes"):
             if int(getattr(out, key)) < 1:
                 raise ValueError(f"input.{key} must be >= 1, got {getattr(out, key)}.")
         if out.num_workers < 0:
@@ -220,9 +230,10 @@ class _Loader:
         self.source, self.names, self.ctx, self.policy, self.report = source, tuple(names), ctx, policy, report
         self.keys, self.with_meta = tuple(keys), with_meta
 
-    def __call__(self, index: int) -> dict | _Bad:
+    def __call__(self, index: int, epoch: int = 0) -> dict | _Bad:
         try:
-            example = tf_lib.apply_transforms(self.source[index], self.names, self.ctx)
+            # `epoch` orders the objects of localization examples with `order="random"` (a no-op otherwise).
+            example = tf_lib.apply_transforms(localization.with_epoch(self.source[index], epoch), self.names, self.ctx)
         except BadExample as e:
             error = e.located(*self.source.location(index))
             if self.policy == "error":
@@ -243,26 +254,6 @@ class _Loader:
         return out
 
 
-class _SkipBad:
-    """Filter predicate that drops `_Bad` markers, and stops a stream in which every example is bad.
-
-    With k < n bad examples in a shard of n, at most 2k < 2n bad ones can follow each other (the end of one
-    epoch and the start of the next), so 2n in a row means that nothing in the shard is usable.
-    """
-
-    def __init__(self, shard_size: int, report: BadInputReport):
-        self.limit, self.report, self.run = 2 * shard_size, report, 0
-
-    def __call__(self, item: dict | _Bad) -> bool:
-        if isinstance(item, _Bad):
-            self.run += 1
-            if self.run >= self.limit:
-                raise ValueError(f"Every example of this process's data shard is bad.\n{self.report.summary()}")
-            return False
-        self.run = 0
-        return True
-
-
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # noqa: PLC0415 - only needed for the defaults.
@@ -281,6 +272,30 @@ def local_batch_size(batch_size: int, process_count: int, name: str = "input.bat
     return batch_size // process_count
 
 
+STATE_VERSION = 2  # Version 1 (before one global order) saved grain's per-process iterator state.
+_RESERVE_SEED = 0x5EED  # Mixed into the shuffle seed for the order that replacements of bad examples come from.
+
+
+class DataStateMismatch(ValueError):
+    """A well-formed data state saved by a pipeline over other data, seed or batch size (a config change).
+
+    `config_change` tells `checkpoints.state.restore_latest` not to treat the checkpoint as damaged.
+    """
+
+    config_change = True
+
+
+class _Positions:
+    """Row i this process reads -> its position in the global order (rows of process p in each global batch)."""
+
+    def __init__(self, global_batch: int, local_batch: int, process_index: int):
+        self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
+
+    def __call__(self, row: int) -> int:
+        k, r = divmod(row, self.local_batch)
+        return k * self.global_batch + self.process_index * self.local_batch + r
+
+
 class TrainIterator:
     """Endless training batches with `get_state()`/`set_state()` for an exact resume.
 
@@ -289,36 +304,112 @@ class TrainIterator:
       batch_size: examples per batch on this process.
     """
 
-    def __init__(self, iterator, batch_size: int, report: BadInputReport, fingerprint: dict):
-        self._it, self.batch_size, self.report, self._fingerprint = iterator, batch_size, report, fingerprint
+    def __init__(self, cfg: InputConfig, source, loader: _Loader, report: BadInputReport, pi: int, pc: int):
+        self.batch_size, self.report, self._loader = local_batch_size(cfg.batch_size, pc), report, loader
+        self._cfg, self._num_examples, self._batches = cfg, len(source), 0
+        indices = grain.MapDataset.range(len(source))
+        self._order = indices.shuffle(seed=cfg.shuffle_seed).repeat(None)
+        self._reserve = indices.shuffle(seed=cfg.shuffle_seed ^ _RESERVE_SEED).repeat(None)
+        self._position = _Positions(cfg.batch_size, self.batch_size, pi)
+        self._fingerprint = {
+            "num_examples": len(source),
+            "shuffle_seed": cfg.shuffle_seed,
+            "batch_size": cfg.batch_size,
+        }
+        self._it = self._rows_from(0)
+
+    def _rows_from(self, batches: int):
+        """Grain iterator over this process's examples from global batch `batches` on (read ahead in threads)."""
+        rows = grain.MapDataset.range(batches * self.batch_size, _ENDLESS).map(self._position)
+        # The epoch of a position orders the objects of localization examples with `order="random"`.
+        return iter(
+            rows.map(lambda pos: self._loader(self._order[pos], pos // self._num_examples)).to_iter_dataset(
+                self._cfg.read_options(self.batch_size)
+            )
+        )
+
+    def _replacement(self, position: int) -> dict:
+        """The first good example of the reserve order from `position` on (deterministic in the position)."""
+        for t in range(2 * self._num_examples):  # 2n consecutive positions of a reshuffled order hold every example.
+            example = self._loader(self._reserve[position + t], (position + t) // self._num_examples)
+            if not isinstance(example, _Bad):
+                return example
+        raise ValueError(f"Every example of input.data is bad.\n{self.report.summary()}")
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = dict(next(self._it))
+        rows = []
+        for r in range(self.batch_size):
+            example = next(self._it)
+            if isinstance(example, _Bad):
+                example = self._replacement(self._position(self._batches * self.batch_size + r))
+            rows.append(example)
+        self._batches += 1
+        batch = {k: np.stack([row[k] for row in rows]) for k in TRAIN_KEYS}
         batch["_mask"] = np.ones(self.batch_size, bool)
         return batch
 
     def get_state(self) -> dict:
-        """A JSON-serializable state: save it with the checkpoint."""
-        return {"grain": self._it.get_state(), "fingerprint": dict(self._fingerprint)}
+        """A JSON-serializable state (the same on every process): save it with the checkpoint."""
+        return {"version": STATE_VERSION, "batches": self._batches, "fingerprint": dict(self._fingerprint)}
 
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continues from `state` (from `get_state`).
+    def check_state(self, state: Any) -> int:
+        """The batch count of a saved `state`, after checking it without applying it.
 
         Raises:
-          ValueError: the state comes from a pipeline over other data, seed, batch size or process layout.
+          DataStateMismatch: a well-formed state of a pipeline over other data, seed or batch size.
+          ValueError: anything else that is not a state `get_state` writes (a damaged checkpoint).
         """
-        saved = dict(state.get("fingerprint", {}))
-        diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the data state is a {type(state).__name__}, not a JSON object")
+        if state.get("version") != STATE_VERSION:
+            if "grain" in state and "version" not in state:
+                raise DataStateMismatch(
+                    "the data state was saved by an earlier paligemma_ft (a per-process grain state), which "
+                    "cannot be continued; start a new --workdir, or finish the run with that version"
+                )
+            raise ValueError(f"the data state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        batches, saved = state.get("batches"), state.get("fingerprint")
+        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
+            raise ValueError(f"the data state's batch count {batches!r} is not an integer >= 0")
+        if not isinstance(saved, Mapping) or set(saved) != set(self._fingerprint):
+            raise ValueError(f"the data state's fingerprint {saved!r} lacks keys {sorted(self._fingerprint)}")
+        diff = {k: (saved[k], v) for k, v in self._fingerprint.items() if saved[k] != v}
         if diff:
-            raise ValueError(
+            raise DataStateMismatch(
                 "Cannot resume the input pipeline: the saved state was made with different "
                 + ", ".join(f"{k} (saved {a}, now {b})" for k, (a, b) in diff.items())
                 + "."
             )
-        self._it.set_state(state["grain"])
+        return batches
+
+    def check_states(self, states: Sequence[Any]) -> None:
+        """Checks every process's saved state (a checkpoint's): each well-formed, all at the same batch.
+
+        Raises:
+          DataStateMismatch: a state of a pipeline over other data, seed or batch size.
+          ValueError: a malformed state, or processes out of step (a damaged checkpoint).
+        """
+        batches = []
+        for i, state in enumerate(states):
+            try:
+                batches.append(self.check_state(state))
+            except ValueError as e:
+                raise type(e)(f"process {i}: {e}") from None
+        if len(set(batches)) > 1:
+            raise ValueError(f"the processes' data states are at different batches: {batches}")
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from `state` (from `get_state`, of any process and process count).
+
+        Raises:
+          ValueError: the state is malformed, or (`DataStateMismatch`) comes from a pipeline over other data,
+            seed or batch size.
+        """
+        self._batches = self.check_state(state)
+        self._it = self._rows_from(self._batches)
 
 
 def make_train_iter(
@@ -329,7 +420,7 @@ def make_train_iter(
     process_count: int | None = None,
     report: BadInputReport | None = None,
 ) -> TrainIterator:
-    """Endless shuffled training batches of this process's shard of `input.data`.
+    """Endless shuffled training batches: this process's rows of each global batch of `input.data`.
 
     Args:
       input_cfg: the `input` config (ConfigDict or dict; see `InputConfig`).
@@ -347,34 +438,17 @@ def make_train_iter(
     """
     cfg = InputConfig.from_config(input_cfg)
     pi, pc = _processes(process_index, process_count)
-    b = local_batch_size(cfg.batch_size, pc)
+    local_batch_size(cfg.batch_size, pc)
     report = BadInputReport() if report is None else report
-    source = sources_lib.make_source(cfg.data, mode="train", bad_input=cfg.bad_input)
+    source = sources_lib.make_source(
+        cfg.data, mode="train", bad_input=cfg.bad_input, max_image_bytes=cfg.max_image_bytes
+    )
     for error in source.skipped:
         report.add(error)
-    shard = grain.MapDataset.range(len(source))[pi::pc]
-    if len(shard) == 0:
-        raise ValueError(
-            f"input.data has {len(source)} usable examples, none for process {pi} of {pc}."
-            + (f"\n{report.summary()}" if len(report) else "")
-        )
+    if len(source) == 0:
+        raise ValueError("input.data has no usable examples." + (f"\n{report.summary()}" if len(report) else ""))
     loader = _Loader(source, cfg.transforms, cfg.context(tok, "train"), cfg.bad_input, report, TRAIN_KEYS, False)
-    dataset = (
-        shard.shuffle(seed=cfg.shuffle_seed)
-        .repeat(None)
-        .map(loader)
-        .to_iter_dataset(cfg.read_options(b))
-        .filter(_SkipBad(len(shard), report))
-        .batch(b, drop_remainder=True)
-    )
-    fingerprint = {
-        "num_examples": len(source),
-        "shuffle_seed": cfg.shuffle_seed,
-        "batch_size": cfg.batch_size,
-        "process_index": pi,
-        "process_count": pc,
-    }
-    return TrainIterator(iter(dataset), b, report, fingerprint)
+    return TrainIterator(cfg, source, loader, report, pi, pc)
 
 
 def num_eval_examples(data_cfg: Any) -> int:
@@ -383,9 +457,17 @@ def num_eval_examples(data_cfg: Any) -> int:
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
-    """Batches every process yields for `num_examples` split over `process_count` processes."""
-    per_process = math.ceil(num_examples / process_count)
-    return math.ceil(per_process / local_batch_size(batch_size, process_count, "batch_size"))
+    """Batches every process yields for `num_examples` in global batches of `batch_size` (over `process_count`
+    processes, which must divide it): the same for any process count."""
+    local_batch_size(batch_size, process_count, "batch_size")
+    return math.ceil(num_examples / batch_size)
+
+
+def _eval_rows(num_examples: int, batch_size: int, process_index: int, process_count: int) -> list[int]:
+    """Real rows per batch of this process: global batch k is examples [k B, (k + 1) B), split into P blocks."""
+    b = batch_size // process_count
+    starts = (k * batch_size + process_index * b for k in range(num_eval_batches(num_examples, batch_size, 1)))
+    return [min(b, max(0, num_examples - start)) for start in starts]
 
 
 def make_eval_batches(
@@ -399,7 +481,8 @@ def make_eval_batches(
     process_count: int | None = None,
     report: BadInputReport | None = None,
 ) -> Iterator[dict]:
-    """Every example of `data_cfg` exactly once (this process's share), in fixed-shape batches.
+    """Every example of `data_cfg` exactly once over all processes, in fixed-shape batches: this process's rows
+    `[p b, (p + 1) b)` of global batch k, which holds examples `[k B, (k + 1) B)` in the split's order.
 
     Args:
       data_cfg: the split to read (same keys as `input.data`).
@@ -423,17 +506,20 @@ def make_eval_batches(
     pi, pc = _processes(process_index, process_count)
     b = local_batch_size(batch_size, pc, "batch_size")
     report = BadInputReport() if report is None else report
-    source = sources_lib.make_source(data_cfg, mode="eval", bad_input=cfg.bad_input)
+    source = sources_lib.make_source(
+        data_cfg, mode="eval", bad_input=cfg.bad_input, max_image_bytes=cfg.max_image_bytes
+    )
     for error in source.skipped:
         report.add(error)
     ctx = cfg.context(tok, kind)
     keys = TRAIN_KEYS if kind == "train" else PROMPT_KEYS
     loader = _Loader(source, cfg.transforms, ctx, cfg.bad_input, report, keys, True)
-    shard = grain.MapDataset.range(len(source))[pi::pc].map(loader)
-    num_batches = num_eval_batches(len(source), batch_size, pc)
-    return _eval_batches(
-        iter(shard.to_iter_dataset(cfg.read_options(b))), len(shard), b, num_batches, _blank_example(ctx, keys)
-    )
+    position = _Positions(batch_size, b, pi)
+    counts = _eval_rows(len(source), batch_size, pi, pc)
+    indices = [position(k * b + r) for k, n in enumerate(counts) for r in range(n)]
+    rows = grain.MapDataset.source(indices).map(loader) if indices else None
+    it = iter(rows.to_iter_dataset(cfg.read_options(b))) if rows is not None else iter(())
+    return _eval_batches(it, counts, b, _blank_example(ctx, keys))
 
 
 def _blank_example(ctx: tf_lib.Context, keys: Sequence[str]) -> dict:
@@ -446,13 +532,11 @@ def _blank_example(ctx: tf_lib.Context, keys: Sequence[str]) -> dict:
     return {**{k: blank[k] for k in keys}, "_meta": {k: None for k in META_KEYS}}
 
 
-def _eval_batches(it: Iterator, remaining: int, b: int, num_batches: int, blank: dict) -> Iterator[dict]:
+def _eval_batches(it: Iterator, counts: Sequence[int], b: int, blank: dict) -> Iterator[dict]:
+    """Batches of `b` rows, the first `counts[k]` of batch k read from `it`, the rest padding."""
     last_good = blank
-    for _ in range(num_batches):
-        rows: list[dict | _Bad | None] = []
-        for _ in range(b):
-            rows.append(next(it) if remaining > 0 else None)
-            remaining -= 1
+    for count in counts:
+        rows: list[dict | _Bad | None] = [next(it) if r < count else None for r in range(b)]
         good = [r for r in rows if isinstance(r, dict)]
         filler = good[0] if good else last_good
         last_good = good[-1] if good else last_good

@@ -21,6 +21,7 @@ Modes: `"train"` gives one example per training target, `"eval"` one per image w
 from __future__ import annotations
 
 import collections
+import collections.abc
 import json
 import os
 import pathlib
@@ -29,15 +30,18 @@ from typing import Any
 
 import numpy as np
 
+from paligemma_ft.data import images, localization
+from paligemma_ft.data import shapes as shapes_lib
+from paligemma_ft.data.errors import BadExample
 from paligemma_ft.data.shapes import ShapesSource
-from paligemma_ft.data.transforms import BadExample
 
 SOURCE_KEYS = {
     "jsonl": {"source", "path", "image_dir", "allow_outside", "references_key"},
     "coco": {"source", "annotations", "image_dir", "allow_outside"},
     "tfds": {"source", "name", "split", "data_dir", "fields"},
-    "shapes": {"source", "n", "seed", "task", "image_size", "offset"},
+    "shapes": {"source", "n", "seed", "task", "image_size", "offset", "max_shapes", "snap", "codec"},
 }
+SOURCE_KEYS.update(localization.SOURCE_KEYS)  # coco_instances, jsonl_boxes, voc: boxes and masks (annotations.py).
 BAD_INPUT_POLICIES = ("skip", "error")
 
 
@@ -70,6 +74,10 @@ def _text_list(value: Any, key: str) -> list[str]:
     return out
 
 
+def _hashable(value: Any) -> bool:
+    return isinstance(value, collections.abc.Hashable)
+
+
 def resolve_image_path(image_dir: pathlib.Path, name: str, *, allow_outside: bool) -> pathlib.Path:
     """`image_dir / name`, refusing paths that leave `image_dir` (`..`, absolute paths, symlinks) unless allowed.
 
@@ -93,14 +101,14 @@ def resolve_image_path(image_dir: pathlib.Path, name: str, *, allow_outside: boo
     return resolved
 
 
-def read_image_bytes(path: pathlib.Path) -> bytes:
-    """The bytes of an image file; BadExample "missing_image" / "unreadable_image" when it cannot be read."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise BadExample("missing_image", f"image file {path} does not exist") from None
-    except OSError as e:  # A directory, permissions, I/O errors.
-        raise BadExample("unreadable_image", f"image file {path} cannot be read: {e}") from None
+def read_image_bytes(path: pathlib.Path, max_bytes: int = images.DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an image file (`images.read_image_file`: regular files of at most `max_bytes` only).
+
+    Raises:
+      BadExample: "missing_image", "not_a_file" (a folder, named pipe, device), "image_too_large",
+        "unreadable_image".
+    """
+    return images.read_image_file(path, max_bytes=max_bytes)
 
 
 class JsonlSource:
@@ -115,6 +123,7 @@ class JsonlSource:
       allow_outside: accept image paths that resolve outside `image_dir`.
       references_key: the field holding the evaluation references (default "suffix").
       bad_input: "skip" (list bad lines in `skipped`) or "error" (raise on the first).
+      max_image_bytes: larger image files are refused before they are read (`input.max_image_bytes`).
     """
 
     def __init__(
@@ -125,8 +134,10 @@ class JsonlSource:
         allow_outside: bool = False,
         references_key: str = "suffix",
         bad_input: str = "skip",
+        max_image_bytes: int = images.DEFAULT_MAX_BYTES,
     ):
         self.path = pathlib.Path(path).expanduser()
+        self.max_image_bytes = max_image_bytes
         self.image_dir = pathlib.Path(image_dir).expanduser() if image_dir else self.path.parent
         self.allow_outside, self.references_key = allow_outside, references_key
         self.skipped: list[BadExample] = []
@@ -172,7 +183,7 @@ class JsonlSource:
         line_no, obj = self.records[i]
         try:
             path = resolve_image_path(self.image_dir, obj["image"], allow_outside=self.allow_outside)
-            image = read_image_bytes(path)
+            image = read_image_bytes(path, self.max_image_bytes)
         except BadExample as e:
             raise e.located(str(self.path), line_no) from None
         suffixes = _text_list(obj.get("suffix"), "suffix")
@@ -191,12 +202,18 @@ class JsonlSource:
 class CocoSource:
     """COCO captions annotation files (`images`: id, file_name; `annotations`: image_id, caption).
 
+    Image ids must be unique: an id listed twice ("duplicate_image_id"), or two ids that name the same example
+    (`1` and `"1"`: "colliding_image_id"), would pair captions with the wrong image, so every image with such an
+    id, and its captions, is bad input (listed with the ids under `bad_input="skip"`, raised under "error").
+
     Args:
       annotations: the annotation JSON file, e.g. `captions_val2017.json`.
       image_dir: folder holding the `file_name`s.
       mode: "train" (one example per annotation) or "eval" (one per image, all its captions as references).
       allow_outside: accept file names that resolve outside `image_dir`.
-      bad_input: "skip" or "error" for annotations that name an unknown image or have no caption string.
+      bad_input: "skip" or "error" for bad image ids and annotations that name an unknown image or have no
+        caption string.
+      max_image_bytes: larger image files are refused before they are read (`input.max_image_bytes`).
     """
 
     def __init__(
@@ -207,13 +224,15 @@ class CocoSource:
         mode: str = "train",
         allow_outside: bool = False,
         bad_input: str = "skip",
+        max_image_bytes: int = images.DEFAULT_MAX_BYTES,
     ):
         self.path = pathlib.Path(annotations).expanduser()
         self.image_dir, self.allow_outside = pathlib.Path(image_dir).expanduser(), allow_outside
+        self.max_image_bytes = max_image_bytes
         self.skipped: list[BadExample] = []
         try:
             data = json.loads(self.path.read_bytes())
-            files = {im["id"]: str(im["file_name"]) for im in data["images"]}
+            listed = [(im["id"], str(im["file_name"])) for im in data["images"]]
             anns = data["annotations"]
         except FileNotFoundError:
             raise FileNotFoundError(f"input.data.annotations: {self.path} does not exist.") from None
@@ -222,12 +241,15 @@ class CocoSource:
                 f"{self.path}: not a COCO captions file (needs 'images' with 'id' and 'file_name' "
                 f"and 'annotations' with 'image_id' and 'caption'): {type(e).__name__}: {e}"
             ) from None
+        files, bad_ids = self._unique_images(listed, anns, bad_input)
         refs: dict[Any, list[str]] = collections.defaultdict(list)
         train: list[tuple[Any, str, int]] = []  # (image id, caption, annotation index)
         for k, ann in enumerate(anns):
             ann = ann if isinstance(ann, dict) else {}
             image_id, caption = ann.get("image_id"), ann.get("caption")
-            if image_id not in files or not isinstance(caption, str):
+            if _hashable(image_id) and image_id in bad_ids:
+                continue  # Listed with its image's duplicate id.
+            if not _hashable(image_id) or image_id not in files or not isinstance(caption, str):
                 _record_bad(
                     BadExample(
                         "bad_annotation",
@@ -244,6 +266,38 @@ class CocoSource:
         # Eval keeps every listed image (one prediction each), in the file's order.
         self.items = train if mode == "train" else [(image_id, None, None) for image_id in files]
 
+    def _unique_images(self, listed: list[tuple[Any, str]], anns: list, bad_input: str) -> tuple[dict, set]:
+        """`({image id: file name}, ids left out)`: an id that is not an int or a string, or that is not unique as
+        an example id (`str(id)`), is bad input, named with its `images` entries and its number of captions."""
+        by_example: dict[str, list[tuple[int, Any, str]]] = collections.defaultdict(list)
+        for k, (image_id, name) in enumerate(listed):
+            # `1.0 == 1` in Python: a whole float shares its int's bucket (and is refused with it).
+            integral = isinstance(image_id, float) and image_id.is_integer()
+            by_example[str(int(image_id)) if integral else str(image_id)].append((k, image_id, name))
+        files, bad_ids, errors = {}, set(), []
+        for example_id, entries in by_example.items():
+            ids = list(dict.fromkeys(image_id for _, image_id, _ in entries if _hashable(image_id)))
+            listing = ", ".join(f"#{k} id {image_id!r} {name!r}" for k, image_id, name in entries)
+            if any(isinstance(i, bool) or not isinstance(i, (int, str)) for _, i, _ in entries):
+                errors.append(("bad_image_id", f"images entries {listing}: COCO image ids are integers", ids))
+            elif len(ids) > 1:
+                what = f"image ids {' and '.join(map(repr, ids))} are the same example id {example_id!r}"
+                errors.append(("colliding_image_id", f"{what} ({listing})", ids))
+            elif len(entries) > 1:
+                what = f"image id {ids[0]!r} is used by {len(entries)} images"
+                errors.append(("duplicate_image_id", f"{what} ({listing})", ids))
+            else:
+                files[entries[0][1]] = entries[0][2]
+        counts = collections.Counter(
+            a["image_id"] for a in anns if isinstance(a, dict) and _hashable(a.get("image_id"))
+        )
+        for reason, detail, ids in errors:
+            bad_ids.update(ids)
+            lost = sum(counts[i] for i in ids)
+            detail += f"; captions cannot be matched to one image, so it and its {lost} caption(s) are left out"
+            _record_bad(BadExample(reason, detail, file=str(self.path)), bad_input, self.skipped)
+        return files, bad_ids
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -255,7 +309,7 @@ class CocoSource:
         references = list(self.refs.get(image_id, []))
         try:
             path = resolve_image_path(self.image_dir, self.files[image_id], allow_outside=self.allow_outside)
-            image = read_image_bytes(path)
+            image = read_image_bytes(path, self.max_image_bytes)
         except BadExample as e:
             raise BadExample(e.reason, f"image id {image_id}: {e.detail}", file=str(self.path)) from None
         return {
@@ -386,13 +440,20 @@ def check_data_config(data: Mapping[str, Any]) -> str:
     return source
 
 
-def make_source(data: Mapping[str, Any], *, mode: str = "train", bad_input: str = "skip") -> Source:
+def make_source(
+    data: Mapping[str, Any],
+    *,
+    mode: str = "train",
+    bad_input: str = "skip",
+    max_image_bytes: int = images.DEFAULT_MAX_BYTES,
+) -> Source:
     """Builds the source that `input.data` describes (see the module docstring for the keys).
 
     Args:
       data: the data config (dict or ConfigDict).
       mode: "train" or "eval".
       bad_input: "skip" or "error" for rows that cannot be parsed.
+      max_image_bytes: image files larger than this are refused before reading (`input.max_image_bytes`).
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}.")
@@ -409,6 +470,7 @@ def make_source(data: Mapping[str, Any], *, mode: str = "train", bad_input: str 
             allow_outside=bool(data.get("allow_outside", False)),
             references_key=data.get("references_key", "suffix"),
             bad_input=bad_input,
+            max_image_bytes=max_image_bytes,
         )
     if source == "coco":
         for key in ("annotations", "image_dir"):
@@ -420,7 +482,12 @@ def make_source(data: Mapping[str, Any], *, mode: str = "train", bad_input: str 
             mode=mode,
             allow_outside=bool(data.get("allow_outside", False)),
             bad_input=bad_input,
+            max_image_bytes=max_image_bytes,
         )
+    if source in localization.SOURCE_KEYS:
+        from paligemma_ft.data import annotations  # noqa: PLC0415 - it imports this module's helpers.
+
+        return annotations.make_annotation_source(data, mode=mode, bad_input=bad_input)  # type: ignore[return-value]
     if source == "tfds":
         if not data.get("name"):
             raise ValueError("input.data.name (the TFDS dataset) is required for source 'tfds'.")
@@ -432,6 +499,9 @@ def make_source(data: Mapping[str, Any], *, mode: str = "train", bad_input: str 
         data.get("task", "caption"),
         tuple(image_size) if isinstance(image_size, Sequence) else int(image_size),
         int(data.get("offset", 0)),
+        max_shapes=int(data.get("max_shapes", shapes_lib.MAX_SHAPES)),
+        snap=int(data.get("snap", 0)),
+        codec=data.get("codec"),
     )
 
 

@@ -8,6 +8,9 @@ teacher forcing), wraps the model in a `Predictor`, and logs the returned metric
 Batches are dicts of numpy arrays with `_mask bool[B]` (False on padding rows) and `_meta`, a list of B dicts
 with `id`, `image_path`, `prefix` and `references` (list of str). Each real example must appear exactly once in
 the split; a repeated id is an error (it would silently weigh the example twice).
+
+On several processes each one runs its rows of every batch; the examples are gathered in the split's order before
+scoring, so every process returns the metrics of the whole split, and process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 
-from paligemma_ft.evaluate import caption, detection, report, vqa
+from paligemma_ft import multihost
+from paligemma_ft.evaluate import caption, detection, report, segmentation, vqa
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ RUNNER_KEYS = frozenset(
         "sampler",
         "prompt",
         "decode",
+        "constrain",
     }
 )
 _ALIASES = {"coco_caption": "caption", "vqav2": "vqa"}
@@ -80,6 +86,8 @@ class _Example:
     prompt: str
     references: list[str]
     output: Any = None  # The decoded string, or the loss for perplexity.
+    objects: Any = None  # Localization examples: the ground-truth objects (`data.localization.Obj`).
+    image_size: Any = None  # Localization examples: (height, width) of the original image.
 
 
 def _real_rows(batch: Mapping[str, Any], where: str, *, need_meta: bool) -> list[tuple[int, dict | None]]:
@@ -108,7 +116,24 @@ def _example(meta: Mapping[str, Any], where: str) -> _Example:
         None if image is None else str(_plain(image)),
         str(_plain(meta.get("prefix", ""))),
         [str(_plain(r)) for r in refs],
+        objects=meta.get("objects"),
+        image_size=meta.get("image_size"),
     )
+
+
+def _gather(local: list[tuple[int, int, _Example]]) -> list[tuple[int, int, _Example]]:
+    """Every process's `(batch, row, example)`s in the split's order: by batch, then process, then row (process p
+    holds the p-th block of rows of each global batch). A collective on several processes; as it is on one."""
+    if jax.process_count() == 1:
+        return local
+    plain = [(int(b), int(i), {**dataclasses.asdict(ex), "output": _json_value(ex.output)}) for b, i, ex in local]
+    rows = [(b, p, i, ex) for p, part in enumerate(multihost.allgather_json(plain)) for b, i, ex in part]
+    return [(b, i, _Example(**ex)) for b, _, i, ex in sorted(rows, key=lambda r: r[:3])]
+
+
+def _json_value(value: Any) -> Any:
+    """An output as JSON carries it: numpy scalars as Python numbers (a loss is a float64)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _file_stem(name: str) -> str:
@@ -134,6 +159,10 @@ class Evaluator:
         """Metrics dict with `per_example` (id -> scores) and `warnings`; see the metric modules."""
         raise NotImplementedError
 
+    def _score(self, examples: list[_Example]) -> dict[str, Any]:
+        """`score` on the collected examples (evaluators that need more than outputs and references override it)."""
+        return self.score({ex.id: ex.output for ex in examples}, {ex.id: ex.references for ex in examples})
+
     def _outputs(self, predictor: Predictor, batch: dict, size: int, where: str) -> list[Any]:
         texts = [str(_plain(t)) for t in predictor.generate(batch)]
         if len(texts) != size:
@@ -141,7 +170,7 @@ class Evaluator:
         return texts
 
     def _collect(self, predictor: Predictor, batches: Iterable[dict]) -> list[_Example]:
-        examples: dict[Any, _Example] = {}
+        local: list[tuple[int, int, _Example]] = []  # (batch, row, example) of this process's rows.
         for b, batch in enumerate(batches):
             where = f"evaluator {self.name!r}, batch {b}"
             rows = _real_rows(batch, where, need_meta=self.kind == "prompt")
@@ -149,13 +178,16 @@ class Evaluator:
             outputs = self._outputs(predictor, batch, size, where)
             for i, meta in rows:
                 ex = _example(meta, where) if meta is not None else _Example(f"batch{b}_row{i}", None, "", [])
-                if ex.id in examples:
-                    raise ValueError(
-                        f"{where}, row {i}: id {ex.id!r} was already scored (ids must be unique "
-                        "and each example must appear once in the split)"
-                    )
                 ex.output = outputs[i]
-                examples[ex.id] = ex
+                local.append((b, i, ex))
+        examples: dict[Any, _Example] = {}
+        for b, i, ex in _gather(local):  # Every process's, in split order.
+            if ex.id in examples:
+                raise ValueError(
+                    f"evaluator {self.name!r}, batch {b}, row {i}: id {ex.id!r} was already scored (ids must be "
+                    "unique and each example must appear once in the split)"
+                )
+            examples[ex.id] = ex
         if not examples:
             raise ValueError(f"evaluator {self.name!r}: the split has no (non-padding) examples")
         return list(examples.values())
@@ -180,7 +212,7 @@ class Evaluator:
           Flat metrics without the evaluator prefix, `n` (examples scored) included.
         """
         examples = self._collect(predictor, batches)
-        result = self.score({ex.id: ex.output for ex in examples}, {ex.id: ex.references for ex in examples})
+        result = self._score(examples)
         per = result["per_example"]
         if len(per) != len(examples) or any(ex.id not in per for ex in examples):
             raise RuntimeError(f"evaluator {self.name!r}: scored {len(per)} examples for {len(examples)} collected")
@@ -189,6 +221,8 @@ class Evaluator:
         }
         metrics["n"] = float(len(examples))
         self.warnings = list(result.get("warnings", []))
+        if not multihost.is_primary():
+            return metrics  # Every process scores the gathered split; process 0 alone reports and writes files.
         for w in self.warnings:
             log.warning("evaluator %s: %s", self.name, w)
         rows = self._rows(examples, result)
@@ -239,18 +273,76 @@ class VqaEvaluator(Evaluator):
 
 @dataclasses.dataclass
 class DetectionEvaluator(Evaluator):
-    """AP@0.5, AP@0.75, mAP@[.5:.95], well-formed rate and IoU; see `detection.detection_metrics`."""
+    """AP@0.5, AP@0.75, mAP@[.5:.95], format-validity and empty-output rates and IoU; see
+    `detection.detection_metrics`."""
 
     loc_bins: int = 1024  # Number of <locNNNN> tokens.
 
     def score(self, predictions: dict, references: dict) -> dict[str, Any]:
         return detection.detection_metrics(predictions, references, loc_bins=self.loc_bins)
 
+    def run(self, predictor: Predictor, batches: Iterable[dict], outdir: str | Path, step: int) -> dict[str, float]:
+        """As `Evaluator.run`, plus `gallery_<name>_step<step>.png`: the first 16 examples drawn (see report.py)."""
+        metrics = super().run(predictor, batches, outdir, step)
+        report.write_gallery_png(Path(outdir) / f"gallery_{_file_stem(self.name)}_step{step}.png", self._last_rows)
+        return metrics
+
     def _rows(self, examples: list[_Example], result: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows = super()._rows(examples, result)
+        self._last_rows = rows
         for row in rows:
             row["boxes"] = result["boxes"][row["id"]]  # Drawn on the gallery thumbnails.
+            if row["id"] in result.get("masks", {}):  # COCO RLEs: small in the JSONL, drawn filled in the gallery.
+                row["masks"] = result["masks"][row["id"]]
         return rows
+
+
+@dataclasses.dataclass
+class SegmentationEvaluator(DetectionEvaluator):
+    """Box metrics plus mask mIoU and mask AP, masks decoded by the VQ-VAE codec; see
+    `segmentation.segmentation_metrics`. The split must carry ground-truth masks (annotation or shapes sources)."""
+
+    codec: str = "oi"  # The mask codec spec (paligemma_ft.model.vqvae): "oi" = vae-oid.npz, or a path.
+
+    def __post_init__(self):
+        super().__post_init__()
+        from paligemma_ft.model import vqvae  # noqa: PLC0415 - JAX-heavy.
+
+        self._codec = vqvae.load_codec(self.codec)  # A missing file fails before any decoding.
+
+    def _score(self, examples: list[_Example]) -> dict[str, Any]:
+        return segmentation.segmentation_metrics(
+            {ex.id: ex.output for ex in examples},
+            {ex.id: ex.references for ex in examples},
+            {ex.id: ex.objects for ex in examples},
+            {ex.id: ex.image_size for ex in examples},
+            self._codec,
+            loc_bins=self.loc_bins,
+        )
+
+
+@dataclasses.dataclass
+class RefexpEvaluator(DetectionEvaluator):
+    """Referring expressions: accuracy at IoU 0.5 and 0.75 of the first predicted box (big_vision's boxacc), and
+    with `codec` set the first mask's mIoU; see `segmentation.refexp_metrics`."""
+
+    codec: str = ""  # "" scores boxes only; a codec spec ("oi", a path) also scores masks.
+
+    def __post_init__(self):
+        super().__post_init__()
+        from paligemma_ft.model import vqvae  # noqa: PLC0415 - JAX-heavy.
+
+        self._codec = vqvae.load_codec(self.codec) if self.codec else None
+
+    def _score(self, examples: list[_Example]) -> dict[str, Any]:
+        return segmentation.refexp_metrics(
+            {ex.id: ex.output for ex in examples},
+            {ex.id: ex.references for ex in examples},
+            objects={ex.id: ex.objects for ex in examples},
+            image_sizes={ex.id: ex.image_size for ex in examples},
+            codec=self._codec,
+            loc_bins=self.loc_bins,
+        )
 
 
 @dataclasses.dataclass
@@ -293,6 +385,8 @@ _TYPES: dict[str, type[Evaluator]] = {
     "caption": CaptionEvaluator,
     "vqa": VqaEvaluator,
     "detection": DetectionEvaluator,
+    "segmentation": SegmentationEvaluator,
+    "refexp": RefexpEvaluator,
     "perplexity": PerplexityEvaluator,
 }
 
@@ -312,8 +406,8 @@ def make_evaluator(name: str, cfg: Mapping[str, Any]) -> Evaluator:
     Args:
       name: the evaluator's name (its metrics are logged as `<name>/<metric>`, its files carry it).
       cfg: a mapping or `ConfigDict` with `type` in {"caption", "coco_caption", "vqa", "vqav2", "detection",
-        "perplexity"}, the evaluator's own options (fields of its class), and optionally runner keys
-        (`RUNNER_KEYS`), which are ignored here. Any other key is an error naming it.
+        "segmentation", "refexp", "perplexity"}, the evaluator's own options (fields of its class), and optionally
+        runner keys (`RUNNER_KEYS`), which are ignored here. Any other key is an error naming it.
     """
     cfg = dict(cfg.items())
     if "type" not in cfg:

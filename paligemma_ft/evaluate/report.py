@@ -1,8 +1,10 @@
 """What an evaluator leaves on disk: a predictions JSONL and a self-contained HTML gallery.
 
 A row is a dict with `id`, `image` (path or None), `prompt`, `prediction`, `references` (list of str) and `score`
-(a dict of per-example metrics, or a number); detection rows may add `boxes`
-(`{"prediction": [Box], "references": [Box]}`), drawn on the thumbnails (references green, predictions red).
+(a dict of per-example metrics, or a number); localization rows may add `boxes`
+(`{"prediction": [Box], "references": [Box]}`) and `masks` (the same keys, COCO RLE per box), drawn on the
+thumbnails (references green, predictions red; `draw.py`). Generated examples (`shapes(...)[i]` paths) are drawn
+from their generator. `write_gallery_png` writes the first examples of a localization split as one picture.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        # Optional fields left at their None default (a detection Box's `seg`) are not written.
+        return {
+            f.name: getattr(value, f.name)
+            for f in dataclasses.fields(value)
+            if not (f.default is None and getattr(value, f.name) is None)
+        }
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
@@ -42,36 +49,77 @@ def write_predictions_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str,
             f.write(json.dumps(dict(row), ensure_ascii=False, default=_jsonable) + "\n")
 
 
-def _coords(box: Any) -> tuple[float, float, float, float]:
-    """(y0, x0, y1, x1) of a Box or of its dict form (as read back from JSON)."""
-    if isinstance(box, Mapping):
-        return box["y0"], box["x0"], box["y1"], box["x1"]
-    return box.y0, box.x0, box.y1, box.x1
+def _load_image(image_path: str | None) -> Any:
+    """The RGB PIL image at `image_path`, or a generated example's image; None if it cannot be read."""
+    from PIL import Image  # noqa: PLC0415
 
+    from paligemma_ft.data.shapes import image_from_path  # noqa: PLC0415
 
-def _thumbnail(image_path: str | None, boxes: Mapping[str, Sequence[Any]] | None) -> str | None:
-    """A base64 JPEG data URI of the image shrunk to fit 128 px, boxes drawn; None if it cannot be read."""
     if not image_path:
         return None
-    try:
-        from PIL import Image, ImageDraw
+    generated = image_from_path(image_path)
+    if generated is not None:
+        return Image.fromarray(generated)
+    from paligemma_ft.data.errors import BadExample  # noqa: PLC0415
+    from paligemma_ft.data.images import load_image  # noqa: PLC0415
 
-        with Image.open(image_path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    try:  # The dataset's image through the same checks as training (format allow-list, size and pixel limits).
+        return Image.fromarray(load_image(image_path))
+    except (BadExample, OSError, ValueError):  # Missing, refused or unreadable file: a placeholder.
+        return None
+
+
+def _thumbnail(
+    image_path: str | None, boxes: Mapping[str, Sequence[Any]] | None, masks: Mapping[str, Sequence[Any]] | None = None
+) -> str | None:
+    """A base64 JPEG data URI of the image shrunk to fit 128 px (small ones enlarged), boxes and masks drawn; None
+    if it cannot be read."""
+    from paligemma_ft.evaluate.draw import draw_comparison  # noqa: PLC0415
+
+    im = _load_image(image_path)
+    if im is None:
+        return None
+    try:
         if boxes:
-            draw = ImageDraw.Draw(im)
-            for key, color in (("references", (0, 200, 0)), ("prediction", (230, 0, 0))):
-                for box in boxes.get(key, ()):
-                    y0, x0, y1, x1 = _coords(box)
-                    draw.rectangle(
-                        [x0 * im.width, y0 * im.height, x1 * im.width, y1 * im.height], outline=color, width=2
-                    )
+            im = draw_comparison(im, boxes, masks, min_side=THUMBNAIL_PX, labels=False)
+        im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError):  # Missing or unreadable file (PIL raises OSError subclasses): placeholder.
+    except (OSError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_gallery_png(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, max_items: int = 16, cell: int = 192
+) -> bool:
+    """A contact sheet of the first `max_items` localization rows: each image under its prompt, with its references
+    (green, thick, labels above) and predictions (red, thin, labels below): boxes, masks and labels. Returns False
+    (and writes nothing) when no image can be read."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    from paligemma_ft.evaluate.draw import draw_comparison  # noqa: PLC0415
+
+    band, gap = 14, 6  # Prompt line above each image; white space between cells.
+    cells = []
+    for row in rows[:max_items]:
+        im = _load_image(row.get("image"))
+        if im is not None:
+            im = draw_comparison(im, row.get("boxes"), row.get("masks"), min_side=cell)
+            im.thumbnail((cell, cell))
+            cells.append((str(row.get("prompt", ""))[:40], im))
+    if not cells:
+        return False
+    cols = min(4, len(cells))
+    rows_n = -(-len(cells) // cols)
+    sheet = Image.new("RGB", (cols * (cell + gap) + gap, rows_n * (cell + band + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (prompt, im) in enumerate(cells):
+        x, y = gap + (k % cols) * (cell + gap), gap + (k // cols) * (cell + band + gap)
+        draw.text((x, y), prompt, fill=(0, 0, 0))
+        sheet.paste(im, (x, y + band))
+    sheet.save(path, format="PNG")
+    return True
 
 
 def _format_score(score: Any) -> str:
@@ -132,7 +180,7 @@ def write_gallery_html(
     out.append(f"<p>{len(shown)} of {len(rows)} examples.</p>")
     out.append("<table><tr><th>image</th><th>id / prompt</th><th>prediction / references</th><th>score</th></tr>")
     for row in shown:
-        uri = _thumbnail(row.get("image"), row.get("boxes"))
+        uri = _thumbnail(row.get("image"), row.get("boxes"), row.get("masks"))
         img = f'<img src="{uri}" alt="{e(row.get("image"))}">' if uri else '<div class="ph">no image</div>'
         refs = "".join(f"<li>{e(r)}</li>" for r in row.get("references") or [])
         out.append(

@@ -7,6 +7,10 @@ and by `paligemma-ft evaluate`.
                             max_decode_len=32, sampler="greedy", bootstrap=1000)
 
 Metrics come back as `{"<name>/<metric>": float}`; predictions (JSONL) and an HTML gallery go to `outdir`.
+Rows of the split that cannot be used (a missing or refused image, a malformed line, a duplicate COCO id) are
+masked, never scored, and listed in `outdir/bad_rows_<name>.jsonl` (one JSON object per row: `file`, `line`,
+`reason`, `detail`); the console (a warning, and `paligemma-ft evaluate`'s summary) and the training report name
+the file. The evaluator settings (`batch_size`, `max_decode_len`, `sampler`) are checked before anything runs.
 
 `evaluate_command` is `paligemma-ft evaluate`: it loads the parameters (`--checkpoint`, else `WORKDIR/params.npz`,
 else `config.model_init`), runs the evaluators, prints a table and writes `eval_metrics.json`.
@@ -15,18 +19,66 @@ else `config.model_init`), runs the evaluators, prints a table and writes `eval_
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from paligemma_ft import config_base, multihost
 from paligemma_ft import data as data_lib
+from paligemma_ft import sharding as sharding_lib
+from paligemma_ft.decode import parse_sampler
+from paligemma_ft.errors import UserError, check_output_dir
 from paligemma_ft.evaluate.evaluators import evaluator_type, make_evaluator
+
+log = logging.getLogger(__name__)
+
+
+class EvalConfigError(UserError, ValueError):
+    """A `config.evals.<name>` entry that cannot run; the message names the key."""
 
 
 def _plain(tree: Any) -> dict:
     return tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)
+
+
+def _positive_int(name: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise EvalConfigError(f"config.evals.{name}.{key}={value!r}: must be an integer >= 1")  # As validate().
+    return int(value)
+
+
+def check_evals(evals: dict[str, Any], names: list[str] | None = None) -> None:
+    """Checks the evaluator entries that will run, before any data is read or any model is loaded.
+
+    Raises:
+      EvalConfigError / ValueError: a missing `type` or `data`, an unknown type or option, a `batch_size` or
+        `max_decode_len` below 1, or a sampler that cannot be used, each named as `config.evals.<name>.<key>`.
+    """
+    for name, ecfg in evals.items():
+        if names is not None and name not in names:
+            continue
+        ecfg = _plain(ecfg)
+        if "type" not in ecfg or "data" not in ecfg:
+            raise EvalConfigError(f"config.evals.{name} needs 'type' and 'data' (got keys {sorted(ecfg)})")
+        make_evaluator(name, ecfg)  # Unknown types and options.
+        _positive_int(name, "batch_size", ecfg.get("batch_size", 8))
+        _positive_int(name, "max_decode_len", ecfg.get("max_decode_len", 32))
+        try:
+            parse_sampler(ecfg.get("sampler", "greedy"))
+        except ValueError as e:
+            raise EvalConfigError(f"config.evals.{name}.sampler: {e}") from None
+
+
+def bad_rows_path(outdir: str | Path, name: str) -> Path:
+    """Where `run_evals` lists evaluator `name`'s bad rows (one JSON object per row)."""
+    import jax  # noqa: PLC0415 - only to name the file of each process when there are several.
+
+    suffix = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
+    return Path(outdir) / f"bad_rows_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}{suffix}.jsonl"  # As predictions_*.
 
 
 def run_evals(
@@ -45,29 +97,36 @@ def run_evals(
     unknown = sorted(set(names or ()) - set(evals))
     if unknown:
         raise ValueError(f"no evaluator named {unknown} in config.evals (known: {sorted(evals)})")
+    check_evals(evals, names)
     for name, ecfg in evals.items():
         if names is not None and name not in names:
             continue
         ecfg = _plain(ecfg)
-        if "type" not in ecfg or "data" not in ecfg:
-            raise ValueError(f"config.evals.{name} needs 'type' and 'data' (got keys {sorted(ecfg)})")
         evaluator = make_evaluator(name, ecfg)
         kind = "train" if evaluator_type(ecfg["type"]) == "perplexity" else "prompt"
+        bad = data_lib.BadInputReport()
         batches = data_lib.make_eval_batches(
-            ecfg["data"], config.input, predictor.tok, int(ecfg.get("batch_size", 8)), kind=kind
+            ecfg["data"], config.input, predictor.tok, int(ecfg.get("batch_size", 8)), kind=kind, report=bad
         )
         predictor.max_decode_len = int(ecfg.get("max_decode_len", 32))
         predictor.sampler = ecfg.get("sampler", "greedy")
+        predictor.constrain = ecfg.get("constrain", "")  # Constrained localization decoding (constrain.py).
         result = evaluator.run(predictor, batches, Path(outdir), step)
+        _list_bad_rows(bad, bad_rows_path(outdir, name), name)
         for k, v in result.items():
             if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
                 out[f"{name}/{k}"] = float(v)
     return out
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
+def _list_bad_rows(report: Any, path: Path, name: str) -> None:
+    """Writes the bad rows to `path` (removing a stale list when there are none now) and warns, naming the file."""
+    if not len(report):
+        path.unlink(missing_ok=True)
+        return
+    report.write(path)
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(report.counts.items()))
+    log.warning("evaluator %s: %d bad rows were not scored (%s); listed in %s", name, len(report), counts, path)
 
 
 def _workdir_step(workdir: str | Path | None) -> int:
@@ -121,13 +180,12 @@ def evaluate_command(
       ValueError / FileNotFoundError: nothing to evaluate or nowhere to write, no or unknown evaluators, a missing
         checkpoint or a tokenizer that does not fit the model (the message says which).
     """
-    import ml_collections  # noqa: PLC0415
-
     from paligemma_ft.predictor import load_predictor  # noqa: PLC0415 - lazy: keeps `--help` instant.
 
-    if isinstance(config, dict):
-        config = ml_collections.ConfigDict(config)  # run_evals reads `config.input` as an attribute.
-    evals = _plain(_get(config, "evals", {}))
+    config = config_base.complete(config)
+    config_base.validate(config, training=False)
+    sharding_lib.maybe_initialize_distributed(config)  # Each process evaluates its rows; results are gathered.
+    evals = _plain(config.evals)
     if not evals:
         raise ValueError(
             "config.evals is empty: nothing to evaluate (add e.g. config.evals.val = "
@@ -136,26 +194,34 @@ def evaluate_command(
     unknown = sorted(set(only or ()) - set(evals))
     if unknown:
         raise ValueError(f"--only {unknown}: no such evaluator in config.evals (known: {sorted(evals)})")
-    spec = checkpoint or (str(workdir) if workdir is not None and not adapters else "")
-    spec = spec or _get(config, "model_init", "")
+    check_evals(evals, list(only) if only else None)
+    # With --adapters the default checkpoint is their base (config.model_init), not the workdir's merged export.
+    spec = checkpoint or (str(workdir) if workdir is not None and not adapters else "") or config.model_init
     if not spec:
         raise ValueError(
             "nothing to evaluate: pass --checkpoint SPEC or --workdir DIR (with params.npz), or set config.model_init"
         )
-    if outdir is None and workdir is None:
+    if outdir is not None:
+        outdir = check_output_dir(outdir, "--outdir")
+    elif workdir is None:
         raise ValueError("nowhere to write the results: pass --workdir DIR or --outdir DIR")
-    outdir = Path(outdir if outdir is not None else workdir)
-    input_cfg = _get(config, "input", {})
+    elif not Path(workdir).exists():  # Not created here: the run to evaluate is missing.
+        raise FileNotFoundError(f"--workdir {workdir} does not exist")
+    else:
+        outdir = check_output_dir(workdir, "--workdir")
+    config_base.check_data_paths(config, train=False)  # Evaluation reads the evaluators' data.
     predictor = load_predictor(
         spec,
-        _get(config, "tokenizer", None) or None,
-        preset=_get(config, "model_name_or_preset", "") or None,
-        model_overrides=_get(config, "model", None),
-        res=_get(input_cfg, "res", None),
+        config.tokenizer or None,
+        preset=config.model_name_or_preset or None,
+        model_overrides=config.model,
+        res=config.input.res,
         adapters=adapters,
     )
     step = _workdir_step(workdir if not checkpoint else None) if step is None else int(step)
     metrics = run_evals(config, predictor, outdir, step, names=list(only) if only else None)
+    if not multihost.is_primary():
+        return metrics  # The same metrics on every process; process 0 writes and prints them.
     outdir.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": spec, "step": step, "metrics": metrics}
     (outdir / "eval_metrics.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -163,4 +229,9 @@ def evaluate_command(
     print(f"Evaluated {spec} (step {step}):", file=out)
     print(format_table(metrics), file=out)
     print(f"Wrote {outdir / 'eval_metrics.json'} and the predictions and galleries in {outdir}.", file=out)
+    for name in only or list(evals):
+        path = bad_rows_path(outdir, name)
+        if path.exists():
+            rows = sum(1 for _ in path.open(encoding="utf-8"))
+            print(f"{name}: {rows} bad row(s) of the split were not scored; listed in {path}", file=out)
     return metrics

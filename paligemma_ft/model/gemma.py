@@ -17,9 +17,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paligemma_ft.model import lora as lora_lib
 from paligemma_ft.model.vit import _remat_policy
+from paligemma_ft.utils import LeafAdapter
 
 # `attn_impl` values: the einsum path below is big_vision's, bit for bit; the others call
 # `jax.nn.dot_product_attention` (same math, logits and softmax in float32) with that `implementation`.
@@ -495,3 +497,61 @@ class Gemma(nn.Module):
         mask = jnp.logical_and(slots >= cache_begin[:, None, None], slots < cache_end[:, None, None])
         _, out = self(x, positions[:, None], mask, decode=True, deterministic=True, return_logits=True)
         return out["logits"]
+
+
+# --- Checkpoint adaptation (big_vision's `gemma.load`) ---------------------------------------------------------
+
+
+def _vocab_fits(old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """[V_old, D] -> [V_new, D]: another vocabulary size of the same width."""
+    return len(old) == len(new) == 2 and old[1] == new[1] and old[0] != new[0]
+
+
+def resize_vocab(table: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """The embedding table [V, D] with `rows` rows, in its dtype.
+
+    A longer table gets N(0, 0.02) rows appended, as big_vision's `gemma.load` does (e.g. a 256 000-row Gemma
+    table made PaliGemma's 257 152). A shorter one is cut only when the dropped rows are all zero (padding
+    rows, such as an export's); real rows are refused, since every id past the cut would lose its embedding.
+
+    Raises:
+      ValueError: the rows past `rows` hold values; the message gives the setting that keeps them.
+    """
+    vocab, width = table.shape
+    if rows >= vocab:
+        extra = rng.standard_normal((rows - vocab, width), dtype=np.float32) * 0.02
+        return np.concatenate([table, extra.astype(table.dtype)], axis=0)
+    if np.any(table[rows:].astype(np.float32) != 0):
+        raise ValueError(
+            f"llm/embedder/input_embedding has {vocab} rows but the model has {rows}, and rows {rows}..{vocab - 1} "
+            f"hold trained values; set model.llm.vocab_size={vocab} to keep them."
+        )
+    return np.ascontiguousarray(table[:rows])
+
+
+def _describe_vocab(name: str, old: tuple[int, ...], new: tuple[int, ...]) -> str:
+    if new[0] > old[0]:
+        return f"Extended {name} from {old[0]} to {new[0]} rows with N(0, 0.02) rows (as big_vision's gemma.load)."
+    return f"Cut {name} from {old[0]} to {new[0]} rows (the dropped rows are all zero: padding)."
+
+
+def _gating_fits(old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """An old `gating_einsum` layout [.., 2, F, D] for the model's [.., 2, D, F]."""
+    return len(old) == len(new) >= 2 and old != new and old[:-2] + old[:-3:-1] == new
+
+
+# What `checkpoints/loading.py` may change in a stored Gemma (names below `llm/`) to fit this model.
+CHECKPOINT_ADAPTERS = (
+    LeafAdapter(
+        pattern=r"embedder/input_embedding",
+        fits=_vocab_fits,
+        apply=lambda array, shape, rng: resize_vocab(array, shape[0], rng),
+        describe=_describe_vocab,
+    ),
+    LeafAdapter(
+        pattern=r"layers/(?:\d+/)?mlp/gating_einsum",
+        fits=_gating_fits,
+        apply=lambda array, shape, rng: np.ascontiguousarray(np.swapaxes(array, -1, -2)),
+        describe=lambda name, old, new: f"Transposed {name} from {old} (.., 2, F, D) to {new} (.., 2, D, F).",
+    ),
+)

@@ -75,20 +75,22 @@ class LoraSpec:
     """`config.lora` as the model sees it (frozen, so hashable).
 
     Attributes:
-      rank: r; 0 turns LoRA off (a `quant` alone then still quantizes the frozen weights).
-      alpha: the update is scaled by alpha / rank (PEFT's `lora_alpha`).
+      rank: r; 0 adds no adapters (a `quant` alone then still quantizes the frozen weights; configs need r >= 1).
+      alpha: the update is scaled by alpha / rank (PEFT's `lora_alpha`); None = rank (scale 1).
       dropout: dropout on the adapter's input in training (PEFT's `lora_dropout`).
       targets: ordered `(regex, adapt)` rules over weight names; the first full match decides.
       quant: "none", "int8" or "nf4": how the frozen adaptable weights are stored.
     """
 
     rank: int = 0
-    alpha: float = 16.0
+    alpha: float | None = None
     dropout: float = 0.0
     targets: tuple[tuple[str, bool], ...] = ()
     quant: str = "none"
 
     def __post_init__(self):
+        if self.alpha is None:  # Frozen dataclass: set once, here.
+            object.__setattr__(self, "alpha", float(self.rank))
         if self.rank < 0:
             raise ValueError(f"config.lora.rank must be >= 0, got {self.rank}.")
         if not 0.0 <= self.dropout < 1.0:
@@ -103,7 +105,8 @@ class LoraSpec:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank if self.rank else 0.0
+        alpha = self.rank if self.alpha is None else self.alpha  # (Never None after __post_init__.)
+        return float(alpha) / self.rank if self.rank else 0.0
 
     def adapts(self, name: str) -> bool:
         """Whether the weight `name` gets an adapter: it is adaptable (`ROLES`) and the first target that fully
@@ -133,25 +136,22 @@ def parse_targets(targets: Any) -> tuple[tuple[str, bool], ...]:
 
 
 def spec_from_config(config: Any) -> LoraSpec | None:
-    """The `LoraSpec` of `config.lora`, or None when LoRA and quantization are both off (or the group is absent)."""
-    cfg = config.get("lora") if hasattr(config, "get") else getattr(config, "lora", None)
-    if not cfg:
+    """The `LoraSpec` of a completed config's `lora` group (`config_base`), or None when its rank is 0.
+
+    `lora.alpha` None means alpha = rank (scale 1, PEFT's default pairing). The values are checked by
+    `config_base.validate` (rank, quant, dropout, targets) before this is called.
+    """
+    cfg = config.lora
+    rank = int(cfg.rank)
+    if not rank:
         return None
-    get = lambda k, d: d if cfg.get(k) is None else cfg.get(k)  # noqa: E731
-    spec = LoraSpec(
-        rank=int(get("rank", 0)),
-        alpha=float(get("alpha", 16.0)),
-        dropout=float(get("dropout", 0.0)),
-        targets=parse_targets(get("targets", ())),
-        quant=str(get("quant", "none")),
+    return LoraSpec(
+        rank=rank,
+        alpha=float(rank if cfg.alpha is None else cfg.alpha),
+        dropout=float(cfg.dropout),
+        targets=parse_targets(cfg.targets),
+        quant=str(cfg.quant),
     )
-    if spec.quant != "none" and not spec.rank:
-        raise ValueError(f"config.lora.quant={spec.quant!r} needs config.lora.rank > 0 (QLoRA trains adapters).")
-    if spec.rank and not spec.targets:
-        raise ValueError(
-            "config.lora.rank > 0 but config.lora.targets is empty: name the weights to adapt, e.g. ['llm/layers/.*']."
-        )
-    return spec if spec.rank or spec.quant != "none" else None
 
 
 # --- Inside the layers -----------------------------------------------------------------------------------------
@@ -309,16 +309,43 @@ def merge(flat: Mapping[str, Any], scale: float, quant_mode: str = "none", xp: A
     return out
 
 
-def quantize_flat(flat: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
-    """Host-side (numpy) quantization of a flat base {name: array}: each adaptable weight `W` becomes `W_q` and
-    `W_qscale` (a checkpoint transform: the loader calls it before placing the parameters on the devices)."""
+def quantize_weight(name: str, w: Any, mode: str) -> tuple[Any, Any]:
+    """Host-side (numpy) codes and block scales of the float weight `name` (what the loader places for a QLoRA
+    base, one weight at a time as it is read from the checkpoint)."""
     import numpy as np  # noqa: PLC0415 - host arrays.
 
+    return quant.quantize(np.asarray(w, np.float32), _input_axis(roles_of(name, np.ndim(w))), mode)
+
+
+def dequantize_weight(name: str, codes: Any, scales: Any, mode: str) -> Any:
+    """Host-side (numpy) float weight `name` from its codes and scales (the inverse of `quantize_weight`)."""
+    import numpy as np  # noqa: PLC0415 - host arrays.
+
+    axis = _input_axis(roles_of(name, np.ndim(codes)))
+    return quant.dequantize(np.asarray(codes), np.asarray(scales), axis, mode, xp=np)
+
+
+def quantized_weights(shapes: Mapping[str, Sequence[int]], mode: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """`{weight name: (its float shape, codes name, scales name)}` for the quantized weights among a model's
+    parameters `{name: shape}` (those stored as `W_q` + `W_qscale`)."""
+    out = {}
+    for name, shape in shapes.items():
+        base = name[: -len(CODES)]
+        if name.endswith(CODES) and base + SCALE in shapes:
+            full = list(shape)
+            if mode == "nf4":  # Two codes per byte along the blocked axis.
+                full[_input_axis(roles_of(base, len(shape)))] *= 2
+            out[base] = (tuple(full), name, base + SCALE)
+    return out
+
+
+def quantize_flat(flat: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
+    """Host-side (numpy) quantization of a flat base {name: array}: each adaptable weight `W` becomes `W_q` and
+    `W_qscale` (tests; the loader quantizes one weight at a time with `quantize_weight`)."""
     out: dict[str, Any] = {}
     for name, v in flat.items():
         if spec.quantizes(name) and not is_adapter(name):
-            axis = _input_axis(roles_of(name, np.ndim(v)))
-            out[name + CODES], out[name + SCALE] = quant.quantize(np.asarray(v, np.float32), axis, spec.quant)
+            out[name + CODES], out[name + SCALE] = quantize_weight(name, v, spec.quant)
         else:
             out[name] = v
     return out

@@ -12,6 +12,7 @@ Axes: B batch, R image side, P patches (= (R / patch)^2), D width, F mlp dim, E 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 
 from paligemma_ft.model import layers
 from paligemma_ft.model.lora import LoraSpec
+from paligemma_ft.utils import LeafAdapter
 
 # Widths, depths, MLP dims and heads of the named ViT sizes (big_vision's `decode_variant`).
 _VARIANTS = {
@@ -246,3 +249,57 @@ def _posemb_sincos_2d(h: int, w: int, width: int, dtype, temperature: float = 10
     x = jnp.einsum("m,d->md", x.flatten(), omega)
     pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
     return jnp.asarray(pe, dtype)[None, :, :]
+
+
+# --- Checkpoint adaptation (big_vision's `vit.load`) -----------------------------------------------------------
+
+
+def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
+    """Bilinear resize of a square ViT position-embedding grid, as big_vision's `vit.resample_posemb`.
+
+    Args:
+      posemb: [1, N, D] with N a square number (row-major sqrt(N) x sqrt(N) grid).
+      num_tokens: the new N, also square.
+
+    Returns:
+      [1, num_tokens, D] in `posemb`'s dtype (computed in float32 when scipy cannot handle the dtype).
+    """
+    gs_old, gs_new = math.isqrt(posemb.shape[1]), math.isqrt(num_tokens)
+    if gs_old**2 != posemb.shape[1] or gs_new**2 != num_tokens:
+        raise ValueError(
+            f"Cannot resample a {posemb.shape[1]}-token position embedding to {num_tokens} tokens: "
+            "both must be square grids."
+        )
+    grid = posemb.reshape(gs_old, gs_old, -1)
+    if grid.dtype not in (np.float32, np.float64):
+        grid = grid.astype(np.float32)  # scipy.ndimage has no float16/bfloat16 kernels.
+    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1)
+    return grid.reshape(1, gs_new * gs_new, -1).astype(posemb.dtype, copy=False)
+
+
+def _posemb_fits(old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """[1, N, D] -> [1, M, D] with N and M square grids: another resolution of the same ViT."""
+    return (
+        len(old) == len(new) == 3
+        and old[0] == new[0] == 1
+        and old[2] == new[2]
+        and math.isqrt(old[1]) ** 2 == old[1]
+        and math.isqrt(new[1]) ** 2 == new[1]
+    )
+
+
+def _describe_posemb(name: str, old: tuple[int, ...], new: tuple[int, ...]) -> str:
+    g_old, g_new = math.isqrt(old[1]), math.isqrt(new[1])
+    return f"Resampled {name} bilinearly from {old} ({g_old}x{g_old} grid) to {new} ({g_new}x{g_new} grid)."
+
+
+# What `checkpoints/loading.py` may change in a stored ViT (names below `img/`) to fit this model.
+CHECKPOINT_ADAPTERS = (
+    LeafAdapter(
+        pattern=r"pos_embedding",
+        fits=_posemb_fits,
+        apply=lambda array, shape, rng: resample_posemb(array, shape[1]),
+        describe=_describe_posemb,
+    ),
+)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from paligemma_ft import config_base
 from paligemma_ft.utils import PyTree, match_first, tree_flatten_with_names, tree_map_with_names
 
 Schedule = Callable[[Any], jax.Array]  # step (int or traced int) -> f32[] multiplier.
@@ -31,11 +32,6 @@ Schedule = Callable[[Any], jax.Array]  # step (int or traced int) -> f32[] multi
 _DURATION_SUFFIXES = ("steps", "epochs", "examples", "percent")
 _SCHEDULE_EXTRA_KEYS = {"power", "end", "linear_end", "steps", "mults"}
 _DURATION_PREFIXES = ("warmup", "cooldown", "timescale", "shift")
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    """`config.get` for dicts and ml_collections ConfigDicts alike."""
-    return config.get(key, default) if hasattr(config, "get") else default
 
 
 def _as_dict(x: Any) -> dict:
@@ -67,7 +63,7 @@ def steps(
       ValueError: when more than one of the keys is set, a percent lies outside [0, 1], or the duration is
         missing (or cannot be converted) and no `default` is given; the message names the keys.
     """
-    keys = [f"{prefix}_{s}" for s in _DURATION_SUFFIXES if _get(config, f"{prefix}_{s}") is not None]
+    keys = [f"{prefix}_{s}" for s in _DURATION_SUFFIXES if config.get(f"{prefix}_{s}") is not None]
     if len(keys) > 1:
         raise ValueError(f"Only one of {keys} may be set.")
 
@@ -75,13 +71,13 @@ def steps(
         return max(1, round(x)) if x else 0  # `total_epochs=1e-4` still runs one step; an explicit 0 runs none.
 
     if keys == [f"{prefix}_steps"]:
-        return int(_get(config, keys[0]))
+        return int(config.get(keys[0]))
     if keys == [f"{prefix}_examples"] and batch_size:
-        return to_int(_get(config, keys[0]) / batch_size)
+        return to_int(config.get(keys[0]) / batch_size)
     if keys == [f"{prefix}_epochs"] and batch_size and data_size:
-        return to_int(_get(config, keys[0]) * data_size / batch_size)
+        return to_int(config.get(keys[0]) * data_size / batch_size)
     if keys == [f"{prefix}_percent"] and total_steps:
-        pct = _get(config, keys[0])
+        pct = config.get(keys[0])
         if not 0.0 <= pct <= 1.0:
             raise ValueError(f"{prefix}_percent must lie in [0, 1], got {pct}.")
         return to_int(pct * total_steps)
@@ -222,8 +218,9 @@ def param_dtypes(params: PyTree, config: Any) -> PyTree:
     `config.frozen_dtype` ("float16", "bfloat16", ...; None keeps the checkpoint's dtype). Non-float leaves
     keep their dtype. The colab keeps frozen weights in float16 to fit a 16 GB GPU.
     """
-    mask = trainable_mask(params, _get(config, "schedule", {}))
-    train_dt, frozen_dt = _get(config, "trainable_dtype", "float32"), _get(config, "frozen_dtype")
+    config = config_base.complete(config)
+    mask = trainable_mask(params, config.schedule)
+    train_dt, frozen_dt = config.trainable_dtype, config.frozen_dtype
 
     def pick(leaf: Any, trainable: bool) -> np.dtype:
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -338,14 +335,15 @@ def make_optimizer(
     Raises:
       ValueError: naming the first parameter no schedule rule matches, an unknown optimizer, or bad multipliers.
     """
-    rules = _schedule_rules(_get(config, "schedule", {}))
+    config = config_base.complete(config)
+    rules = _schedule_rules(config.schedule)
     masks = _rule_masks(params, rules, "schedule (config.schedule)", require_all=True)
     frozen = jax.tree.map(
         lambda *ms: any(ms), *[m for m, (_, s) in zip(masks, rules) if s is None], jax.tree.map(lambda _: False, params)
     )
     trainable = jax.tree.map(operator.not_, frozen)
 
-    offset = int(_get(config, "schedule_step_offset", 0) or 0)
+    offset = int(config.schedule_step_offset or 0)
     if total_steps is None:
         total_steps = steps("total", config, data_size, batch_size)
     sched_fns, sched_txs = [], []
@@ -361,20 +359,20 @@ def make_optimizer(
         sched_fns.append(shifted)
         sched_txs.append(optax.masked(optax.scale_by_schedule(shifted), mask))
 
-    clip_norm = _get(config, "grad_clip_norm")
+    clip_norm = config.grad_clip_norm
     clip_tx = optax.masked(optax.clip_by_global_norm(clip_norm), trainable) if clip_norm else optax.identity()
-    opt_kwargs = _as_dict(_get(config, "optax", {}) or {})
-    opt_tx = optax.masked(_base_optimizer(_get(config, "optax_name", "scale_by_adam"), opt_kwargs), trainable)
+    opt_kwargs = _as_dict(config.optax or {})
+    opt_tx = optax.masked(_base_optimizer(config.optax_name, opt_kwargs), trainable)
 
-    lr_txs = [optax.scale(_get(config, "lr", 1.0))]
-    if lr_mults := _get(config, "lr_mults"):
+    lr_txs = [optax.scale(config.lr)]
+    if lr_mults := config.lr_mults:
         if any(m <= 0 for _, m in lr_mults):
             raise ValueError(f"config.lr_mults must be > 0 (freeze with schedule=None instead): {lr_mults}")
         for m, (_, mult) in zip(_rule_masks(params, lr_mults, "config.lr_mults", require_all=False), lr_mults):
             lr_txs.append(optax.masked(optax.scale(mult), m))
 
-    wd = _get(config, "wd", 0.0) or 0.0
-    wd_mults = _get(config, "wd_mults", [(".*/kernel$", 1.0)])
+    wd = config.wd or 0.0
+    wd_mults = config.wd_mults
     wd_txs = [
         optax.add_decayed_weights(wd * mult, m)  # Decoupled: scaled by the schedule only, never by lr.
         for m, (_, mult) in zip(_rule_masks(params, wd_mults, "config.wd_mults", require_all=False), wd_mults)
@@ -541,7 +539,7 @@ def global_norm_of(tree: PyTree) -> jax.Array:
 
 def describe_trainable(params: PyTree, config: Any) -> dict[str, int]:
     """Counts of parameters {"trainable": n, "frozen": n} under `config.schedule` (for the start-up overview)."""
-    mask = dict(tree_flatten_with_names(trainable_mask(params, _get(config, "schedule", {}))))
+    mask = dict(tree_flatten_with_names(trainable_mask(params, config_base.complete(config).schedule)))
     counts = {"trainable": 0, "frozen": 0}
     for name, leaf in tree_flatten_with_names(params):
         counts["trainable" if mask[name] else "frozen"] += int(math.prod(leaf.shape))

@@ -4,8 +4,11 @@
     curves.png      training loss and every evaluation metric against the step (needs matplotlib)
     report.md       config, devices and mesh, parameter counts, curves, metrics before/after, prediction samples
 
-Evaluation predictions and HTML galleries are written by the evaluators into `workdir/eval/`; the report links
-them.
+Evaluation predictions, HTML galleries and lists of bad evaluation rows are written by the evaluators into
+`workdir/eval/`; the report links them. Text that comes from data or configs (captions, predictions, prompts,
+names) is escaped in `report.md` (shown, never rendered: no HTML runs, no remote image loads) and made visible on
+the console (no terminal escape codes reach the terminal); credential-like config fields are left out
+(`paligemma_ft.safety`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,21 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import jax
 import numpy as np
 
+from paligemma_ft.errors import UserError
+from paligemma_ft.safety import md_code, md_fence, md_text, printable, redact
 from paligemma_ft.utils import tree_flatten_with_names
 
 PyTree = Any
 log = logging.getLogger(__name__)
+
+
+class MetricsFileError(UserError, ValueError):
+    """A `metrics.jsonl` row that is not a JSON object with an integer `step` (a damaged file)."""
 
 
 class MetricsLog:
@@ -46,16 +56,39 @@ class MetricsLog:
             os.fsync(f.fileno())
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every complete row (a line cut by a crash is ignored)."""
+        """Every complete row. A last line without its newline (a write cut by a crash) is ignored.
+
+        Raises:
+          MetricsFileError: any other line that is not a JSON object with an integer `step`, naming the file and
+            line (a damaged file: the run cannot tell which steps it logged).
+        """
         if not self.path.exists():
             return []
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
+            cut_short = number == len(lines)  # No newline after it: `write` was interrupted.
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                if cut_short:
+                    continue
+                raise self._damaged(number, f"not valid JSON ({type(e).__name__}: {e})") from None
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                if cut_short and not isinstance(row, dict):
+                    continue
+                raise self._damaged(number, "not a JSON object with an integer 'step'")
+            out.append(row)
         return out
+
+    def _damaged(self, line: int, what: str) -> MetricsFileError:
+        return MetricsFileError(
+            f"{self.path}:{line} is damaged: {what}. Repair or delete that line (each line is one JSON object "
+            'such as {"step": 10, "train/loss": 1.2}), or use a new --workdir'
+        )
 
     def rewind(self, step: int) -> int:
         """Keeps training rows up to `step` and evaluation rows before it; returns how many rows were dropped.
@@ -192,42 +225,50 @@ def console_summary(rows: Sequence[Mapping[str, Any]], eval_dir: str | os.PathLi
     if changes:
         lines.append(f"{'metric':<24} {'before':>10} {'after':>10}")
         for key, first, s0, last, s1 in changes:
-            lines.append(f"{key:<24} {first:>10.4f} {last:>10.4f}   (steps {s0} -> {s1})")
+            lines.append(f"{printable(key):<24} {first:>10.4f} {last:>10.4f}   (steps {s0} -> {s1})")
     preds = latest_predictions(eval_dir, limit)
     if preds:
         lines.append("")
         for _, row in preds:
             refs = row.get("references") or []
-            lines.append(f"prompt:     {row.get('prompt', '')}")
-            lines.append(f"prediction: {row.get('prediction', '')}")
-            lines.append(f"reference:  {refs[0] if refs else ''}")
+            # Data text: escape codes in a caption are shown (`\x1b[2J`), never executed by the terminal.
+            lines.append(f"prompt:     {printable(row.get('prompt', ''))}")
+            lines.append(f"prediction: {printable(row.get('prediction', ''))}")
+            lines.append(f"reference:  {printable(refs[0] if refs else '')}")
             lines.append("")
     return "\n".join(lines).rstrip()
 
 
 def write_report(
-    workdir: str | os.PathLike, config: Any, mesh: jax.sharding.Mesh, overview: str, timings: Mapping[str, float]
+    workdir: str | os.PathLike,
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    overview: str,
+    timings: Mapping[str, float],
+    sections: Sequence[tuple[str, str]] = (),
 ) -> pathlib.Path:
-    """Writes `workdir/report.md` (and `curves.png`); returns the report's path."""
+    """Writes `workdir/report.md` (and `curves.png`); returns the report's path.
+
+    `sections`: (title, markdown) pairs the trainer adds before the config (the data, config changes).
+    """
     workdir = pathlib.Path(workdir)
     rows = MetricsLog(workdir / "metrics.jsonl").rows()
     has_plot = plot_curves(rows, workdir / "curves.png")
     devices = jax.devices()
+    # Everything that comes from data or the config goes through md_text / md_code / md_fence: shown, not rendered.
     lines = [
         "# Training report",
         "",
-        f"- workdir: `{workdir}`",
+        f"- workdir: {md_code(workdir)}",
         f"- devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); "
         f"mesh {dict(mesh.shape)}",
-        f"- model: `{config.get('model_name_or_preset') or 'from checkpoint'}`, "
-        f"init `{config.get('model_init') or 'random'}`",
-        *[f"- {k}: {v:.2f}" for k, v in timings.items()],
+        f"- model: {md_code(config.get('model_name_or_preset') or 'from checkpoint')}, "
+        f"init {md_code(redact(str(config.get('model_init') or 'random')))}",
+        *[f"- {md_text(k)}: {v:.2f}" for k, v in timings.items()],
         "",
         "## Parameters",
         "",
-        "```",
-        overview,
-        "```",
+        *md_fence(overview),
         "",
     ]
     if has_plot:
@@ -235,25 +276,37 @@ def write_report(
     changes = before_after(rows)
     if changes:
         lines += ["## Metrics", "", "| metric | first | last |", "|---|---|---|"]
-        lines += [f"| {k} | {a:.4f} (step {s0}) | {b:.4f} (step {s1}) |" for k, a, s0, b, s1 in changes]
+        lines += [f"| {md_text(k)} | {a:.4f} (step {s0}) | {b:.4f} (step {s1}) |" for k, a, s0, b, s1 in changes]
         lines.append("")
     preds = latest_predictions(workdir / "eval", 8)
     if preds:
         lines += ["## Predictions", "", "| prompt | prediction | reference |", "|---|---|---|"]
         for _, row in preds:
             refs = row.get("references") or [""]
-            cells = [str(c).replace("|", "\\|") for c in (row.get("prompt", ""), row.get("prediction", ""), refs[0])]
+            cells = [md_text(c) for c in (row.get("prompt", ""), row.get("prediction", ""), refs[0])]
             lines.append("| " + " | ".join(cells) + " |")
         galleries = sorted((workdir / "eval").glob("gallery_*.html"))
         if galleries:
-            lines += ["", "Galleries: " + ", ".join(f"[{g.stem}](eval/{g.name})" for g in galleries)]
-    lines += ["", "## Config", "", "```json", json.dumps(_plain(config), indent=2, default=str), "```", ""]
+            links = [f"[{md_text(g.stem)}](eval/{quote(g.name)})" for g in galleries]
+            lines += ["", "Galleries: " + ", ".join(links)]
+    bad_lists = sorted((workdir / "eval").glob("bad_rows_*.jsonl"))
+    if bad_lists:
+        lines += [
+            "",
+            "## Bad evaluation rows",
+            "",
+            "Rows masked and not scored; each list gives file, line and reason:",
+        ]
+        for f in bad_lists:
+            count = sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+            lines.append(f"- [{md_text(f.name)}](eval/{quote(f.name)}): {count} row(s)")
+    for title, body in sections:
+        lines += ["", f"## {title}", "", body]
+    lines += ["", "## Config", "", *md_fence(json.dumps(_plain(config), indent=2, default=str), "json"), ""]
     path = workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
 def _plain(config: Any) -> Any:
-    from paligemma_ft.config import redact  # noqa: PLC0415
-
     return redact(config.to_dict() if hasattr(config, "to_dict") else dict(config))
