@@ -35,7 +35,7 @@ from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.checkpoints import state as train_state
 from paligemma_ft.evaluate.runner import run_evals
-from paligemma_ft.model import Model
+from paligemma_ft.model import Model, precision
 from paligemma_ft.training import optim
 from paligemma_ft.training import report as run_report
 from paligemma_ft.training.losses import loss_fn
@@ -112,6 +112,8 @@ def make_model(config: Any) -> tuple[Model, int | None, str | None]:
     init = _get(config, "model_init", "") or ""
     path = predictor_lib.resolve_checkpoint(init) if init else None
     cfg, res = predictor_lib.model_config(_get(config, "model_name_or_preset", ""), path, _get(config, "model"))
+    # `compute_dtype` (declared in config_base): float32 / bfloat16, None = bfloat16 on GPU/TPU, float32 on CPU.
+    cfg = precision.apply_compute_dtype(cfg, precision.resolve_compute_dtype(config.get("compute_dtype")))
     return Model(**cfg), res, path
 
 
