@@ -30,7 +30,7 @@ from paligemma_ft import decode as decode_lib
 from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.data import transforms
-from paligemma_ft.model import Model, get_preset, infer_config_from_shapes
+from paligemma_ft.model import Model, get_preset, infer_config_from_shapes, precision
 
 PyTree = Any
 ImageLike = Any  # A path, encoded bytes, a PIL image or a uint8[H, W, 3] array.
@@ -129,6 +129,10 @@ def _loss_fn(model: Model) -> Any:
     return _LOSS_FNS[key]
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def until_eos(row: Sequence[int], eos: int = 1) -> list[int]:
     """The tokens of one decoded row before its first EOS."""
     row = [int(t) for t in row]
@@ -211,6 +215,8 @@ def load_predictor(
     preset: str | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     res: int | None = None,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
     **kwargs: Any,
 ) -> Predictor:
     """A `Predictor` for a checkpoint spec (see the module docstring) on the default device.
@@ -220,6 +226,11 @@ def load_predictor(
       tokenizer: a tokenizer spec; default `builtin:tiny` for builtin models, otherwise required.
       preset: a model preset; default: inferred from the checkpoint's shapes.
       res: image side; default the preset's / the checkpoint's position embeddings'.
+      dtype: "float32" or "bfloat16": cast the weights to it on load and compute in it. Default (None): the
+        weights stay as stored (a `.bf16.npz` stays bfloat16: decoding reads 2 bytes per weight) and the model
+        computes in `compute_dtype`.
+      compute_dtype: the compute dtype when `dtype` is not given (a config's `compute_dtype`); None: bfloat16 on
+        GPU/TPU, float32 on CPU (`paligemma_ft.model.precision`).
       kwargs: `max_decode_len`, `sampler`, `prompt_len`, `seed` for the Predictor.
 
     Raises:
@@ -234,10 +245,15 @@ def load_predictor(
             )
         tokenizer = "builtin:tiny"
     tok = tokenizer_lib.Tokenizer.from_spec(tokenizer)
+    if dtype is not None:
+        compute = precision.resolve_compute_dtype(dtype, key="--dtype")
+    else:
+        compute = precision.resolve_compute_dtype(compute_dtype)
     cfg, ckpt_res = model_config(preset, path, model_overrides)
-    model = Model(**cfg)
+    model = Model(**precision.apply_compute_dtype(cfg, compute))
     res = int(res or ckpt_res or 224)
     shapes = init_shapes(model, res, 8)
     tokenizer_lib.check_vocab(tok, shapes["llm"]["embedder"]["input_embedding"].shape[0], source=path)
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt_lib.load_for_model(path, shapes))
+    params = ckpt_lib.load_for_model(path, shapes)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype if dtype and _is_float(x) else None), params)
     return Predictor(model, params, tok, res=res, **kwargs)

@@ -72,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--res", type=int, default=None, help="image side (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8, help="images decoded together (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic samplers (default 0)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="cast the weights to this dtype and compute in it (default: weights as stored, compute bfloat16 on "
+        "GPU/TPU, float32 on CPU)",
+    )
 
 
 def draw_paths(draw: str, n: int) -> list[str]:
@@ -163,6 +170,7 @@ def predict_command(
     res: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    dtype: str | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -196,7 +204,14 @@ def predict_command(
     parse_sampler(sampler)  # A bad --sampler fails before the model loads.
     images = read_images(image_paths)
     predictor = load_predictor(
-        checkpoint, tokenizer, preset=preset, res=res, max_decode_len=max_decode_len, sampler=sampler, seed=seed
+        checkpoint,
+        tokenizer,
+        preset=preset,
+        res=res,
+        max_decode_len=max_decode_len,
+        sampler=sampler,
+        seed=seed,
+        dtype=dtype,
     )
     prompt_tokens = len(predictor.tok.encode(prompt, add_bos=True)) + len(predictor.tok.sep_ids)
     predictor.prompt_len = max(predictor.prompt_len, prompt_tokens)  # A long prompt is never cut.
@@ -230,4 +245,5 @@ def main(args: argparse.Namespace) -> int:
         res=args.res,
         batch_size=args.batch_size,
         seed=args.seed,
+        dtype=getattr(args, "dtype", None),
     )
