@@ -17,12 +17,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from paligemma_ft.model import precision, remat
+from paligemma_ft.model import flash_attention, precision, remat
 
-# `attn_impl` values: the einsum path below is big_vision's, bit for bit; the others call
-# `jax.nn.dot_product_attention` (same math, logits and softmax in float32) with that `implementation`.
-ATTN_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None}
+# `attn_impl` values: the einsum path below is big_vision's, bit for bit; "xla", "cudnn" and "auto" call
+# `jax.nn.dot_product_attention` (same math, logits and softmax in float32, no soft-cap) with that
+# `implementation`; "pallas" is the fused kernel of `flash_attention` (any mask, soft-cap included).
+ATTN_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None, "pallas": None}
 
 # Masked attention logits use a large finite negative, not -inf, exactly as big_vision (so an all-masked row
 # gives a uniform softmax instead of NaN).
@@ -196,11 +198,11 @@ class Attention(nn.Module):
     def setup(self):
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"Unknown model.llm.attn_impl {self.attn_impl!r}; use one of {sorted(ATTN_IMPLS)}.")
-        if self.attn_impl != "einsum" and self.attn_logits_softcap:
+        if self.attn_impl not in ("einsum", "pallas") and self.attn_logits_softcap:
             raise ValueError(
                 f"model.llm.attn_impl={self.attn_impl!r} cannot apply attn_logits_softcap="
                 f"{self.attn_logits_softcap} (jax.nn.dot_product_attention has no soft-cap); use "
-                "attn_impl='einsum' for Gemma 2."
+                "attn_impl='einsum' or 'pallas' for Gemma 2."
             )
         self.attn_vec_einsum = Einsum(
             shape=(self.num_heads, self.head_dim, self.features), w_init=_fan_in_init((0, 1), 2)
@@ -239,6 +241,11 @@ class Attention(nn.Module):
             k, v = self._update_cache(k, v, cache_size=attn_mask.shape[-1])
             k, v = k.astype(dtype), v.astype(dtype)
 
+        if self.attn_impl == "pallas" and not decode:  # KV-cache passes keep the einsum path.
+            encoded = flash_attention.flash_attention(q, k, v, attn_mask[:, 0], softcap=self.attn_logits_softcap)
+            # Named like a 16-bit product's result: the "dots" remat policies keep it rather than rerun the kernel.
+            encoded = checkpoint_name(encoded, precision.DOT_NAMES[True])
+            return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
         if self.attn_impl != "einsum" and not decode:  # KV-cache passes keep the einsum path.
             # GQA is native (N query heads over K kv heads); q is already scaled, and the mask is [B, 1, T, S].
             encoded = jax.nn.dot_product_attention(
