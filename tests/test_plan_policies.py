@@ -41,12 +41,15 @@ def _plan(**kw):
 
 
 def test_largest_batch_is_linear_in_the_activations():
-    # Budget 36 GiB - parameters 4 - Adam 8 - gradients 2 x 4 = 16 GiB for activations; 40 - 8 = 32 GiB of them
-    # for 8 examples per device is 4 GiB each: 4 per device, on 4 data shards.
-    assert plan.largest_batch(_plan(), 40 * plan.GiB) == 16
-    assert plan.largest_batch(_plan(micro_batches=3), 40 * plan.GiB) == 12  # A multiple of the micro-batches.
-    assert plan.largest_batch(_plan(opt_bytes=40 * plan.GiB), 40 * plan.GiB) == 0  # The state alone is too big.
-    assert plan.largest_batch(_plan(memory_limit=None), 40 * plan.GiB) is None
+    # Budget 0.9 x 40 = 36 GiB; the step peaks at 30 GiB with 8 examples per device and each further example per
+    # device adds 1.5 GiB: 4 more fit, 12 per device on 4 data shards.
+    assert plan.largest_batch(_plan(), 30 * plan.GiB, 1.5 * plan.GiB) == 48
+    # 3 micro-batches of 3: each step adds one example to every micro-batch, 3 per device (9 + 4 x 3).
+    micro = _plan(micro_batches=3, per_device_batch=9, batch_size=36)
+    assert plan.largest_batch(micro, 30 * plan.GiB, 1.5 * plan.GiB) == 4 * 21
+    assert plan.largest_batch(_plan(), 40 * plan.GiB, 1.5 * plan.GiB) == 4 * 5  # Does not fit: 3 fewer per device.
+    assert plan.largest_batch(_plan(), 90 * plan.GiB, 1.5 * plan.GiB) == 0
+    assert plan.largest_batch(_plan(memory_limit=None), 30 * plan.GiB, 1.5 * plan.GiB) is None
 
 
 def test_cli_lists_every_policy_with_its_peak_and_batch(capsys):

@@ -154,6 +154,14 @@ def _with_compute_dtype(config: Any, device: str | None) -> tuple[Any, str, str]
     return config, dtype, why
 
 
+def _with_batch(config: Any, batch_size: int) -> Any:
+    config = copy.deepcopy(config)
+    ctx = config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext()
+    with ctx:
+        config.input.batch_size = batch_size
+    return config
+
+
 def _with_policy(config: Any, policy: str) -> Any:
     """The config with `model.img.remat_policy` and `model.llm.remat_policy` set to `policy`."""
     config = copy.deepcopy(config)
@@ -173,10 +181,16 @@ class _Sized:
     peak: float
     source: str
     compile_seconds: float | None
+    step_bytes: float | None  # What one more example per micro-batch on each device adds; None: not measured.
 
 
-def _size_step(config: Any, train: Any, arithmetic_only: bool) -> tuple[Any, dict, _Sized]:
-    """Sets up the trainer for `config` and sizes its step: `(setup, byte counts, sizes)` per device."""
+def _size_step(config: Any, train: Any, arithmetic_only: bool, slope: bool = False) -> tuple[Any, dict, _Sized]:
+    """Sets up the trainer for `config` and sizes its step: `(setup, byte counts, sizes)` per device.
+
+    The bytes each further example adds (`step_bytes`) come from the arithmetic estimate with `arithmetic_only`,
+    else, with `slope`, from compiling the step a second time at twice the batch (memory is not quite linear in
+    the batch: buffers get reused; the slope over a doubling averages that out); else they are not measured.
+    """
     s = train.setup(config)
     batch_size = int(config.input.batch_size)
     micro = int(_get(config, "grad_accum_steps", 1))
@@ -200,10 +214,16 @@ def _size_step(config: Any, train: Any, arithmetic_only: bool) -> tuple[Any, dic
     grad_bytes = int(counts["param_bytes"] * counts["trainable"] / max(counts["params"], 1))
     per_device = max(1, batch_size // counts["shards"] // micro)
     temp = estimate_temp_bytes(model_cfg, s.res, s.text_len, per_device, grad_bytes, act_bytes)
+    more = estimate_temp_bytes(model_cfg, s.res, s.text_len, per_device + 1, grad_bytes, act_bytes) - temp
     state = counts["param_bytes"] + counts["opt_bytes"] + counts["batch_bytes"]
-    sized = _Sized(temp, state + temp, "arithmetic estimate (rough)", None)
+    step = more + micro * counts["batch_bytes"] / max(1, batch_size // counts["shards"])
+    sized = _Sized(temp, state + temp, "arithmetic estimate (rough)", None, step)
     if arithmetic_only:
         return s, counts, sized
+    sized.step_bytes = None
+    if slope:
+        _, _, doubled = _size_step(_with_batch(config, 2 * batch_size), train, False)
+        per_micro = max(1, batch_size // counts["shards"] // micro)  # The doubling adds this many per micro-batch.
     step_cfg = train.StepConfig(
         label_smoothing=float(_get(config, "label_smoothing", 0.0)),
         reduction=_get(config, "loss_reduction", "example_mean"),
@@ -232,25 +252,20 @@ def _size_step(config: Any, train: Any, arithmetic_only: bool) -> tuple[Any, dic
         # Inputs stay alive; outputs that reuse donated inputs need no new memory.
         sized.peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + sized.temp)
         sized.source = f"XLA memory analysis ({jax.devices()[0].platform} compiler)"
+    if slope and doubled.peak > sized.peak:
+        sized.step_bytes = (doubled.peak - sized.peak) / per_micro
     return s, counts, sized
 
 
-def largest_batch(plan: Plan, temp_bytes: float) -> int | None:
-    """The largest global batch whose step fits the plan's memory (10 % headroom), by a linear estimate: the
-    temporaries beyond the gradients (2 x their bytes, as `suggest` counts them) and the batch grow with the
-    per-device batch, the state does not. A multiple of the data shards x micro-batches; 0 when not even one
-    example per device fits; None when the memory is unknown."""
-    if plan.memory_limit is None:
+def largest_batch(plan: Plan, peak_bytes: float, step_bytes: float | None) -> int | None:
+    """The largest global batch whose step fits the plan's memory (10 % headroom), by a linear estimate: the peak
+    at the plan's batch plus `step_bytes` for each further example per micro-batch on every device. A multiple of
+    the data shards x micro-batches; 0 when not even that fits; None when the memory or the slope is unknown."""
+    if plan.memory_limit is None or step_bytes is None:
         return None
-    grads = plan.param_bytes * plan.trainable / max(plan.params, 1)
-    per_example = (max(temp_bytes - 2 * grads, 0.0) + plan.batch_bytes) / plan.per_device_batch
-    free = _HEADROOM * plan.memory_limit - plan.param_bytes - plan.opt_bytes - 2 * grads
-    shards = max(1, plan.batch_size // plan.per_device_batch)
-    if free <= 0:
-        return 0
-    per_device = int(free // per_example) if per_example > 0 else plan.per_device_batch * 1024
-    per_device -= per_device % plan.micro_batches
-    return per_device * shards
+    steps = math.floor((_HEADROOM * plan.memory_limit - peak_bytes) / max(step_bytes, 1.0))
+    per_device = max(0, plan.per_device_batch + steps * plan.micro_batches)
+    return per_device * max(1, plan.batch_size // plan.per_device_batch)
 
 
 def make_plan(
@@ -269,15 +284,18 @@ def make_plan(
       memory_gib: device memory to plan for; else `device`'s nominal memory ("H100", "TPU v5 lite"), else the
         local accelerator's allocator limit, else unknown.
       arithmetic_only: skip compiling; estimate temporaries with `estimate_temp_bytes`.
-      policies: rematerialization policies (`paligemma_ft.model.remat`) to size too, each set on both towers;
-        the plan's `policies` rows give each one's peak and largest batch. Default: only the config's own.
+      policies: rematerialization policies (`paligemma_ft.model.remat`) to size too, each set on both towers and
+        compiled at the batch and at twice it; the plan's `policies` rows give each one's peak and largest batch.
+        Default: only the config's own (its largest batch only with `arithmetic_only`).
     """
     from paligemma_ft.training import loop as train  # noqa: PLC0415 - the trainer's own setup and step, imported lazily.
 
     config, compute_dtype, compute_why = _with_compute_dtype(config, device)
     for p in policies or ():
         remat_lib.short_name(p)  # An unknown name fails before anything compiles.
-    s, counts, sized = _size_step(config, train, arithmetic_only)
+    asked = [remat_lib.short_name(p) for p in policies or ()]
+    guess = remat_lib.short_name(_get(_get(_get(config, "model", {}), "llm", {}), "remat_policy"))
+    s, counts, sized = _size_step(config, train, arithmetic_only, slope=guess in asked)
     model_cfg = {"img": dict(s.model.img or {}), "llm": dict(s.model.llm or {})}
     limit, limit_source = _memory_limit(memory_gib, device)
     plan = Plan(
@@ -308,17 +326,17 @@ def make_plan(
     own = plan.remat["llm"] if plan.remat["img"] == plan.remat["llm"] else None
     if policies is None:  # The config's own setting only.
         label = own or f"img={plan.remat['img']}, llm={plan.remat['llm']}"
-        plan.policies.append(PolicyRow(label, plan.temp_bytes, plan.peak_bytes, plan.source, None, plan.fits))
-    for name in dict.fromkeys(remat_lib.short_name(p) for p in policies or ()):
-        if name == own:
-            temp, peak, source = plan.temp_bytes, plan.peak_bytes, plan.source
-        else:
-            _, _, other = _size_step(_with_policy(config, name), train, arithmetic_only)
-            temp, peak, source = int(other.temp), int(other.peak), other.source
-        plan.policies.append(PolicyRow(name, temp, peak, source, None, None))
-    for row in plan.policies:
-        row.largest_batch = largest_batch(plan, row.temp_bytes)
+        sizes = [(PolicyRow(label, plan.temp_bytes, plan.peak_bytes, plan.source, None, None), sized.step_bytes)]
+    else:
+        sizes = []
+    for name in dict.fromkeys(asked):
+        reuse = name == own and sized.step_bytes is not None  # The config's own policy, already measured.
+        other = sized if reuse else _size_step(_with_policy(config, name), train, arithmetic_only, True)[2]
+        sizes.append((PolicyRow(name, int(other.temp), int(other.peak), other.source, None, None), other.step_bytes))
+    for row, step_bytes in sizes:
+        row.largest_batch = largest_batch(plan, row.peak_bytes, step_bytes)
         row.fits = None if limit is None else row.peak_bytes <= _HEADROOM * limit
+        plan.policies.append(row)
     plan.suggestions = suggest(plan)
     return plan
 
@@ -346,7 +364,7 @@ def suggest(plan: Plan) -> list[str]:
             break
     if any(p != "full" for p in plan.remat.values()):
         out.append(
-            "Rematerialization: --config.model.llm.remat_policy=full and --config.model.img.remat_policy=full "
+            f"Rematerialization: remat_policy=full on both towers, {remat_override('full')} "
             "(recompute each block in the backward pass; ~30 % more compute)."
         )
     if plan.trainable > 0.5 * plan.params:
@@ -407,6 +425,12 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def remat_override(policy: str) -> str:
+    """The command-line override that sets `policy` on both towers (it replaces `config.model`: merge any overrides
+    the config already holds there)."""
+    return f"--config.model=\"{{'img': {{'remat_policy': '{policy}'}}, 'llm': {{'remat_policy': '{policy}'}}}}\""
+
+
 def lightest_fitting(plan: Plan) -> PolicyRow | None:
     """The sized policy with the least recompute that fits (rows of `remat.STANDARD` only)."""
     rows = {r.policy: r for r in plan.policies if r.fits}
@@ -428,11 +452,11 @@ def format_policies(plan: Plan) -> list[str]:
         ),
     ]
     if len(plan.policies) == 1:
-        lines.append("Compare remat policies with --policies (compiles the step once per policy).")
+        lines.append("Compare remat policies and their largest batches with --policies (two compiles per policy).")
     elif best := lightest_fitting(plan):
         lines.append(
-            f"Lightest policy that fits: {best.policy} (--config.model.llm.remat_policy={best.policy} "
-            f"--config.model.img.remat_policy={best.policy}); lighter policies recompute less."
+            f"Lightest policy that fits: {best.policy} ({remat_override(best.policy)}, or set it in the config's "
+            "`model`); lighter policies recompute less."
         )
     elif plan.memory_limit is not None:
         lines.append("No policy fits at this batch: see the suggestions.")
