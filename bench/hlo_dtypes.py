@@ -125,8 +125,9 @@ def main(argv=None) -> list[str]:
         "(distinct bytes) | bf16 weight shapes read in the loop |"
     )
     text = (
-        f"\n## HLO dtype audit ({datetime.date.today()}, `python bench/hlo_dtypes.py "
-        f"{' '.join(sys.argv[1:] if argv is None else argv)}`)\n\nXLA:CPU, compiled from abstract shapes (jax "
+        f"\n## HLO dtype audit ({datetime.date.today()}, `"
+        + " ".join(["python bench/hlo_dtypes.py", *(sys.argv[1:] if argv is None else argv)])
+        + "`)\n\nXLA:CPU, compiled from abstract shapes (jax "
         f"{jax.__version__}); {args.preset}, batch {args.batch}, text {args.text_len}; training: the colab recipe "
         "(attention trained with float32 masters, the rest frozen in float16), value and gradients; decoding: "
         "bfloat16 weights, greedy, 4 tokens, `float-normalization-bf16` off (see the script's docstring).\n\n"
