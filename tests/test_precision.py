@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from paligemma_ft import decode as dec
 from paligemma_ft import hlo
 from paligemma_ft.config import load_config
 from paligemma_ft.model import PRESETS, Model, get_preset, precision
@@ -71,6 +72,12 @@ def test_bfloat16_loss_and_gradients_build_for_every_preset(preset):
         functools.partial(model.apply, method=model.prelogits), {"params": params}, batch["image"], text, text
     )
     assert pre_logits.dtype == out["img/zimg"].dtype == jnp.bfloat16
+    # Decoding builds too, with the weights stored in bfloat16 (as `predict` keeps a .bf16.npz).
+    stored = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), params)
+    prompt = dict(image=batch["image"], text=text, mask_ar=text, mask_input=text)
+    fn = dec._get_fn(dec._with_cache_dtype(model, "bfloat16"), 2, dec.parse_sampler("greedy"), 1)  # noqa: SLF001
+    tokens, logp = jax.eval_shape(fn, stored, prompt, jax.random.PRNGKey(0))
+    assert tokens.shape == (2, 2) and logp.dtype == jnp.float32
 
 
 def _materialized_tables(compiled_text, vocab, width):
