@@ -272,7 +272,7 @@ def _bench_hf(args, recipe, cfg, res) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     del model, opt
-    return dict(examples_per_s=args.batch / dt, peak_gib=peak, loss=float(loss))
+    return dict(examples_per_s=args.batch / dt, peak_gib=peak, loss=float(loss.detach()))
 
 
 def _fmt(x, spec):
