@@ -1,7 +1,7 @@
 """Compile time of the train step: cold, and warm from JAX's persistent compilation cache, each in a new process.
 
     python bench/bench_compile.py                          # CPU: tiny_pg1
-    python bench/bench_compile.py --preset pg2_3b_224 --batch 32 --dtype bfloat16      # one GPU
+    python bench/bench_compile.py --preset pg2_3b_224 --batch 32      # one GPU (bfloat16 compute by default)
     python bench/bench_compile.py --scan true false        # layers scanned (the default) vs unrolled
 
 For each setting a fresh cache folder is made and two child processes lower and compile the same step from
@@ -76,26 +76,28 @@ def run_child(args: argparse.Namespace, cache: str, scan: str) -> dict:
         "--recipe",
         args.recipe,
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny_pg1")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-len", type=int, default=32)
-    ap.add_argument("--dtype", default=None, help="default bfloat16 on accelerators, float32 on CPU")
+    ap.add_argument("--dtype", default=None, help="compute dtype: default bfloat16 on accelerators, float32 on CPU")
     ap.add_argument("--recipe", default="full", choices=["full", "attn"])
     ap.add_argument("--scan", nargs="+", default=["true"], help="true (layers in one scan) and/or false")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         args.scan = args.scan[0]
         child(args)
-        return
+        return []
     if args.dtype is None:
         import jax
 
@@ -116,7 +118,8 @@ def main() -> None:
         rows.append(row)
     text = (
         f"\n## Train-step compile time ({datetime.date.today()}, `python bench/bench_compile.py "
-        f"{' '.join(sys.argv[1:])}`)\n\nDevice: {device}; {args.preset}, batch {args.batch}, text "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`)\n\nDevice: {device}; {args.preset}, batch "
+        f"{args.batch}, text "
         f"{args.text_len}, {args.dtype}, recipe {args.recipe}; each column from a new process, warm = the "
         f"same step again with the persistent compilation cache filled by the cold run.\n\n{head}\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
@@ -125,6 +128,7 @@ def main() -> None:
     if args.results:
         with open(args.results, "a") as f:
             f.write(text)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput: examples/s, tokens/s, MFU, compile time and memory; optionally vs Hugging Face + PyTorch.
 
     python bench/bench_train.py                                          # CPU: tiny_pg1, float32
-    python bench/bench_train.py --preset pg2_3b_224 --batch 32 --dtype bfloat16 --hf       # one GPU
+    python bench/bench_train.py --preset pg2_3b_224 --batch 32 --hf      # one GPU: bfloat16 compute
     python bench/bench_train.py --remat full none dots --attn einsum cudnn --loss chunked full   # before/after
     python bench/bench_train.py --preset pg2_3b_224 --recipes full lora qlora --hf   # LoRA r16 vs HF + PEFT (+ bnb)
 
@@ -15,8 +15,15 @@ with the device named.
 
 The step is the trainer's own (`paligemma_ft.training.step.jit_train_step`: the trainer's loss, the optax update
 from `optim.make_optimizer`, storage dtypes kept, buffers donated); the `full` rows pass its `loss` hook another
-formulation. MFU counts useful FLOPs (`paligemma_ft.flops`: logits at loss positions only, no recomputation,
-frozen towers forward only).
+formulation. `--dtype` is the compute dtype (`config.compute_dtype`; default
+bfloat16 on GPU/TPU, float32 on CPU) as the trainer applies it: trainable parameters stored float32 (master
+copies), frozen ones in the compute dtype (`frozen_dtype`). MFU counts useful FLOPs (`paligemma_ft.flops`:
+logits at loss positions only, no recomputation, frozen towers forward only). A configuration that runs out of
+device memory gets an OOM row instead of stopping the run.
+
+The HF comparison builds the same weights in `transformers`' PaliGemma with its default attention for Gemma 2
+(eager: HF has no SDPA for Gemma 2's soft-capped attention) and SDPA for Gemma 1, trains in the torch dtype of
+`--dtype` with AdamW (fused on CUDA) and reports torch's peak allocation.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from paligemma_ft import flops  # noqa: E402
-from paligemma_ft.model import Model, get_preset  # noqa: E402
+from paligemma_ft.model import Model, get_preset, precision  # noqa: E402
 from paligemma_ft.model import lora as lora_lib  # noqa: E402
 from paligemma_ft.training import optim  # noqa: E402
 from paligemma_ft.training import step as step_lib  # noqa: E402
@@ -83,13 +90,13 @@ def full_loss(params, batch, rng, *, model):
 
 
 def model_config(preset: str, dtype: str, remat: str | None, attn: str, scan: bool = True) -> tuple[dict, int]:
+    """The preset computing in `dtype` (as `config.compute_dtype`), with the given remat policy and attention."""
     cfg, res = get_preset(preset)
     cfg["img"]["scan"] = cfg["llm"]["scan"] = scan
-    cfg["img"]["dtype_mm"] = dtype  # Compute dtype of the ViT; the LLM computes in its embeddings' dtype.
-    cfg["llm"].update(embed_dtype=dtype, attn_impl=attn)
+    cfg["llm"]["attn_impl"] = attn
     if remat:
         cfg["img"]["remat_policy"] = cfg["llm"]["remat_policy"] = remat
-    return cfg, res
+    return precision.apply_compute_dtype(cfg, dtype), res
 
 
 def make_batch(b: int, res: int, text_len: int, loss_tokens: int, vocab: int, seed: int = 0) -> dict:
@@ -111,24 +118,25 @@ def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, l
     model = Model(**cfg, lora=lora_spec(recipe))
     z = jnp.zeros((1, text_len), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
-    # Float leaves in `dtype`, LoRA adapters in float32, quantized codes as they are.
-    store = lambda name, s: jnp.dtype(  # noqa: E731
-        s.dtype if not jnp.issubdtype(s.dtype, jnp.floating) else jnp.float32 if lora_lib.is_adapter(name) else dtype
-    )
-    shapes = jax.tree_util.tree_map_with_path(
-        lambda path, s: jax.ShapeDtypeStruct(s.shape, store(jax.tree_util.keystr(path), s)), shapes
-    )
     schedule = [(RECIPES[recipe], {"decay_type": "constant"}), (".*", None)]
+    trainable = optim.trainable_mask(shapes, schedule)
+    # The trainer's storage: float32 masters for trainable parameters (LoRA adapters), frozen ones in the compute
+    # dtype, quantized codes as they are.
+    dtypes = jax.tree.map(
+        lambda t, s: jnp.dtype(jnp.float32 if t else dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype),
+        trainable,
+        shapes,
+    )
+    shapes = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, d), shapes, dtypes)
     config = dict(optax_name="scale_by_adam", lr=1e-4, wd=0.0, grad_clip_norm=1.0, schedule=schedule)
     tx, _ = optim.make_optimizer(config, shapes, total_steps=1000)
-    trainable = optim.trainable_mask(shapes, schedule)
     loss = {"chunked": None, "full": functools.partial(full_loss, model=model)}[loss_name]  # None: the trainer's.
     step = step_lib.jit_train_step(model, tx, trainable, loss=loss)
 
     @jax.jit
     def init():
         p = model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
-        p = jax.tree.map(lambda x, s: x.astype(s.dtype), p, shapes)
+        p = jax.tree.map(lambda x, d: x.astype(d), p, dtypes)
         return {"params": p, "opt": tx.init(p), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
 
     vocab = shapes["llm"]["embedder"]["input_embedding"].shape[0]
@@ -136,7 +144,23 @@ def build(preset, dtype, remat, attn, recipe, loss_name, batch_size, text_len, l
     return step, jax.eval_shape(init), init, batch, cfg, res
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether an exception is the device running out of memory (XLA's or PyTorch's)."""
+    text = f"{type(e).__name__}: {e}"
+    return any(k in text for k in ("RESOURCE_EXHAUSTED", "Out of memory", "OutOfMemoryError", "out of memory"))
+
+
 def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
+    try:
+        return _bench_jax(args, recipe, remat, attn, loss_name)
+    except Exception as e:  # noqa: BLE001 - an OOM is a result (this setting does not fit); anything else raises.
+        if not is_oom(e):
+            raise
+        cfg, res = model_config(args.preset, args.dtype, remat, attn)
+        return dict(oom=True, cfg=cfg, res=res)
+
+
+def _bench_jax(args, recipe, remat, attn, loss_name) -> dict:
     step, abstract, init, batch, cfg, res = build(
         args.preset, args.dtype, remat, attn, recipe, loss_name, args.batch, args.text_len, args.loss_tokens
     )
@@ -178,9 +202,29 @@ def bench_jax(args, recipe, remat, attn, loss_name) -> dict:
     )
 
 
+def hf_attention(cfg: dict) -> str | None:
+    """transformers' attention for the model: its default (eager) for Gemma 2, which HF refuses to run with SDPA,
+    and SDPA for Gemma 1."""
+    from paligemma_ft.model.presets import resolve_llm_config
+
+    return None if resolve_llm_config(cfg["llm"]).get("post_norms") else "sdpa"
+
+
 def bench_hf(args, recipe, cfg, res) -> dict:
-    """The same model, batch, sequence and trainable set through transformers (SDPA) + torch AdamW; the LoRA
-    recipes through PEFT (r=16, alpha 32, every LLM linear layer), `qlora` over a bitsandbytes NF4 base."""
+    """The same model, batch, sequence and trainable set through transformers + torch AdamW; the LoRA recipes
+    through PEFT (r=16, alpha 32, every LLM linear layer), `qlora` over a bitsandbytes NF4 base."""
+    try:
+        return _bench_hf(args, recipe, cfg, res)
+    except Exception as e:  # noqa: BLE001 - as bench_jax: an OOM is a result.
+        if not is_oom(e):
+            raise
+        import torch
+
+        torch.cuda.empty_cache()
+        return dict(oom=True)
+
+
+def _bench_hf(args, recipe, cfg, res) -> dict:
     import torch
 
     from paligemma_ft.checkpoints import hf
@@ -192,7 +236,7 @@ def bench_hf(args, recipe, cfg, res) -> dict:
         args.preset, "float32", None, "einsum", base_recipe, "chunked", args.batch, args.text_len, args.loss_tokens
     )
     host = jax.device_get(jax.jit(lambda: init()["params"])())
-    model = hf.to_hf_model(host, cfg, image_size=res, attn_implementation="sdpa")
+    model = hf.to_hf_model(host, cfg, image_size=res, attn_implementation=hf_attention(cfg))
     del host
     if recipe == "qlora":  # Reload through bitsandbytes' 4-bit NF4 Linear layers (needs a CUDA GPU).
         import tempfile
@@ -205,7 +249,11 @@ def bench_hf(args, recipe, cfg, res) -> dict:
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=tdtype
             )
             model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
-                tmp, quantization_config=quant, dtype=tdtype, device_map={"": device}, attn_implementation="sdpa"
+                tmp,
+                quantization_config=quant,
+                dtype=tdtype,
+                device_map={"": device},
+                attn_implementation=hf_attention(cfg),
             )
     else:
         model = model.to(device, tdtype)
@@ -260,7 +308,7 @@ def bench_hf(args, recipe, cfg, res) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     del model, opt
-    return dict(examples_per_s=args.batch / dt, peak_gib=peak, loss=float(loss))
+    return dict(examples_per_s=args.batch / dt, peak_gib=peak, loss=float(loss.detach()))
 
 
 def _fmt(x, spec):
@@ -273,13 +321,18 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-len", type=int, default=32, help="L: text tokens the model reads")
     ap.add_argument("--loss-tokens", type=int, default=None, help="suffix positions with loss (default L - 4)")
-    ap.add_argument("--dtype", default=None, help="parameters and compute (default bfloat16 on GPU/TPU, else f32)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    ap.add_argument("--remat", nargs="+", default=[None], help="none / full / dots (default: the preset's)")
-    ap.add_argument("--attn", nargs="+", default=["einsum"], help="einsum / xla / cudnn / auto")
+    ap.add_argument(
+        "--remat",
+        nargs="+",
+        default=[None],
+        help="none / dots / dots_with_no_batch_dims_saveable / full (default: the preset's, full)",
+    )
+    ap.add_argument("--attn", nargs="+", default=["einsum"], help="einsum / xla / cudnn / auto / pallas")
     ap.add_argument("--loss", nargs="+", default=["chunked"], help="chunked / full")
-    ap.add_argument("--hf", action="store_true", help="also time transformers + PyTorch (SDPA) on the same setup")
+    ap.add_argument("--hf", action="store_true", help="also time transformers + PyTorch on the same setup")
     ap.add_argument("--results", default=RESULTS, help="Markdown file to append to ('' for none)")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
@@ -292,25 +345,31 @@ def main(argv=None):
     print(head, flush=True)
     for recipe, remat, attn, loss in itertools.product(args.recipes, args.remat, args.attn, args.loss):
         r = bench_jax(args, recipe, remat, attn, loss)
-        row = (
-            f"| {recipe} | {remat or 'preset'} | {attn} | {loss} | {r['examples_per_s']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {_fmt(r['mfu'], '.1%')} | {r['compile_s']:.1f} | "
-            f"{_fmt(r['xla_gib'], '.3f')} | {_fmt(r['peak_gib'], '.2f')} | {r['flops'] / 1e9:.4g} |"
-        )
+        row = f"| {recipe} | {remat or 'preset'} | {attn} | {loss} | "
+        if r.get("oom"):
+            row += "OOM | | | | | | |"
+        else:
+            row += (
+                f"{r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {_fmt(r['mfu'], '.1%')} | "
+                f"{r['compile_s']:.1f} | {_fmt(r['xla_gib'], '.3f')} | {_fmt(r['peak_gib'], '.2f')} | "
+                f"{r['flops'] / 1e9:.4g} |"
+            )
         if args.hf:
             h = bench_hf(args, recipe, r["cfg"], r["res"])
-            row += (
-                f" {h['examples_per_s']:.2f} | {_fmt(h['peak_gib'], '.2f')} | "
-                f"{r['examples_per_s'] / h['examples_per_s']:.2f}x |"
-            )
+            if h.get("oom"):
+                row += " OOM | | |"
+            else:
+                ratio = "" if r.get("oom") else f"{r['examples_per_s'] / h['examples_per_s']:.2f}x"
+                row += f" {h['examples_per_s']:.2f} | {_fmt(h['peak_gib'], '.2f')} | {ratio} |"
         print(row, flush=True)
         rows.append(row)
     sep = "|" + "---|" * head.count(" |")
     text = (
         f"\n## Training throughput ({datetime.date.today()}, `python bench/bench_train.py "
         f"{' '.join(sys.argv[1:] if argv is None else argv)}`)\n\nDevice: {device_name()}; {args.preset}, batch "
-        f"{args.batch}, text {args.text_len} tokens ({args.loss_tokens} with loss), {args.dtype} parameters and "
-        f"compute, Adam, random weights, {args.steps} timed steps after one warm-up. MFU: useful FLOPs "
+        f"{args.batch}, text {args.text_len} tokens ({args.loss_tokens} with loss), {args.dtype} compute "
+        f"(trainable parameters float32, frozen {args.dtype}), Adam, random weights, {args.steps} timed steps "
+        "after one warm-up. MFU: useful FLOPs "
         "(`paligemma_ft.flops`) over the chip's dense bf16 peak (n/a on CPU). XLA GiB: arguments + outputs - "
         "donated + temporaries of the compiled step; peak GiB: the device allocator's peak so far (not on CPU)."
         f"\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n"
@@ -319,6 +378,7 @@ def main(argv=None):
     if args.results:
         with open(args.results, "a") as f:
             f.write(text)
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ b2 0.999, gradient clipping 1.0, cosine schedule with 5 % warmup, batch 256, tex
 beams for evaluation). It trains every parameter, which needs accelerator memory for a 3B model with Adam (a TPU
 slice or several large GPUs); on one GPU, freeze the image encoder (`schedule`) or lower `input.batch_size`.
 `--config.data_dir` is required: without it the run stops when it opens the data, naming the missing path.
+
+Memory and speed: `paligemma-ft plan --config configs/coco_captions.py --device H100 --policies` (your GPU or TPU; extra
+overrides as for `train`) sizes the step in the target's compute dtype (bfloat16 on GPUs and TPUs) under each
+rematerialization policy and names the lightest that fits: none > dots > dots_with_no_batch_dims_saveable > full
+(big_vision's default: least memory, about a third more compute). Set it with the override `plan` prints.
 """
 
 import ml_collections

@@ -9,6 +9,11 @@ seen long captions. The demo teaches it to write them (the same `caption en` pro
 top left and a small blue square in the bottom right": sizes and positions it was never asked for) on 2 000
 generated scenes, and scores CIDEr, BLEU and ROUGE-L on 128 held-out scenes before and after. Every field can be
 overridden, e.g. `--config.total_steps=50` or `--config.input.batch_size=8`.
+
+Memory and speed: `paligemma-ft plan --config configs/demo.py --device H100 --policies` (your GPU or TPU; extra
+overrides as for `train`) sizes the step in the target's compute dtype (bfloat16 on GPUs and TPUs) under each
+rematerialization policy and names the lightest that fits: none > dots > dots_with_no_batch_dims_saveable > full
+(big_vision's default: least memory, about a third more compute). Set it with the override `plan` prints.
 """
 
 import ml_collections

@@ -23,6 +23,11 @@ A folder with the fine-tuning colab's file names (`data_train90.jsonl`, `data_va
 Defaults follow big_vision's `transfers/forkme.py` template (PaliGemma 2 3B, 224 px, Adam, lr 1e-5, batch 32,
 text length 128); set `total_steps` from your data size. `--config.data_dir` is required: without it the run
 stops when it opens the data, naming `input.data.path`.
+
+Memory and speed: `paligemma-ft plan --config configs/forkme.py --device H100 --policies` (your GPU or TPU; extra
+overrides as for `train`) sizes the step in the target's compute dtype (bfloat16 on GPUs and TPUs) under each
+rematerialization policy and names the lightest that fits: none > dots > dots_with_no_batch_dims_saveable > full
+(big_vision's default: least memory, about a third more compute). Set it with the override `plan` prints.
 """
 
 import ml_collections

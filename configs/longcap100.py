@@ -25,6 +25,11 @@ https://storage.googleapis.com/big_vision/paligemma_tokenizer.model and point `-
 To try the config on a laptop with the shipped demo model instead of the 3B one:
     --config.model_init=builtin:demo --config.tokenizer=builtin:tiny --config.model_name_or_preset="" \\
     --config.input.res=64
+
+Memory and speed: `paligemma-ft plan --config configs/longcap100.py --device H100 --policies` (your GPU or TPU; extra
+overrides as for `train`) sizes the step in the target's compute dtype (bfloat16 on GPUs and TPUs) under each
+rematerialization policy and names the lightest that fits: none > dots > dots_with_no_batch_dims_saveable > full
+(big_vision's default: least memory, about a third more compute). Set it with the override `plan` prints.
 """
 
 import ml_collections

@@ -20,6 +20,11 @@ Metrics (type "vqa", big_vision's `transfers/vqa`): exact match against the firs
 (`acc_any`), the VQAv2 accuracy (`vqav2_acc`) and ANLS (`anls`). Hyper-parameters follow big_vision's VQA transfer
 configs (Adam b2 0.999, lr 1e-5, gradient clipping 1.0, cosine with 5 % warmup, text length 32); batch 64 and
 `total_steps` are a starting point to set from your data size.
+
+Memory and speed: `paligemma-ft plan --config configs/vqa.py --device H100 --policies` (your GPU or TPU; extra
+overrides as for `train`) sizes the step in the target's compute dtype (bfloat16 on GPUs and TPUs) under each
+rematerialization policy and names the lightest that fits: none > dots > dots_with_no_batch_dims_saveable > full
+(big_vision's default: least memory, about a third more compute). Set it with the override `plan` prints.
 """
 
 import ml_collections

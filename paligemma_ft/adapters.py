@@ -183,9 +183,10 @@ def recorded_base(path: str | os.PathLike) -> str:
     return str(load_adapters(path)[1]["base"]["spec"])
 
 
-def merge_adapters(params: PyTree, path: str, *, base: str) -> PyTree:
+def merge_adapters(params: PyTree, path: str, *, base: str, dtype: Any = None) -> PyTree:
     """`params` (the base, on the devices) with the adapters of `path` merged in: W + alpha / r · A·B computed in
-    float32 where W lives, then stored in W's dtype. The base's identity is checked first.
+    float32 where W lives and kept in float32 (a 16-bit W would round a small update away; the run's merged
+    `params.npz` holds the same), or cast to `dtype` when given. The base's identity is checked first.
 
     Raises:
       ValueError: `path` is not an adapters file, or was trained on another base (both named).
@@ -201,7 +202,7 @@ def merge_adapters(params: PyTree, path: str, *, base: str) -> PyTree:
         w = flat[weight]
         a, b = jnp.asarray(adapters[name_a]), jnp.asarray(adapters[weight + lora_lib.ADAPTER_B])
         delta = lora_lib.merged_delta(a, b, lora_lib.roles_of(weight, w.ndim), scale)
-        flat[weight] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        flat[weight] = (w.astype(jnp.float32) + delta).astype(dtype or jnp.float32)
     return recover_tree(list(flat), list(flat.values()))
 
 

@@ -45,6 +45,7 @@ _DEVICES: list[tuple[str, float, float, float]] = [
     ("a100-sxm4-80gb", 312e12, 2.039e12, 80e9),
     ("a100-pcie-80gb", 312e12, 1.935e12, 80e9),
     ("a100", 312e12, 1.555e12, 40e9),  # 40 GB parts.
+    ("t4", 65e12, 0.32e12, 15 * 2**30),  # float16 tensor-core peak (no bfloat16 units: XLA emulates bf16).
     ("tpu v4", 275e12, 1.2288e12, 32 * 2**30),
     ("tpu v5 lite", 197e12, 0.819e12, 16 * 2**30),  # v5e's device_kind.
     ("tpu v5e", 197e12, 0.819e12, 16 * 2**30),

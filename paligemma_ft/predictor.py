@@ -61,6 +61,10 @@ def _loss_fn(model: Model) -> Any:
     return _LOSS_FNS[key]
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def until_eos(row: Sequence[int], eos: int = 1) -> list[int]:
     """The tokens of one decoded row before its first EOS."""
     row = [int(t) for t in row]
@@ -171,6 +175,8 @@ def load_predictor(
     preset: str | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     res: int | None = None,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
     adapters: str | None = None,
     **kwargs: Any,
 ) -> Predictor:
@@ -183,12 +189,24 @@ def load_predictor(
       preset: a model preset; default: the checkpoint's own architecture.
       adapters: a LoRA run's `adapters.npz`, merged into `checkpoint` (which must be the base it was trained on).
       res: image side; default the preset's / the checkpoint's position embeddings'.
+      dtype: "float32" or "bfloat16": cast the weights to it on load and compute in it. Default (None): the
+        weights stay as stored (a `.bf16.npz` stays bfloat16: decoding reads 2 bytes per weight) and the model
+        computes in `compute_dtype`.
+      compute_dtype: the compute dtype when `dtype` is not given (a config's `compute_dtype`); None: bfloat16 on
+        GPU/TPU, float32 on CPU (`paligemma_ft.model.precision`).
       kwargs: `max_decode_len`, `sampler`, `prompt_len`, `seed` for the Predictor.
 
     Raises:
       FileNotFoundError / ValueError: a missing file, or a tokenizer that does not fit the model (named).
     """
     loaded = loading.load_model(
-        checkpoint, tokenizer, preset=preset, model_overrides=model_overrides, res=res, adapters=adapters
+        checkpoint,
+        tokenizer,
+        preset=preset,
+        model_overrides=model_overrides,
+        res=res,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        adapters=adapters,
     )
     return Predictor(loaded.model, loaded.params, loaded.tok, res=loaded.res, **kwargs)

@@ -2,9 +2,12 @@
 
 import importlib.util
 import pathlib
+import re
+import shlex
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from paligemma_ft.training import step as step_lib
 
@@ -56,3 +59,96 @@ def test_bench_loop_times_the_trainer_and_appends_a_row(tmp_path):
     bench_loop.main(["--steps", "12", "--warmup", "2", "--repeats", "1", "--label", "x", "--results", str(results)])
     row = results.read_text().strip().split(" | ")
     assert row[0] == "| x" and row[2] == "tiny_pg1, 32 px, batch 8, text 16" and float(row[3]) > 0
+
+
+# --- The documented GPU commands, smoke-tested on CPU --------------------------------------------------------------
+
+_BENCH = pathlib.Path(__file__).parent.parent / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def documented_gpu_commands() -> list[list[str]]:
+    """The commands of the bash block under "## GPU commands" in bench/RESULTS.md, as argv lists."""
+    text = (_BENCH / "RESULTS.md").read_text()
+    section = text.split("\n## GPU commands", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [shlex.split(line.removeprefix("PYTHONPATH=. ")) for line in lines]
+
+
+_TINY = {"pg1": "tiny_pg1", "pg2": "tiny_pg2"}
+_SMALL = {"--batch": lambda v: str(min(int(v), 2)), "--text-len": lambda v: "8", "--len": lambda v: "3"}
+_EXTRA = {
+    "bench_train": ["--steps", "1"],
+    "bench_decode": ["--reps", "1", "--cpu"],
+    "bench_compile": [],
+}
+
+
+def smoke_argv(argv: list[str]) -> tuple[str, list[str]]:
+    """(script, its arguments) shrunk to the tiny preset: `pg2_*` -> tiny_pg2, `pg1_*` -> tiny_pg1, batch <= 2, a
+    few tokens, one step or repetition, no results file. Every option and value the document gives is kept."""
+    assert argv[0] == "python" and argv[1].startswith("bench/"), argv
+    script = pathlib.Path(argv[1]).stem
+    out, option = [], None
+    for arg in argv[2:]:
+        if arg.startswith("--"):
+            option = arg
+        elif option == "--preset":
+            arg = _TINY.get(arg.split("_")[0], arg)
+        elif option in _SMALL:
+            arg = _SMALL[option](arg)
+        out.append(arg)
+    return script, [*out, *_EXTRA[script], "--results", ""]
+
+
+def test_documented_gpu_commands_are_found():
+    commands = documented_gpu_commands()
+    scripts = {smoke_argv(c)[0] for c in commands}
+    assert scripts == {"bench_train", "bench_decode", "bench_compile"} and len(commands) >= 5
+    assert all("pg2_3b_224" in c for c in commands)  # The issue's model.
+    assert smoke_argv(["python", "bench/bench_decode.py", "--preset", "pg2_3b_224", "--batch", "1", "64"])[1][:5] == [
+        "--preset",
+        "tiny_pg2",
+        "--batch",
+        "1",
+        "2",
+    ]
+
+
+def _count(argv: list[str], option: str) -> int:
+    """How many values `option` has in argv (1 when absent: the script's single default)."""
+    if option not in argv:
+        return 1
+    i = argv.index(option) + 1
+    n = 0
+    while i + n < len(argv) and not argv[i + n].startswith("--"):
+        n += 1
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", documented_gpu_commands(), ids=lambda c: " ".join(c[1:]))
+def test_documented_gpu_command_runs_on_cpu(command):
+    script, argv = smoke_argv(command)
+    rows = _load(script).main(argv)
+    if script == "bench_train":
+        expected = 1
+        for option in ("--recipes", "--remat", "--attn", "--loss"):
+            expected *= _count(argv, option) if option in argv else (2 if option == "--recipes" else 1)
+    elif script == "bench_decode":
+        expected = _count(argv, "--batch")
+    else:
+        expected = _count(argv, "--scan")
+    assert len(rows) == expected, rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert "OOM" not in cells and "nan" not in row, row
+        numbers = [float(c.rstrip("x")) for c in cells if re.fullmatch(r"[\d.]+x?", c)]
+        assert numbers and all(x > 0 for x in numbers), row

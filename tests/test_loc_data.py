@@ -193,9 +193,10 @@ def test_segment_task_encodes_masks_and_eval_batches_carry_objects(tmp_path):
 
 def test_missing_codec_fails_before_training(tmp_path, monkeypatch):
     from paligemma_ft.training import loop as train
+    from paligemma_ft.training import setup as setup_lib
 
     monkeypatch.setenv("PALIGEMMA_FT_CODEC", str(tmp_path / "nowhere" / "vae-oid.npz"))
-    monkeypatch.setattr(train, "init_params", lambda *a, **k: pytest.fail("the run reached the model"))
+    monkeypatch.setattr(setup_lib, "init_params", lambda *a, **k: pytest.fail("the run reached the model"))
     path = fx.write_jsonl(tmp_path, "t.jsonl", fx.jsonl_rows(2))
     config = load_config(str(CONFIGS / "demo_detect.py"), ["--config.input.batch_size=8", "--config.total_steps=1"])
     with config.unlocked():

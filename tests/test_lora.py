@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paligemma_ft.model import Model, get_preset, layers, lora, quant
+from paligemma_ft.model import Model, get_preset, layers, lora, precision, quant
 from paligemma_ft.utils import recover_tree, tree_flatten_with_names
 
 ALL = (("llm/.*", True), ("img/.*", True))
@@ -44,15 +44,19 @@ def _randomize_b(params, seed: int = 1):
 # --- The ViT layers are flax's, bit for bit -------------------------------------------------------------------
 
 
-def test_dense_and_attention_equal_flax_bitwise():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_and_attention_equal_flax_bitwise(dtype):
+    """The replicas compute what flax computes, in float32 and in the ViT's bfloat16 setting (dtype_mm bfloat16,
+    softmax forced to float32, as model/vit.py builds them)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
-    init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-2))
+    init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-2), dtype=dtype)
     ref, ours = nn.Dense(24, **init), layers.Dense(24, **init)
     p = ref.init(jax.random.PRNGKey(1), x)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, p)
     np.testing.assert_array_equal(ref.apply(p, x), ours.apply(p, x))
 
-    kw = dict(num_heads=4, kernel_init=nn.initializers.xavier_uniform(), deterministic=True)
+    kw = dict(num_heads=4, kernel_init=nn.initializers.xavier_uniform(), deterministic=True, dtype=dtype)
+    kw["force_fp32_for_softmax"] = dtype != "float32"
     ref_a, ours_a = nn.MultiHeadDotProductAttention(**kw), layers.MultiHeadDotProductAttention(**kw)
     pa = ref_a.init(jax.random.PRNGKey(2), x, x)
     pa = jax.tree.map(lambda v: v + 0.01 * jax.random.normal(jax.random.PRNGKey(3), v.shape), pa)  # Non-zero bias.
@@ -60,7 +64,9 @@ def test_dense_and_attention_equal_flax_bitwise():
     assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, pa)
     # Same initial values too (flax's flat kernel init), so random-init models are unchanged.
     jax.tree.map(np.testing.assert_array_equal, mine, ref_a.init(jax.random.PRNGKey(2), x, x))
-    np.testing.assert_array_equal(ref_a.apply(pa, x, x), ours_a.apply(pa, x, x))
+    got, want = ours_a.apply(pa, x, x), ref_a.apply(pa, x, x)
+    assert got.dtype == want.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 # --- Adapters: names, shapes, zero init, merge ---------------------------------------------------------------
@@ -108,6 +114,42 @@ def test_zero_init_is_the_base_model_exactly(preset, scan):
     want, _ = base.apply({"params": base_params}, *inputs)
     got, _ = adapted.apply({"params": params}, *inputs)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("quant_mode", ["none", "nf4"])
+def test_bfloat16_compute_zero_init_and_float32_adapter_gradients(quant_mode):
+    """Under the bfloat16 compute dtype (`model/precision.py`) adapters change nothing at step 0, and their
+    float32 masters get float32 gradients (the adapter products go through `precision.einsum` too)."""
+    spec = lora.LoraSpec(rank=4, targets=ALL, quant=quant_mode)
+    cfg, res = get_preset("tiny_pg2")
+    cfg = precision.apply_compute_dtype(cfg, "bfloat16")
+    base, adapted = Model(**cfg, lora=lora.LoraSpec(quant=quant_mode)), Model(**cfg, lora=spec)
+    inputs = _inputs(res)
+    flat = _flat(adapted.init(jax.random.PRNGKey(0), *inputs)["params"])
+    # The preset's projection starts at zero, which would cut every ViT gradient: give it values.
+    shape = (flat["img/head/kernel_lora_a"].shape[0], flat["img/head/kernel_lora_b"].shape[1])  # [D_img, D_llm]
+    head = 0.05 * np.asarray(jax.random.normal(jax.random.PRNGKey(1), shape))
+    if quant_mode == "none":
+        flat["img/head/kernel"] = jnp.asarray(head)
+    else:
+        codes, scales = lora.quantize_weight("img/head/kernel", head, quant_mode)
+        flat["img/head/kernel_q"], flat["img/head/kernel_qscale"] = jnp.asarray(codes), jnp.asarray(scales)
+    params = recover_tree(list(flat), list(flat.values()))
+    base_params = {k: v for k, v in flat.items() if not lora.is_adapter(k)}
+    want, _ = base.apply({"params": recover_tree(list(base_params), list(base_params.values()))}, *inputs)
+    got, _ = adapted.apply({"params": params}, *inputs)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    adapters = {k: v for k, v in _flat(params).items() if lora.is_adapter(k)}
+
+    def loss(a):
+        logits, _ = adapted.apply({"params": recover_tree(*zip(*{**_flat(params), **a}.items()))}, *inputs)
+        return jnp.mean(jnp.square(logits.astype(jnp.float32)))
+
+    grads = jax.grad(loss)(adapters)
+    assert {g.dtype for g in grads.values()} == {jnp.dtype(jnp.float32)}
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+    assert all(np.abs(np.asarray(g)).max() > 0 for k, g in grads.items() if k.endswith(lora.ADAPTER_B))
 
 
 @pytest.mark.parametrize("preset", ["tiny_pg1", "tiny_pg2", "tiny_pg1_mha"])

@@ -9,8 +9,8 @@ from paligemma_ft.checkpoints import loading
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.commands import cli, predict
 from paligemma_ft.data.shapes import encode_image, make_example
-from paligemma_ft.evaluate import draw
 from paligemma_ft.evaluate.detection import Box, parse_detections
+from paligemma_ft.evaluate.draw import PALETTE
 
 SIZE = (80, 64)  # (width, height): not square and not the model's 64 x 64, so drawings must keep the file's size.
 
@@ -97,7 +97,7 @@ def test_draw_puts_the_parsed_boxes_on_the_image(images, tmp_path, monkeypatch, 
     changed = np.abs(drawn - original).sum(-1) > 0
     for box in expected:  # Each box's left edge, halfway down, is painted in its label colour.
         y, x = int((box.y0 + box.y1) / 2 * SIZE[1]), int(round(box.x0 * SIZE[0]))
-        assert tuple(drawn[y, x]) == draw.PALETTE[0]
+        assert tuple(drawn[y, x]) == PALETTE[0]
     inside = np.zeros_like(changed)
     for box in expected:
         y0, x0 = int(box.y0 * SIZE[1]) - 12, int(box.x0 * SIZE[0]) - 2  # Labels sit just above a box.
@@ -110,8 +110,8 @@ def test_draw_boxes_colours_labels_apart():
     boxes = [Box("cat", 0.2, 0.1, 0.8, 0.4), Box("dog", 0.2, 0.6, 0.8, 0.9), Box("cat", 0.5, 0.45, 0.6, 0.55)]
     im = np.asarray(predict.draw_boxes(image, boxes))
     assert im.shape == image.shape
-    assert tuple(im[35, 10]) == draw.PALETTE[0] and tuple(im[35, 60]) == draw.PALETTE[1]
-    assert tuple(im[27, 45]) == draw.PALETTE[0]  # Same label, same colour.
+    assert tuple(im[35, 10]) == PALETTE[0] and tuple(im[35, 60]) == PALETTE[1]
+    assert tuple(im[27, 45]) == PALETTE[0]  # Same label, same colour.
     assert tuple(im[25, 25]) == (128, 128, 128)  # Inside a box: untouched.
 
 

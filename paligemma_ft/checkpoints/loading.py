@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from paligemma_ft import tokenizer as tokenizer_lib
 from paligemma_ft.checkpoints import fit, npz, placement
 from paligemma_ft.checkpoints.kaggle import TOKENIZER_NAMES, TOKENIZER_URL  # Looked for next to a checkpoint.
-from paligemma_ft.model import Model, get_preset, infer_config_from_shapes
+from paligemma_ft.model import Model, get_preset, infer_config_from_shapes, precision
 from paligemma_ft.model.lora import LoraSpec, spec_from_config
 from paligemma_ft.model.presets import TINY_VOCAB, resolve_img_config
 from paligemma_ft.utils import PyTree, tree_flatten_with_names
@@ -333,6 +333,7 @@ def load_params(
     init_fn: Callable[[], PyTree] | None = None,
     dont_load: Sequence[str] = (),
     allow_missing: bool = True,
+    keep_stored_dtype: bool = False,
     rng_seed: int = 0,
     derived: Mapping[str, Derived] | None = None,
     log: logging.Logger = _LOG,
@@ -348,6 +349,8 @@ def load_params(
         `out_shardings` for the parameters to initialise, so only those are computed.
       dont_load: regexes of model parameters that keep their initial value (and stored ones to ignore).
       allow_missing: initialise what the checkpoint lacks; False refuses (inference).
+      keep_stored_dtype: loaded leaves keep the checkpoint's dtype (inference: a bfloat16 file stays bfloat16)
+        instead of `abstract`'s.
       rng_seed: seed of new vocabulary rows.
       derived: `{stored name: Derived}`: model parameters computed from a stored one as it is read (see
         `Derived`); the checkpoint is fitted to the stored names, and when it lacks one (or `dont_load` names
@@ -367,7 +370,8 @@ def load_params(
     out: dict[str, Any] = {}
 
     def place(name: str, array: Any) -> None:
-        out[name] = placement.place_leaf(name, array, flat_shard[name], flat_abstract[name].dtype)
+        dtype = None if keep_stored_dtype else flat_abstract[name].dtype
+        out[name] = placement.place_leaf(name, array, flat_shard[name], dtype)
 
     to_init = list(stored_shapes)
     if checkpoint is not None:
@@ -414,6 +418,8 @@ def make_model(config: Any, *, shapes_only: bool = False) -> tuple[Model, int | 
     checkpoint = resolve_checkpoint(init) if init and not (shapes_only and preset) else None
     cfg, res = model_config(preset or None, checkpoint, config.model)
     config_base.check_resolution(int(config.input.res), cfg["img"])
+    # float32 | bfloat16; None = bfloat16 on GPU/TPU, float32 on CPU (`paligemma_ft.model.precision`).
+    cfg = precision.apply_compute_dtype(cfg, precision.resolve_compute_dtype(config.compute_dtype))
     if checkpoint is not None and checkpoint.kind == "hf":  # big_vision has no sliding window: compare lengths.
         from paligemma_ft.checkpoints import hf_import  # noqa: PLC0415
 
@@ -441,7 +447,8 @@ def load_model(
     preset: str | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     res: int | None = None,
-    dtype: Any = jnp.float32,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
     sharding: jax.sharding.Sharding | None = None,
     adapters: str | os.PathLike | None = None,
 ) -> Loaded:
@@ -453,10 +460,14 @@ def load_model(
       tokenizer: a tokenizer spec; default: found with the checkpoint (`resolve_tokenizer`).
       preset: a model preset; default: the checkpoint's own architecture.
       res: image side; default the preset's / the checkpoint's position embeddings'.
-      dtype: the parameters' dtype on the device.
+      dtype: cast the weights to this dtype on load and compute in it (`--dtype`); None keeps each weight as
+        stored (a `.bf16.npz` stays bfloat16: decoding reads 2 bytes per weight) and computes in `compute_dtype`.
+      compute_dtype: the activations' dtype when `dtype` is None (a config's `compute_dtype`); None = auto:
+        bfloat16 on GPU/TPU, float32 on CPU (`paligemma_ft.model.precision`).
       sharding: where the parameters go (default: replicated on the first device).
       adapters: a LoRA run's `adapters.npz`, merged into the loaded base on the devices once its identity is
-        checked (`paligemma_ft.adapters.merge_adapters`): inference then runs the plain model.
+        checked (`paligemma_ft.adapters.merge_adapters`): inference then runs the plain model. The merged weights
+        are float32 (as in the run's merged `params.npz`), or `dtype` when given.
 
     Raises:
       FileNotFoundError / ValueError: a missing file or tokenizer, a checkpoint that does not fit (named), adapters
@@ -469,15 +480,20 @@ def load_model(
             checkpoint, adapters = adapters_lib.recorded_base(checkpoint), checkpoint
     ckpt = resolve_checkpoint(checkpoint)
     cfg, ckpt_res = model_config(preset, ckpt, model_overrides)
-    model = build_model(cfg)
+    if dtype is not None:
+        compute = precision.resolve_compute_dtype(dtype, key="--dtype")
+    else:
+        compute = precision.resolve_compute_dtype(compute_dtype)
+    model = build_model(precision.apply_compute_dtype(cfg, compute))
     res = int(res or ckpt_res or 224)
     shapes = init_shapes(model, res, 8)
     tok = load_tokenizer(tokenizer, ckpt, vocab_size(shapes), source=ckpt.path)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-    params = load_params(ckpt, abstract, jax.tree.map(lambda _: sharding, shapes), allow_missing=False)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype), shapes)
+    shardings = jax.tree.map(lambda _: sharding, shapes)
+    params = load_params(ckpt, abstract, shardings, allow_missing=False, keep_stored_dtype=dtype is None)
     if adapters is not None:
         from paligemma_ft import adapters as adapters_lib  # noqa: PLC0415 - LoRA only.
 
-        params = adapters_lib.merge_adapters(params, os.fspath(adapters), base=str(ckpt))
+        params = adapters_lib.merge_adapters(params, os.fspath(adapters), base=str(ckpt), dtype=dtype)
     return Loaded(model, params, tok, res, ckpt)

@@ -6,7 +6,7 @@
     paligemma-ft predict --image a.jpg [--image ...] --prompt "caption en" [--checkpoint SPEC --tokenizer SPEC]
     paligemma-ft evaluate --config PATH (--workdir DIR | --checkpoint SPEC) [--only NAME] [--outdir DIR]
     paligemma-ft app [--checkpoint SPEC --tokenizer SPEC --port N]   a local web page to try a checkpoint
-    paligemma-ft plan --config PATH [--device H100 | --memory-gib N] [--devices N] [--arithmetic-only]
+    paligemma-ft plan --config PATH [--device H100 | --memory-gib N] [--devices N] [--arithmetic-only] [--policies]
                                                         will the config fit? memory per device, what to change
     paligemma-ft convert SRC DST [--step N] [--dtype D] [--tokenizer SPEC]   .npz / workdir <-> Hugging Face folder
 
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="run only this evaluator of config.evals (repeatable)",
     )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="cast the weights to this dtype and compute in it (default: weights as stored, compute "
+        "config.compute_dtype: bfloat16 on GPU/TPU, float32 on CPU)",
+    )
 
     p = sub.add_parser("app", help="a local web page (Streamlit) to try a checkpoint on images")
     p.add_argument(
@@ -161,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--arithmetic-only",
         action="store_true",
         help="skip compiling; estimate activations by arithmetic (faster, rougher)",
+    )
+    p.add_argument(
+        "--policies",
+        nargs="*",
+        default=None,
+        metavar="POLICY",
+        help="also size these remat policies (none, dots, dots_with_no_batch_dims_saveable, full; no names: all "
+        "four): peak and largest batch per policy, and the lightest that fits",
     )
 
     p = sub.add_parser("convert", help="convert a checkpoint: .npz / workdir <-> Hugging Face folder, streamed")
@@ -254,7 +269,13 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         from paligemma_ft.evaluate.runner import evaluate_command  # noqa: PLC0415
 
         evaluate_command(
-            config, args.workdir, args.checkpoint, outdir=args.outdir, only=args.only, adapters=args.adapters
+            config,
+            args.workdir,
+            args.checkpoint,
+            outdir=args.outdir,
+            only=args.only,
+            dtype=args.dtype,
+            adapters=args.adapters,
         )
         return 0
     if args.command == "app":
@@ -274,6 +295,7 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.workdir:
             check_output_dir(args.workdir, "--workdir")
         from paligemma_ft.commands import plan  # noqa: PLC0415
+        from paligemma_ft.model import remat  # noqa: PLC0415
 
         if args.devices:
             plan.simulate_cpu_devices(args.devices)
@@ -284,6 +306,7 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
                 memory_gib=args.memory_gib,
                 device=args.device,
                 arithmetic_only=args.arithmetic_only,
+                policies=(args.policies or list(remat.STANDARD)) if args.policies is not None else None,
             )
         )
     module, function, _ = _FUTURE[args.command]

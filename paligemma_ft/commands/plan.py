@@ -4,24 +4,25 @@
     paligemma-ft plan --config my.py --config.model_name_or_preset=pg2_3b_224 --device H100 [--arithmetic-only]
 
 Builds everything the trainer builds before it computes (model shapes with `jax.eval_shape`, mesh, parameter and
-optimizer shardings, storage dtypes, the optimizer: `paligemma_ft.training.setup.setup`), then lowers and compiles
-the trainer's own jitted step (`paligemma_ft.training.step.jit_train_step`) for abstract inputs on the configured
-mesh without running it or allocating a parameter. It reports per device: parameters, optimizer state, the batch,
-and XLA's temporary buffers (activations, gradients, workspace) from `compiled.memory_analysis()`; with
-`--arithmetic-only` (or when the backend gives no analysis) the temporaries come from a rough arithmetic estimate
-instead. Compiling on a CPU for a GPU or TPU target gives the CPU compiler's figures: the target fuses differently,
-so treat them as estimates.
+optimizer shardings, storage dtypes, the optimizer: `paligemma_ft.training.loop.setup`), then lowers and compiles the
+trainer's own `train_step` for abstract inputs on the configured mesh without running it or allocating a
+parameter. It reports per device: parameters, optimizer state, the batch, and XLA's temporary buffers
+(activations, gradients, workspace) from `compiled.memory_analysis()`; with `--arithmetic-only` (or when the
+backend gives no analysis) the temporaries come from a rough arithmetic estimate instead. Compiling on a CPU for a
+GPU or TPU target gives the CPU compiler's figures: the target fuses differently, so treat them as estimates.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +32,9 @@ import numpy as np
 from paligemma_ft import config_base
 from paligemma_ft import flops as flops_lib
 from paligemma_ft import sharding as sharding_lib
+from paligemma_ft.commands.plan_estimate import estimate_temp_bytes
+from paligemma_ft.model import precision
+from paligemma_ft.model import remat as remat_lib
 from paligemma_ft.utils import tree_flatten_with_names
 
 GiB = 2**30
@@ -43,6 +47,18 @@ def _per_device_bytes(shapes: Any, shardings: Any) -> int:
     for (_, s), sh in zip(tree_flatten_with_names(shapes), jax.tree.leaves(shardings)):
         total += math.prod(sh.shard_shape(tuple(s.shape))) * np.dtype(s.dtype).itemsize
     return total
+
+
+@dataclasses.dataclass
+class PolicyRow:
+    """One rematerialization policy (both towers) sized at the plan's batch. Bytes per device."""
+
+    policy: str
+    temp_bytes: int
+    peak_bytes: int
+    source: str
+    largest_batch: int | None  # Global batch that fits (linear estimate); None when memory is unknown.
+    fits: bool | None
 
 
 @dataclasses.dataclass
@@ -71,6 +87,9 @@ class Plan:
     flops_per_example: float
     remat: dict[str, str]
     suggestions: list[str] = dataclasses.field(default_factory=list)
+    compute_dtype: str = "float32"
+    compute_dtype_source: str = "config"
+    policies: list[PolicyRow] = dataclasses.field(default_factory=list)  # One row per remat policy sized.
 
     @property
     def fits(self) -> bool | None:
@@ -78,75 +97,11 @@ class Plan:
         return None if self.memory_limit is None else self.peak_bytes <= _HEADROOM * self.memory_limit
 
 
-# --- Arithmetic estimate of the step's temporaries ---------------------------------------------------------------
-
-
-def _tower_activation_bytes(
-    tokens: int, width: int, mlp: int, qkv_width: int, heads: int, depth: int, policy: str, act: int
-) -> float:
-    """Rough bytes for one example's activations in one tower (attention logits/probs in float32).
-
-    Saved for the backward pass: the block inputs under "full" remat, matmul outputs under "dots", everything
-    under "none"; plus one block's working set, recomputed during the backward pass.
-    """
-    scores = 2 * heads * tokens * tokens * 4  # f32 logits and probabilities.
-    one_block = tokens * (6 * width + 3 * mlp + 2 * qkv_width) * act + scores
-    saved = {
-        "full": tokens * width * act,
-        "dots": tokens * (3 * width + 2 * qkv_width + 2 * mlp) * act + scores / 2,
-    }.get(policy, one_block)
-    return depth * saved + one_block
+# --- The plan ------------------------------------------------------------------------------------------------
 
 
 def _policy(name: str | None) -> str:
-    name = name or "nothing_saveable"
-    return {
-        "nothing_saveable": "full",
-        "everything_saveable": "none",
-        "dots_saveable": "dots",
-        "dots_with_no_batch_dims_saveable": "dots",
-    }.get(name, name)
-
-
-def estimate_temp_bytes(
-    model_cfg: dict,
-    res: int,
-    text_len: int,
-    per_device_batch: int,
-    grad_bytes: int,
-    act_bytes: int = 4,
-    chunk: int = 512,
-) -> float:
-    """Rough per-device temporaries of one step: activations of `per_device_batch` examples (per micro-batch),
-    gradients and optimizer-update scratch (2 x `grad_bytes`), and one chunk of float32 vocabulary logits."""
-    img, llm = flops_lib._resolve(model_cfg)  # noqa: SLF001 - same package.
-    p = flops_lib._image_tokens(img, res)  # noqa: SLF001
-    t = p + text_len
-    per_example = _tower_activation_bytes(
-        p,
-        img["width"],
-        img.get("mlp_dim") or 4 * img["width"],
-        3 * img["width"],
-        img["num_heads"],
-        img["depth"],
-        _policy(img.get("remat_policy")) if img.get("scan") else "none",
-        act_bytes,
-    )
-    per_example += _tower_activation_bytes(
-        t,
-        llm["width"],
-        2 * llm["mlp_dim"],
-        (llm["num_heads"] + 2 * llm["num_kv_heads"]) * llm["head_dim"],
-        llm["num_heads"],
-        llm["depth"],
-        _policy(llm.get("remat_policy")) if llm.get("scan", True) else "none",
-        act_bytes,
-    )
-    logits = 3 * min(chunk, per_device_batch * text_len) * llm["vocab_size"] * 4
-    return per_device_batch * per_example + 2 * grad_bytes + logits
-
-
-# --- The plan ------------------------------------------------------------------------------------------------
+    return remat_lib.short_name(name)
 
 
 def _memory_limit(memory_gib: float | None, device: str | None) -> tuple[float | None, str]:
@@ -175,89 +130,198 @@ def _abstract_batch(batch: int, res: int, text_len: int, sharding: Any) -> dict[
     }
 
 
-def make_plan(
-    config: Any, *, memory_gib: float | None = None, device: str | None = None, arithmetic_only: bool = False
-) -> Plan:
-    """Builds the trainer's setup for `config` and sizes one training step per device (nothing is allocated).
+def _with_compute_dtype(config: Any, device: str | None) -> tuple[Any, str, str]:
+    """`(config, dtype, why)`: the config with `compute_dtype` resolved for the target (`--device`, else the local
+    platform), since the step's activations, and so its memory, depend on it."""
+    asked = config.compute_dtype
+    platform = precision.device_platform(device)
+    dtype = precision.resolve_compute_dtype(asked, platform)
+    if asked not in (None, "", "auto"):
+        why = "config.compute_dtype"
+    else:
+        why = f"auto for {platform or jax.devices()[0].platform}"
+    config = copy.deepcopy(config)
+    if hasattr(config, "unlocked"):
+        with config.unlocked():
+            config.compute_dtype = dtype
+    else:
+        config["compute_dtype"] = dtype
+    return config, dtype, why
 
-    Args:
-      config: a training config (ConfigDict), as `paligemma-ft train` takes.
-      memory_gib: device memory to plan for; else `device`'s nominal memory ("H100", "TPU v5 lite"), else the
-        local accelerator's allocator limit, else unknown.
-      arithmetic_only: skip compiling; estimate temporaries with `estimate_temp_bytes`.
+
+def _with_batch(config: Any, batch_size: int) -> Any:
+    config = copy.deepcopy(config)
+    ctx = config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext()
+    with ctx:
+        config.input.batch_size = batch_size
+    return config
+
+
+def _with_policy(config: Any, policy: str) -> Any:
+    """The config with `model.img.remat_policy` and `model.llm.remat_policy` set to `policy`."""
+    config = copy.deepcopy(config)
+    ctx = config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext()
+    with ctx:
+        for tower in ("img", "llm"):
+            config.model[tower]["remat_policy"] = policy
+    return config
+
+
+@dataclasses.dataclass
+class _Sized:
+    temp: float
+    peak: float
+    source: str
+    compile_seconds: float | None
+    step_bytes: float | None  # What one more example per micro-batch on each device adds; None: not measured.
+
+
+def _size_step(config: Any, arithmetic_only: bool, slope: bool = False) -> tuple[Any, dict, _Sized]:
+    """Sets up the trainer for `config` and sizes its step: `(setup, byte counts, sizes)` per device.
+
+    The bytes each further example adds (`step_bytes`) come from the arithmetic estimate with `arithmetic_only`,
+    else, with `slope`, from compiling the step a second time at twice the batch (memory is not quite linear in
+    the batch: buffers get reused; the slope over a doubling averages that out); else they are not measured.
     """
     from paligemma_ft.training import setup as setup_lib  # noqa: PLC0415 - the trainer's set-up and step, lazily.
     from paligemma_ft.training import step as step_lib  # noqa: PLC0415
 
-    config = config_base.complete(config)
     s = setup_lib.setup(config, shapes_only=True)  # Shapes only: no data, tokenizer or (with a preset) checkpoint.
     batch_size = int(config.input.batch_size)
     micro = int(config.grad_accum_steps)
     abstract_batch = _abstract_batch(batch_size, s.res, s.text_len, s.batch_shard)
-    param_bytes = _per_device_bytes(s.state_abstract["params"], s.state_shard["params"])
-    opt_bytes = _per_device_bytes(s.state_abstract["opt"], s.state_shard["opt"])
-    batch_bytes = _per_device_bytes(abstract_batch, jax.tree.map(lambda x: x.sharding, abstract_batch))
-    trainable_shapes = [
-        x for x, t in zip(jax.tree.leaves(s.state_abstract["params"]), jax.tree.leaves(s.trainable)) if t
-    ]
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.state_abstract["params"]))
-    n_trainable = sum(math.prod(x.shape) for x in trainable_shapes)
-    shards = max(1, math.prod(s.mesh.shape[a] for a in sharding_lib.batch_axes(s.mesh)))
-    model_cfg = {"img": dict(s.model.img or {}), "llm": dict(s.model.llm or {})}
-    llm_cfg = model_cfg["llm"]
-    act_bytes = np.dtype(llm_cfg.get("embed_dtype", "float32")).itemsize
-
-    compile_s, source = None, "arithmetic estimate (rough)"
-    grad_bytes = int(param_bytes * n_trainable / max(n_params, 1))
-    temp = estimate_temp_bytes(
-        model_cfg, s.res, s.text_len, max(1, batch_size // shards // micro), grad_bytes, act_bytes
+    counts = dict(
+        param_bytes=_per_device_bytes(s.state_abstract["params"], s.state_shard["params"]),
+        opt_bytes=_per_device_bytes(s.state_abstract["opt"], s.state_shard["opt"]),
+        batch_bytes=_per_device_bytes(abstract_batch, jax.tree.map(lambda x: x.sharding, abstract_batch)),
+        params=sum(math.prod(x.shape) for x in jax.tree.leaves(s.state_abstract["params"])),
+        trainable=sum(
+            math.prod(x.shape)
+            for x, t in zip(jax.tree.leaves(s.state_abstract["params"]), jax.tree.leaves(s.trainable))
+            if t
+        ),
+        shards=max(1, math.prod(s.mesh.shape[a] for a in sharding_lib.batch_axes(s.mesh))),
+        micro=micro,
     )
-    peak = param_bytes + opt_bytes + batch_bytes + temp
-    if not arithmetic_only:
-        step_fn = step_lib.jit_train_step(  # Exactly the trainer's (its EOS id only counts truncations).
-            s.model,
-            s.tx,
-            s.trainable,
-            step_lib.StepConfig.from_config(config),
-            sched_fn=s.sched_fn,
-            state_shardings=s.state_shard,
-            batch_sharding=s.batch_shard,
-        )
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(s.state_abstract, abstract_batch).compile()
-        compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        if mem is not None and getattr(mem, "argument_size_in_bytes", None) is not None:
-            temp = int(mem.temp_size_in_bytes)
-            # Inputs stay alive; outputs that reuse donated inputs need no new memory.
-            peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp)
-            source = f"XLA memory analysis ({jax.devices()[0].platform} compiler)"
+    model_cfg = {"img": dict(s.model.img or {}), "llm": dict(s.model.llm or {})}
+    act_bytes = np.dtype(precision.model_compute_dtype(model_cfg)).itemsize
+    grad_bytes = int(counts["param_bytes"] * counts["trainable"] / max(counts["params"], 1))
+    per_device = max(1, batch_size // counts["shards"] // micro)
+    temp = estimate_temp_bytes(model_cfg, s.res, s.text_len, per_device, grad_bytes, act_bytes)
+    more = estimate_temp_bytes(model_cfg, s.res, s.text_len, per_device + 1, grad_bytes, act_bytes) - temp
+    state = counts["param_bytes"] + counts["opt_bytes"] + counts["batch_bytes"]
+    step = more + micro * counts["batch_bytes"] / max(1, batch_size // counts["shards"])
+    sized = _Sized(temp, state + temp, "arithmetic estimate (rough)", None, step)
+    if arithmetic_only:
+        return s, counts, sized
+    sized.step_bytes = None
+    if slope:
+        _, _, doubled = _size_step(_with_batch(config, 2 * batch_size), False)
+        per_micro = max(1, batch_size // counts["shards"] // micro)  # The doubling adds this many per micro-batch.
+    step_fn = step_lib.jit_train_step(  # Exactly the trainer's (its EOS id only counts truncations).
+        s.model,
+        s.tx,
+        s.trainable,
+        step_lib.StepConfig.from_config(config),
+        sched_fn=s.sched_fn,
+        state_shardings=s.state_shard,
+        batch_sharding=s.batch_shard,
+    )
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(s.state_abstract, abstract_batch).compile()
+    sized.compile_seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    if mem is not None and getattr(mem, "argument_size_in_bytes", None) is not None:
+        sized.temp = int(mem.temp_size_in_bytes)
+        # Inputs stay alive; outputs that reuse donated inputs need no new memory.
+        sized.peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + sized.temp)
+        sized.source = f"XLA memory analysis ({jax.devices()[0].platform} compiler)"
+    if slope and doubled.peak > sized.peak:
+        sized.step_bytes = (doubled.peak - sized.peak) / per_micro
+    return s, counts, sized
+
+
+def largest_batch(plan: Plan, peak_bytes: float, step_bytes: float | None) -> int | None:
+    """The largest global batch whose step fits the plan's memory (10 % headroom), by a linear estimate: the peak
+    at the plan's batch plus `step_bytes` for each further example per micro-batch on every device. A multiple of
+    the data shards x micro-batches; 0 when not even that fits; None when the memory or the slope is unknown."""
+    if plan.memory_limit is None or step_bytes is None:
+        return None
+    steps = math.floor((_HEADROOM * plan.memory_limit - peak_bytes) / max(step_bytes, 1.0))
+    per_device = max(0, plan.per_device_batch + steps * plan.micro_batches)
+    return per_device * max(1, plan.batch_size // plan.per_device_batch)
+
+
+def make_plan(
+    config: Any,
+    *,
+    memory_gib: float | None = None,
+    device: str | None = None,
+    arithmetic_only: bool = False,
+    policies: Sequence[str] | None = None,
+) -> Plan:
+    """Builds the trainer's setup for `config` and sizes one training step per device (nothing is allocated).
+
+    Args:
+      config: a training config (ConfigDict), as `paligemma-ft train` takes. Its `compute_dtype` (None: auto) is
+        resolved for `device` when given (bfloat16 on GPUs and TPUs), else for the local platform.
+      memory_gib: device memory to plan for; else `device`'s nominal memory ("H100", "TPU v5 lite"), else the
+        local accelerator's allocator limit, else unknown.
+      arithmetic_only: skip compiling; estimate temporaries with `estimate_temp_bytes`.
+      policies: rematerialization policies (`paligemma_ft.model.remat`) to size too, each set on both towers and
+        compiled at the batch and at twice it; the plan's `policies` rows give each one's peak and largest batch.
+        Default: only the config's own (its largest batch only with `arithmetic_only`).
+    """
+    config = config_base.complete(config)
+    config, compute_dtype, compute_why = _with_compute_dtype(config, device)
+    for p in policies or ():
+        remat_lib.short_name(p)  # An unknown name fails before anything compiles.
+    asked = [remat_lib.short_name(p) for p in policies or ()]
+    guess = remat_lib.short_name(config.model.llm.get("remat_policy"))
+    s, counts, sized = _size_step(config, arithmetic_only, slope=guess in asked)
+    model_cfg = {"img": dict(s.model.img or {}), "llm": dict(s.model.llm or {})}
     limit, limit_source = _memory_limit(memory_gib, device)
     plan = Plan(
         device_kind=device or jax.devices()[0].device_kind,
         devices=s.mesh.size,
         mesh=dict(s.mesh.shape),
-        batch_size=batch_size,
-        per_device_batch=max(1, batch_size // shards),
-        micro_batches=micro,
+        batch_size=int(config.input.batch_size),
+        per_device_batch=max(1, int(config.input.batch_size) // counts["shards"]),
+        micro_batches=counts["micro"],
         res=s.res,
         text_len=s.text_len,
-        params=n_params,
-        trainable=n_trainable,
-        param_bytes=param_bytes,
-        opt_bytes=opt_bytes,
-        batch_bytes=batch_bytes,
-        temp_bytes=int(temp),
-        peak_bytes=int(peak),
-        source=source,
-        compile_seconds=compile_s,
+        params=counts["params"],
+        trainable=counts["trainable"],
+        param_bytes=counts["param_bytes"],
+        opt_bytes=counts["opt_bytes"],
+        batch_bytes=counts["batch_bytes"],
+        temp_bytes=int(sized.temp),
+        peak_bytes=int(sized.peak),
+        source=sized.source,
+        compile_seconds=sized.compile_seconds,
         memory_limit=limit,
         memory_source=limit_source,
         flops_per_example=flops_lib.train_flops_per_example(
             model_cfg, s.res, s.text_len, trainable=s.trainable, lora=s.model.lora
         ),
         remat={t: _policy(model_cfg[t].get("remat_policy")) for t in ("img", "llm")},
+        compute_dtype=compute_dtype,
+        compute_dtype_source=compute_why,
     )
+    own = plan.remat["llm"] if plan.remat["img"] == plan.remat["llm"] else None
+    if policies is None:  # The config's own setting only.
+        label = own or f"img={plan.remat['img']}, llm={plan.remat['llm']}"
+        sizes = [(PolicyRow(label, plan.temp_bytes, plan.peak_bytes, plan.source, None, None), sized.step_bytes)]
+    else:
+        sizes = []
+    for name in dict.fromkeys(asked):
+        reuse = name == own and sized.step_bytes is not None  # The config's own policy, already measured.
+        other = sized if reuse else _size_step(_with_policy(config, name), arithmetic_only, True)[2]
+        sizes.append((PolicyRow(name, int(other.temp), int(other.peak), other.source, None, None), other.step_bytes))
+    for row, step_bytes in sizes:
+        row.largest_batch = largest_batch(plan, row.peak_bytes, step_bytes)
+        row.fits = None if limit is None else row.peak_bytes <= _HEADROOM * limit
+        plan.policies.append(row)
     plan.suggestions = suggest(plan)
     return plan
 
@@ -285,7 +349,7 @@ def suggest(plan: Plan) -> list[str]:
             break
     if any(p != "full" for p in plan.remat.values()):
         out.append(
-            "Rematerialization: --config.model.llm.remat_policy=full and --config.model.img.remat_policy=full "
+            f"Rematerialization: remat_policy=full on both towers, {remat_override('full')} "
             "(recompute each block in the backward pass; ~30 % more compute)."
         )
     if plan.trainable > 0.5 * plan.params:
@@ -324,7 +388,8 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"Plan: {plan.devices} x {plan.device_kind}, mesh ({mesh}); batch {plan.batch_size} "
         f"({plan.micro_batches} micro-batch{'es' if plan.micro_batches > 1 else ''}), {plan.res} px, "
-        f"text {plan.text_len} tokens; remat img={plan.remat['img']} llm={plan.remat['llm']}",
+        f"text {plan.text_len} tokens; remat img={plan.remat['img']} llm={plan.remat['llm']}; compute "
+        f"{plan.compute_dtype} ({plan.compute_dtype_source})",
         f"Parameters: {plan.params:,} ({plan.trainable:,} trainable)",
         f"Training FLOPs per example: {plan.flops_per_example:.4g}",
         "Per device:",
@@ -338,10 +403,48 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.compile_seconds is not None:
         lines.append(f"Compiled the train step in {plan.compile_seconds:.1f} s (not run).")
+    lines += format_policies(plan)
     if plan.suggestions:
         lines.append("To fit:" if plan.fits is False else "Notes:")
         lines += [f"  - {s}" for s in plan.suggestions]
     return "\n".join(lines)
+
+
+def remat_override(policy: str) -> str:
+    """The command-line overrides that set `policy` on both towers (`model.img` / `model.llm` are open groups)."""
+    return f"--config.model.img.remat_policy={policy} --config.model.llm.remat_policy={policy}"
+
+
+def lightest_fitting(plan: Plan) -> PolicyRow | None:
+    """The sized policy with the least recompute that fits (rows of `remat.STANDARD` only)."""
+    rows = {r.policy: r for r in plan.policies if r.fits}
+    return next((rows[p] for p in remat_lib.STANDARD if p in rows), None)
+
+
+def format_policies(plan: Plan) -> list[str]:
+    """The per-policy lines of the report: peak per device and largest batch, then which policy to pick."""
+    if not plan.policies:
+        return []
+    fits = {None: "?", True: "yes", False: "NO"}
+    width = max(len("remat policy"), *(len(r.policy) for r in plan.policies))
+    lines = [
+        f"{'remat policy':<{width}}  {'peak/device':>12}  fits  largest batch (linear estimate)",
+        *(
+            f"{r.policy:<{width}}  {format_bytes(r.peak_bytes):>12}  {fits[r.fits]:>4}  "
+            f"{'?' if r.largest_batch is None else r.largest_batch}"
+            for r in plan.policies
+        ),
+    ]
+    if len(plan.policies) == 1:
+        lines.append("Compare remat policies and their largest batches with --policies (two compiles per policy).")
+    elif best := lightest_fitting(plan):
+        lines.append(
+            f"Lightest policy that fits: {best.policy} ({remat_override(best.policy)}, or set it in the config's "
+            "`model`); lighter policies recompute less."
+        )
+    elif plan.memory_limit is not None:
+        lines.append("No policy fits at this batch: see the suggestions.")
+    return lines
 
 
 def simulate_cpu_devices(n: int) -> None:
@@ -372,11 +475,12 @@ def run(
     memory_gib: float | None = None,
     device: str | None = None,
     arithmetic_only: bool = False,
+    policies: Sequence[str] | None = None,
     echo: Callable[[str], Any] = print,
 ) -> int:
     """Prints the plan (and writes `workdir/plan.json` when given). Returns 0 if it fits or memory is unknown,
     1 if it does not fit."""
-    plan = make_plan(config, memory_gib=memory_gib, device=device, arithmetic_only=arithmetic_only)
+    plan = make_plan(config, memory_gib=memory_gib, device=device, arithmetic_only=arithmetic_only, policies=policies)
     echo(format_plan(plan))
     if workdir:
         path = pathlib.Path(workdir) / "plan.json"

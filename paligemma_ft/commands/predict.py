@@ -89,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--res", type=int, default=None, help="image side (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8, help="images decoded together (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic samplers (default 0)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="cast the weights to this dtype and compute in it (default: weights as stored, compute bfloat16 on "
+        "GPU/TPU, float32 on CPU)",
+    )
 
 
 def draw_paths(draw: str, n: int) -> list[str]:
@@ -166,6 +173,7 @@ def predict_command(
     seed: int = 0,
     constrain: str = "",
     codec: str = "oi",
+    dtype: str | None = None,
     adapters: str | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
@@ -217,6 +225,7 @@ def predict_command(
         max_decode_len=max_decode_len,
         sampler=sampler,
         seed=seed,
+        dtype=dtype,
         adapters=adapters,
     )
     prompt_tokens = len(predictor.tok.encode(prompt, add_bos=True)) + len(predictor.tok.sep_ids)
@@ -259,5 +268,6 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         constrain=args.constrain,
         codec=args.codec,
+        dtype=getattr(args, "dtype", None),
         adapters=args.adapters,
     )

@@ -156,6 +156,7 @@ def evaluate_command(
     only: list[str] | None = None,
     step: int | None = None,
     stdout: TextIO | None = None,
+    dtype: str | None = None,
     adapters: str | None = None,
 ) -> dict[str, float]:
     """`paligemma-ft evaluate`: runs the config's evaluators on a checkpoint, prints a table, writes files.
@@ -168,6 +169,8 @@ def evaluate_command(
         `workdir`, then `config.model_init`.
       outdir: where `eval_metrics.json`, the predictions JSONL and the galleries go (default `workdir`).
       only: evaluator names to run (default all of `config.evals`).
+      dtype: "float32" / "bfloat16": cast the weights on load and compute in it; default: weights as stored,
+        computed in `config.compute_dtype` (None: bfloat16 on GPU/TPU, float32 on CPU).
       step: the step in the file names; default the last step logged in `workdir/metrics.jsonl`, else 0.
       stdout: where the table is printed (default `sys.stdout`).
       adapters: a LoRA run's `adapters.npz` merged into the checkpoint (then default `config.model_init`, the
@@ -216,6 +219,8 @@ def evaluate_command(
         preset=config.model_name_or_preset or None,
         model_overrides=config.model,
         res=config.input.res,
+        dtype=dtype,
+        compute_dtype=config.compute_dtype,
         adapters=adapters,
     )
     step = _workdir_step(workdir if not checkpoint else None) if step is None else int(step)

@@ -18,14 +18,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from paligemma_ft.model import flash_attention, precision, remat
 from paligemma_ft.model import lora as lora_lib
-from paligemma_ft.model.vit import _remat_policy
 from paligemma_ft.utils import LeafAdapter
 
-# `attn_impl` values: the einsum path below is big_vision's, bit for bit; the others call
-# `jax.nn.dot_product_attention` (same math, logits and softmax in float32) with that `implementation`.
-ATTN_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None}
+# `attn_impl` values: the einsum path below is big_vision's, bit for bit; "xla", "cudnn" and "auto" call
+# `jax.nn.dot_product_attention` (same math, logits and softmax in float32, no soft-cap) with that
+# `implementation`; "pallas" is the fused kernel of `flash_attention` (any mask, soft-cap included).
+ATTN_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None, "pallas": None}
 
 # Masked attention logits use a large finite negative, not -inf, exactly as big_vision (so an all-masked row
 # gives a uniform softmax instead of NaN).
@@ -116,20 +118,29 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         w = lora_lib.weight(self, "w", self.w_init, tuple(self.shape), self.lora)
-        y = jnp.einsum(eqn, x, w)
+        # The weight joins the activations' (compute) dtype here, per layer inside the scan, so a float32 master
+        # copy or a float16-stored frozen weight never turns the layer's output, the scan carry, another dtype.
+        # With float32 activations this is exactly jnp's promotion of a 16-bit weight (big_vision's numerics).
+        y = precision.einsum(eqn, x, w)
         d = lora_lib.delta(self, "w", eqn, x, tuple(self.shape), self.lora)
         return y if d is None else y + d
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + 1e-6) * (1 + scale); `scale` zero-init. The eps is fixed as in big_vision."""
+    """x / sqrt(mean(x^2) + 1e-6) * (1 + scale); `scale` zero-init. The eps is fixed as in big_vision.
+
+    Computed in float32 and returned in x's dtype: a bfloat16 mean of squares over thousands of channels loses
+    too much. `1 + scale` is formed in the scale's own dtype, as big_vision does (then promoted).
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1]))
+        dtype = x.dtype
+        x = x.astype(jnp.promote_types(dtype, jnp.float32))  # A no-op for float32 activations.
         var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         normed = jnp.asarray(x * jax.lax.rsqrt(var + 1e-06))
-        return normed * (1 + scale)
+        return (normed * (1 + scale).astype(normed.dtype)).astype(dtype)
 
 
 class Embedder(nn.Module):
@@ -152,8 +163,12 @@ class Embedder(nn.Module):
         return x
 
     def decode(self, x: jax.Array) -> jax.Array:
-        """[B, L, D] → logits [B, L, V]; no bias."""
-        return jnp.dot(x, self.input_embedding_table.T)
+        """[B, L, D] in the compute dtype → float32 logits [B, L, V]; no bias.
+
+        The table is multiplied in x's dtype with float32 accumulation, so a bfloat16 model never makes a float32
+        copy of the [V, D] table (with float32 activations this is the plain float32 product).
+        """
+        return precision.dot(x, self.input_embedding_table, transpose_w=True, out_dtype=jnp.float32)
 
 
 def apply_rope(inputs: jax.Array, positions: jax.Array, max_wavelength: int = 10_000) -> jax.Array:
@@ -190,11 +205,11 @@ class Attention(nn.Module):
     def setup(self):
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"Unknown model.llm.attn_impl {self.attn_impl!r}; use one of {sorted(ATTN_IMPLS)}.")
-        if self.attn_impl != "einsum" and self.attn_logits_softcap:
+        if self.attn_impl not in ("einsum", "pallas") and self.attn_logits_softcap:
             raise ValueError(
                 f"model.llm.attn_impl={self.attn_impl!r} cannot apply attn_logits_softcap="
                 f"{self.attn_logits_softcap} (jax.nn.dot_product_attention has no soft-cap); use "
-                "attn_impl='einsum' for Gemma 2."
+                "attn_impl='einsum' or 'pallas' for Gemma 2."
             )
         self.attn_vec_einsum = Einsum(
             shape=(self.num_heads, self.head_dim, self.features), w_init=_fan_in_init((0, 1), 2), lora=self.lora
@@ -237,6 +252,11 @@ class Attention(nn.Module):
             k, v = self._update_cache(k, v, cache_size=attn_mask.shape[-1])
             k, v = k.astype(dtype), v.astype(dtype)
 
+        if self.attn_impl == "pallas" and not decode:  # KV-cache passes keep the einsum path.
+            encoded = flash_attention.flash_attention(q, k, v, attn_mask[:, 0], softcap=self.attn_logits_softcap)
+            # Named like a 16-bit product's result: the "dots" remat policies keep it rather than rerun the kernel.
+            encoded = checkpoint_name(encoded, precision.DOT_NAMES[True])
+            return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
         if self.attn_impl != "einsum" and not decode:  # KV-cache passes keep the einsum path.
             # GQA is native (N query heads over K kv heads); q is already scaled, and the mask is [B, 1, T, S].
             encoded = jax.nn.dot_product_attention(
@@ -246,12 +266,12 @@ class Attention(nn.Module):
 
         b, t, n, h = q.shape
         q = q.reshape((b, t, self.num_kv_heads, n // self.num_kv_heads, h))
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        logits = precision.einsum("BTKGH,BSKH->BKGTS", q, k, out_dtype=jnp.float32)
         if self.attn_logits_softcap:
             logits = jnp.tanh(logits / self.attn_logits_softcap) * self.attn_logits_softcap
         logits = jnp.where(attn_mask[:, :, None, :, :], logits, _BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape((b, t, n, h))
+        encoded = precision.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape((b, t, n, h))
         return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
 
     def _update_cache(self, k: jax.Array, v: jax.Array, cache_size: int) -> tuple[jax.Array, jax.Array]:
@@ -285,13 +305,13 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gating_shape = (2, self.features, self.hidden_dim)
         w_gating = lora_lib.weight(self, "gating_einsum", _fan_in_init(1, 2, (0,)), gating_shape, self.lora)
-        up, gate = jnp.dot(x, w_gating[1]), jnp.dot(x, w_gating[0])
+        gate, up = precision.dot(x, w_gating[0]), precision.dot(x, w_gating[1])  # In the compute dtype (Einsum).
         if (d := lora_lib.delta(self, "gating_einsum", "BTD,SDF->SBTF", x, gating_shape, self.lora)) is not None:
             gate, up = gate + d[0], up + d[1]
         activations = nn.gelu(gate) * up
         linear_shape = (self.hidden_dim, self.features)
         w_linear = lora_lib.weight(self, "linear", _fan_in_init(0, 1), linear_shape, self.lora)
-        out = jnp.dot(activations, w_linear)
+        out = precision.dot(activations, w_linear)
         d = lora_lib.delta(self, "linear", "BTF,FD->BTD", activations, linear_shape, self.lora)
         return out if d is None else out + d
 
@@ -407,7 +427,7 @@ class Gemma(nn.Module):
         )
         if self.scan:
             block = Block
-            policy = _remat_policy(self.remat_policy)
+            policy = remat.remat_policy(self.remat_policy)
             if policy is not None:
                 # static_argnums count `self` as 0: `decode` and `deterministic` are Python bools.
                 block = nn.remat(Block, prevent_cse=False, static_argnums=(5, 6), policy=policy)

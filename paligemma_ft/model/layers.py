@@ -85,13 +85,14 @@ class _Projection(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention as `nn.MultiHeadDotProductAttention(num_heads, kernel_init, deterministic, dtype)` computes
-    it for the ViT (no mask, no attention dropout): x [B, P, D] → [B, P, D]."""
+    """Self-attention as `nn.MultiHeadDotProductAttention(num_heads, kernel_init, deterministic, dtype,
+    force_fp32_for_softmax)` computes it for the ViT (no mask, no attention dropout): x [B, P, D] → [B, P, D]."""
 
     num_heads: int
     dtype: Any = None
     kernel_init: Any = nn.initializers.lecun_normal()
     deterministic: bool | None = None
+    force_fp32_for_softmax: bool = False  # flax's field: the softmax in float32 under 16-bit matmuls.
     lora: lora_lib.LoraSpec | None = None
 
     @nn.compact
@@ -105,5 +106,7 @@ class MultiHeadDotProductAttention(nn.Module):
         q = _Projection(heads, 1, name="query", **proj)(inputs_q)
         k = _Projection(heads, 1, name="key", **proj)(inputs_k)
         v = _Projection(heads, 1, name="value", **proj)(inputs_k)
-        x = nn.dot_product_attention(q, k, v, dtype=self.dtype, deterministic=True, force_fp32_for_softmax=False)
+        x = nn.dot_product_attention(
+            q, k, v, dtype=self.dtype, deterministic=True, force_fp32_for_softmax=self.force_fp32_for_softmax
+        )
         return _Projection((width,), 2, name="out", **proj)(x)

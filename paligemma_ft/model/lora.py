@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from paligemma_ft.model import quant
+from paligemma_ft.model import precision, quant
 
 ADAPTER_A, ADAPTER_B = "_lora_a", "_lora_b"
 CODES, SCALE = "_q", "_qscale"
@@ -257,8 +257,10 @@ def delta(
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), jnp.zeros_like(x))
     _, _, eqn_a, eqn_b = adapter_eqns(eqn, roles)
-    h = jnp.einsum(eqn_a, x, a.astype(x.dtype))
-    return jnp.einsum(eqn_b, h, b.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)
+    # In the compute dtype, as the base product (`precision.einsum`: float32 accumulation, float32 masters get
+    # float32 gradients); with float32 activations a plain float32 einsum.
+    h = precision.einsum(eqn_a, x, a)
+    return precision.einsum(eqn_b, h, b) * jnp.asarray(lora.scale, x.dtype)
 
 
 # --- On parameter trees (merge, split, quantize) -----------------------------------------------------------------

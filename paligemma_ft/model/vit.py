@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
-from paligemma_ft.model import layers
+from paligemma_ft.model import layers, remat
 from paligemma_ft.model.lora import LoraSpec
 from paligemma_ft.utils import LeafAdapter
 
@@ -54,33 +54,6 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
     if patch:
         out["patch_size"] = (int(patch), int(patch))
     return out
-
-
-# Short names for the rematerialization policies a config may choose (`model.img/llm.remat_policy`); any other
-# `jax.checkpoint_policies` attribute name works too (e.g. "dots_with_no_batch_dims_saveable").
-REMAT_ALIASES = {
-    "full": "nothing_saveable",  # Save only each block's input; recompute the block in the backward pass.
-    "dots": "dots_saveable",  # Save matmul outputs; recompute the cheap elementwise ops.
-}
-
-
-def _remat_policy(name: str | None):
-    """Maps a config string to a `jax.checkpoint_policies` policy; None means no rematerialization.
-
-    "none" (or "everything_saveable") keeps every activation (most memory, no recompute), "full" /
-    "nothing_saveable" (the default, as big_vision) recomputes each block, "dots" / "dots_saveable" and
-    "dots_with_no_batch_dims_saveable" sit in between. Applies to scanned layers only.
-    """
-    if name in ("none", "everything_saveable", None):
-        return None
-    policy = getattr(jax.checkpoint_policies, REMAT_ALIASES.get(name, name), None)
-    if policy is None:
-        raise ValueError(
-            f"Unknown remat_policy {name!r}: use 'none', 'full' (= 'nothing_saveable', the default), "
-            "'dots' (= 'dots_saveable'), 'dots_with_no_batch_dims_saveable' or another "
-            "jax.checkpoint_policies name."
-        )
-    return policy
 
 
 class MlpBlock(nn.Module):
@@ -120,6 +93,8 @@ class Encoder1DBlock(nn.Module):
             deterministic=deterministic,
             dtype=self.dtype_mm,
             lora=self.lora,
+            # Softmax in float32 when the matmuls are 16-bit (no effect in float32: big_vision's numerics).
+            force_fp32_for_softmax=jnp.dtype(self.dtype_mm) != jnp.float32,
         )(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = out["+sa"] = x + y
@@ -151,7 +126,7 @@ class Encoder(nn.Module):
             mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, dtype_mm=self.dtype_mm, lora=self.lora
         )
         if self.scan:
-            policy = _remat_policy(self.remat_policy)
+            policy = remat.remat_policy(self.remat_policy)
             block = Encoder1DBlock
             if policy is not None:
                 # static_argnums counts `self` as 0: `deterministic` is a Python bool.
@@ -207,7 +182,9 @@ class ViT(nn.Module):
         )(image)
         n, h, w, c = x.shape
         x = jnp.reshape(x, [n, h * w, c])  # Patches row-major: y then x.
-        x = x + self._posemb(h, w, c, x.dtype)
+        # In the activations' dtype, so that a float32 master copy does not turn a 16-bit stream (and the scan
+        # carry) float32; with float32 activations this equals big_vision's promotion of a 16-bit embedding.
+        x = x + self._posemb(h, w, c, x.dtype).astype(x.dtype)
         x = nn.Dropout(rate=self.dropout)(x, not train)
         x, out["encoder"] = Encoder(
             depth=self.depth,
@@ -224,7 +201,10 @@ class ViT(nn.Module):
         out["pre_logits"] = x
         if self.num_classes:
             kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
-            x = out["logits"] = layers.Dense(self.num_classes, name="head", lora=self.lora, **kw)(x)
+            # In dtype_mm too (big_vision leaves the head to the parameters' dtype; the same in float32), so a
+            # bfloat16 tower hands bfloat16 tokens to the LLM.
+            head = layers.Dense(self.num_classes, name="head", dtype=self.dtype_mm, lora=self.lora, **kw)
+            x = out["logits"] = head(x)
         return x, out
 
     def _posemb(self, h: int, w: int, width: int, dtype) -> jax.Array:

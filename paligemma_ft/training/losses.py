@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from paligemma_ft.model import Model
 from paligemma_ft.training import optim
@@ -27,6 +26,12 @@ def loss_fn(
     reduction: str = "example_mean",
 ) -> jax.Array:
     """big_vision's loss: mean over examples of the mean next-token xent on `mask_loss[:, 1:]` positions.
+
+    Mixed precision: `params` arrive in their storage dtypes (trainable float32 masters, frozen ones as stored,
+    e.g. float16) and the model casts each weight to its compute dtype (`model.llm.embed_dtype`,
+    `model.img.dtype_mm`: `config.compute_dtype`, see `paligemma_ft.model.precision`) where it is used, inside
+    this loss: layer weights one layer at a time inside the scan, the tied table in each logits chunk. Gradients
+    come back in the storage dtypes. No parameter is cast as a whole up front.
 
     Args:
       params: model parameters (the `params` collection).
@@ -51,10 +56,12 @@ def loss_fn(
     mask = batch["mask_loss"][:, 1:]
     if "_mask" in batch:
         mask = mask * batch["_mask"][:, None].astype(mask.dtype)
+    # Both in the dtypes they arrive in: pre-logits in the compute dtype, the table as stored. The chunks multiply
+    # in the compute dtype with float32 accumulation, so no float32 copy of the [V, D] table is made.
     embedding = params["llm"]["embedder"]["input_embedding"]
     return optim.chunked_softmax_xent(
-        pre_logits.astype(jnp.float32),
-        embedding.astype(jnp.float32),
+        pre_logits,
+        embedding,
         text[:, 1:],
         mask,
         label_smoothing=label_smoothing,

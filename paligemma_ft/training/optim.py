@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from paligemma_ft import config_base
+from paligemma_ft.model import precision
 from paligemma_ft.utils import PyTree, match_first, tree_flatten_with_names, tree_map_with_names
 
 Schedule = Callable[[Any], jax.Array]  # step (int or traced int) -> f32[] multiplier.
@@ -467,9 +468,14 @@ def chunked_softmax_xent(
     pass), so a 257k vocabulary does not cost [B * T, V] float32 memory. Pass only the positions that can carry
     loss (e.g. the text part after the image tokens).
 
+    The product runs in the compute dtype, pre_logits' dtype, with float32 accumulation
+    (`preferred_element_type`): the table is cast to it inside each chunk, so bfloat16 pre-logits never make a
+    float32 copy of the [V, D] table, and a float32 master table's gradient is summed over chunks in float32.
+    float32 pre-logits give the plain float32 product.
+
     Args:
-      pre_logits: [B, T, D] (or [M, D] for reductions "token_mean" / "none").
-      embedding: [V, D] tied output embedding (`llm/embedder/input_embedding`).
+      pre_logits: [B, T, D] (or [M, D] for reductions "token_mean" / "none") in the compute dtype.
+      embedding: [V, D] tied output embedding (`llm/embedder/input_embedding`) in its stored dtype.
       labels: i32[B, T] (or [M]); mask: [B, T] (or [M]).
       chunk: positions per chunk; the flattened positions are zero-padded to a multiple of it.
     """
@@ -485,7 +491,8 @@ def chunked_softmax_xent(
     @jax.checkpoint  # Save only the chunk's inputs; recompute its [chunk, V] logits in the backward pass.
     def chunk_nll(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         hc, yc = args
-        return _token_nll(jnp.dot(hc, embedding.T), yc, label_smoothing)  # Same dot as the model's decode.
+        logits = precision.dot(hc, embedding, transpose_w=True, out_dtype=jnp.float32)  # As the model's decode.
+        return _token_nll(logits, yc, label_smoothing)
 
     nll = jax.lax.map(chunk_nll, (h, y)).reshape(-1)[:n].reshape(lead)
     return _reduce(nll, mask, reduction)
