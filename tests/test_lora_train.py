@@ -193,6 +193,7 @@ def test_plan_counts_adapters_and_a_quantized_base():
         int(np.prod(x.shape)) for k, x in tree_flatten_with_names(s.state_abstract["params"]) if lora.is_adapter(k)
     )
     assert plans["none"].trainable == plans["nf4"].trainable == n_adapters
+    assert plans["nf4"].params == plans["none"].params  # Weights counted, not the bytes that store them.
     # NF4 codes take half a byte per weight (plus block scales) instead of float32's four.
     assert plans["nf4"].param_bytes < 0.55 * plans["none"].param_bytes
     assert plans["nf4"].opt_bytes == plans["none"].opt_bytes  # Only the adapters carry optimizer state.

@@ -194,7 +194,7 @@ def _size_step(config: Any, arithmetic_only: bool, slope: bool = False) -> tuple
         param_bytes=_per_device_bytes(s.state_abstract["params"], s.state_shard["params"]),
         opt_bytes=_per_device_bytes(s.state_abstract["opt"], s.state_shard["opt"]),
         batch_bytes=_per_device_bytes(abstract_batch, jax.tree.map(lambda x: x.sharding, abstract_batch)),
-        params=sum(math.prod(x.shape) for x in jax.tree.leaves(s.state_abstract["params"])),
+        params=_weight_count(s),
         trainable=sum(
             math.prod(x.shape)
             for x, t in zip(jax.tree.leaves(s.state_abstract["params"]), jax.tree.leaves(s.trainable))
@@ -250,6 +250,19 @@ def largest_batch(plan: Plan, peak_bytes: float, step_bytes: float | None) -> in
     steps = math.floor((_HEADROOM * plan.memory_limit - peak_bytes) / max(step_bytes, 1.0))
     per_device = max(0, plan.per_device_batch + steps * plan.micro_batches)
     return per_device * max(1, plan.batch_size // plan.per_device_batch)
+
+
+def _weight_count(s: Any) -> int:
+    """The model's weights: every parameter's elements, a quantized (QLoRA) weight counted as the weight it
+    stores (nf4 packs two per byte; its block scales are storage, not weights)."""
+    from paligemma_ft.model import lora as lora_lib  # noqa: PLC0415
+
+    flat = {k: tuple(v.shape) for k, v in tree_flatten_with_names(s.state_abstract["params"])}
+    quantized = lora_lib.quantized_weights(flat, s.model.lora.quant) if s.model.lora is not None else {}
+    stored = {n for _, codes, scales in quantized.values() for n in (codes, scales)}
+    return sum(math.prod(v) for k, v in flat.items() if k not in stored) + sum(
+        math.prod(shape) for shape, _, _ in quantized.values()
+    )
 
 
 def make_plan(
