@@ -118,7 +118,7 @@ def resolve_img_config(img: Mapping[str, Any] | None, *, llm_width: int) -> dict
     return out
 
 
-def _pg(llm_variant: str, res: int, **llm_kw) -> dict[str, Any]:
+def _pg(llm_variant: str, res: int, **llm_kw) -> tuple[dict[str, Any], int]:
     return dict(img=dict(_SIGLIP), llm=dict(variant=llm_variant, vocab_size=PALIGEMMA_VOCAB, **llm_kw)), res
 
 
