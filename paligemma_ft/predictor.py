@@ -62,10 +62,6 @@ def _loss_fn(model: Model) -> Any:
     return _LOSS_FNS[key]
 
 
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.floating)
-
-
 def until_eos(row: Sequence[int], eos: int = 1) -> list[int]:
     """The tokens of one decoded row before its first EOS."""
     row = [int(t) for t in row]

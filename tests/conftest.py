@@ -44,3 +44,40 @@ def tiny_config():
         return ml_collections.ConfigDict(plain)
 
     return make
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A fresh kagglehub cache (its path is the value), no Kaggle credentials from this machine, and no network:
+    any connection attempt fails the test. Modules use it for every test with `pytest.mark.usefixtures`."""
+    import socket  # noqa: PLC0415
+
+    import kagglehub.config  # noqa: PLC0415
+
+    from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - after the device flags above.
+
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle_config"))
+    for name in (
+        "KAGGLE_API_TOKEN",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "KAGGLE_KERNEL_RUN_TYPE",
+        "KAGGLE_DATA_PROXY_URL",
+        "TBE_RUNTIME_ADDR",
+        "KAGGLE_API_ENVIRONMENT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kagglehub.config, "_kaggle_credentials", None)
+    monkeypatch.setattr(kaggle, "_RESOLVED", {})
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield tmp_path / "cache"
+    assert not attempts, f"a test tried to reach the network: {attempts}"
