@@ -63,6 +63,7 @@ DATA_TASK = {
     "refcoco.py:seg": "refexp",
 }
 VARIANTS = ["refcoco.py:seg"]  # Config variants (`file.py:arg`) trained like the files.
+FAST_CONFIGS = {"demo.py", "longcap100.py"}  # ~10 s each: the others run with the slow tests.
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,7 +172,9 @@ def demo_shapes():
     return model, predictor.init_shapes(model, res, config.input.text_len + 1)
 
 
-@pytest.mark.parametrize("name", CONFIGS + VARIANTS)
+@pytest.mark.parametrize(  # Two configs in the fast set (`-m "not slow"`), every one in CI.
+    "name", [n if n in FAST_CONFIGS else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS + VARIANTS]
+)
 def test_config_trains_two_steps_on_the_demo_model(name, data_dirs, demo_shapes, tmp_path):
     config = tiny_config(name, data_dirs[DATA_TASK.get(name, "caption")])
     model, demo_shapes = demo_shapes

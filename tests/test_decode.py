@@ -57,6 +57,7 @@ def _uncached_greedy(model, params, batch, n):
     return out
 
 
+@pytest.mark.slow  # ~40 s: one uncached compile per length; fast: test_hf_bridge's generate == predict
 @pytest.mark.parametrize("name", ["tiny_pg1", "tiny_pg2"])
 def test_cached_greedy_equals_uncached(name):
     model, params, res = _perturbed_model(name)
@@ -70,6 +71,7 @@ def test_cached_greedy_equals_uncached(name):
         np.testing.assert_allclose(logp[i], logps, atol=2e-5)
 
 
+@pytest.mark.slow  # fast: test_early_stop_and_padding_rows
 def test_final_softcap_applies_from_second_token_only():
     """Reference 2.6: with a final soft-cap, the first token's logp is uncapped, later ones capped."""
     model, params, res = _perturbed_model("tiny_pg2")
@@ -82,6 +84,7 @@ def test_final_softcap_applies_from_second_token_only():
     assert not np.allclose(lp0[:, 1:], lp1[:, 1:], atol=1e-3)
 
 
+@pytest.mark.slow  # fast: test_decode_dtype's bfloat16 token loop
 def test_bf16_cache_close_to_f32():
     model, params, res = _perturbed_model("tiny_pg1")
     batch = _batch(res, [[2, 10, 11, 12], [2, 20]])
@@ -108,6 +111,7 @@ def test_early_stop_and_padding_rows():
     np.testing.assert_array_equal(tokens, free)
 
 
+@pytest.mark.slow  # ~20 s; fast: test_compiles_once_per_shape samples
 def test_samplers_seeded():
     model, params, res = _perturbed_model("tiny_pg1")
     batch = _batch(res, [[2, 10, 11, 12], [2, 20]])
@@ -144,6 +148,7 @@ def _seq_score(model, params, batch, i, seq):
     return float(sum(lp[j, t] for j, t in enumerate(seq)))
 
 
+@pytest.mark.slow  # ~30 s; fast: test_parse_sampler
 def test_beam_search():
     model, params, res = _perturbed_model("tiny_pg1")
     batch = _batch(res, [[2, 10, 11, 12], [2, 20]])
