@@ -128,7 +128,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """
     key, raw = _split_override(item)
     *parents, leaf = key.split(".")
-    node, walked = config, []
+    node: Any = config
+    walked: list[str] = []
     for depth, part in enumerate([*parents, leaf]):
         if not isinstance(node, (ml_collections.ConfigDict, dict)):
             raise ValueError(

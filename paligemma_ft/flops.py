@@ -350,12 +350,6 @@ def parameter_names(model_cfg: Mapping[str, Any], res: int) -> dict[str, int]:
 # --- Decoding -------------------------------------------------------------------------------------------------
 
 
-def prefill_flops(model_cfg: Mapping[str, Any], res: int, prompt_len: int) -> float:
-    """FLOPs of the prefill of one example: the ViT, the LLM over P + prompt_len tokens, one logits row."""
-    _, llm = _resolve(model_cfg)
-    return forward_flops_per_example(model_cfg, res, prompt_len, loss_tokens=0) + 2.0 * llm["width"] * llm["vocab_size"]
-
-
 def decode_flops_per_token(model_cfg: Mapping[str, Any], context_len: int) -> float:
     """FLOPs of one decoded token of one example attending `context_len` keys (image + prompt + generated so
     far, the new token included): every LLM weight once, scores and values over S = context_len, the logits."""

@@ -113,8 +113,3 @@ def while_loops(text: str) -> list[Loop]:
                     todo += [c.strip().lstrip("%") for c in m.group(1).split(",")]
         loops.append(Loop(body, [a for name in sorted(seen) for a in _arrays(name, comps[name])], nested))
     return loops
-
-
-def inside_loops(text: str) -> list[Array]:
-    """The materialized arrays of every while-loop body and of what those call (see `while_loops`)."""
-    return list({a: None for loop in while_loops(text) for a in loop.arrays})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,8 @@ def _per_example_loss(model: Model, params: PyTree, batch: dict) -> jax.Array:
     pre_logits, _ = model.apply(
         {"params": params}, batch["image"], text[:, :-1], batch["mask_ar"][:, :-1], method=model.prelogits
     )
-    logits = model.apply({"params": params}, pre_logits, method=model.compute_logits)
+    # flax types `apply` as possibly an (output, mutated) pair; with no `mutable` it is the output alone.
+    logits = cast(jax.Array, model.apply({"params": params}, pre_logits, method=model.compute_logits))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, text[:, 1:, None], axis=-1)[..., 0]
     mask = batch["mask_loss"][:, 1:]
@@ -59,10 +60,6 @@ def _loss_fn(model: Model) -> Any:
     if key not in _LOSS_FNS:
         _LOSS_FNS[key] = jax.jit(functools.partial(_per_example_loss, model))
     return _LOSS_FNS[key]
-
-
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def until_eos(row: Sequence[int], eos: int = 1) -> list[int]:

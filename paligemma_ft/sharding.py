@@ -171,9 +171,10 @@ def parse_tactic(tactic: str) -> list[Op]:
         if node.func.id not in _TACTICS:
             raise ValueError(f"Unknown sharding tactic {node.func.id!r} in {tactic!r}; known: {sorted(_TACTICS)}.")
         factory, positional = _TACTICS[node.func.id]
+        names = [_keyword_name(k, part) for k in node.keywords]
         try:
             args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            kwargs = {name: ast.literal_eval(k.value) for name, k in zip(names, node.keywords)}
         except ValueError:
             raise ValueError(f"Sharding tactic {part!r}: arguments must be literals.") from None
         if len(args) > len(positional):
@@ -184,6 +185,12 @@ def parse_tactic(tactic: str) -> list[Op]:
         except TypeError as e:
             raise ValueError(f"Sharding tactic {part!r}: {e}") from None
     return ops
+
+
+def _keyword_name(keyword: ast.keyword, part: str) -> str:
+    if keyword.arg is None:  # `op(**mapping)` has no name to bind.
+        raise ValueError(f"Sharding tactic {part!r}: name each argument (no **).")
+    return keyword.arg
 
 
 def _apply(ops: Sequence[Op], shape: tuple[int, ...], itemsize: int, mesh: Mesh, name: str) -> PartitionSpec:

@@ -44,3 +44,88 @@ def tiny_config():
         return ml_collections.ConfigDict(plain)
 
     return make
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A fresh kagglehub cache (its path is the value), no Kaggle credentials from this machine, and no network:
+    any connection attempt fails the test. Modules use it for every test with `pytest.mark.usefixtures`."""
+    import socket  # noqa: PLC0415
+
+    import kagglehub.config  # noqa: PLC0415
+
+    from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415 - after the device flags above.
+
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle_config"))
+    for name in (
+        "KAGGLE_API_TOKEN",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "KAGGLE_KERNEL_RUN_TYPE",
+        "KAGGLE_DATA_PROXY_URL",
+        "TBE_RUNTIME_ADDR",
+        "KAGGLE_API_ENVIRONMENT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kagglehub.config, "_kaggle_credentials", None)
+    monkeypatch.setattr(kaggle, "_RESOLVED", {})
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield tmp_path / "cache"
+    assert not attempts, f"a test tried to reach the network: {attempts}"
+
+
+@pytest.fixture
+def traced_train_flops():
+    """`fn(model_cfg, res, text_len, loss_tokens, trainable, batch_size=2)`: the matmul FLOPs per example in the
+    jaxpr of the loss gradient w.r.t. the trainable leaves only (`flops.jaxpr_matmul_flops`), remat off. An
+    independent count for `paligemma_ft.flops`: only traced, on abstract shapes, so a 3B model costs no memory."""
+    import copy  # noqa: PLC0415
+
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from paligemma_ft import flops  # noqa: PLC0415 - after the device flags above.
+    from paligemma_ft.model import Model  # noqa: PLC0415
+    from paligemma_ft.training import optim  # noqa: PLC0415
+    from paligemma_ft.utils import recover_tree, tree_flatten_with_names  # noqa: PLC0415
+
+    def traced(model_cfg, res, text_len, loss_tokens, trainable, batch_size=2):
+        cfg = copy.deepcopy(dict(model_cfg))
+        for tower in ("img", "llm"):
+            cfg[tower] = dict(cfg[tower], remat_policy="none")  # Recomputation is not useful work.
+        model = Model(**cfg)
+        z = jnp.zeros((1, text_len), jnp.int32)
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
+        flat = tree_flatten_with_names(shapes)
+        names = [n for n, _ in flat]
+        is_trainable = flops.as_predicate(trainable)
+        tr = {n: s for n, s in flat if is_trainable(n)}
+        frozen = {n: s for n, s in flat if not is_trainable(n)}
+        batch = dict(
+            image=jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32),
+            text=jax.ShapeDtypeStruct((batch_size, text_len), jnp.int32),
+            mask_ar=jax.ShapeDtypeStruct((batch_size, text_len), jnp.int32),
+            labels=jax.ShapeDtypeStruct((batch_size, text_len), jnp.int32),
+        )
+
+        def loss(tr, frozen, batch):
+            merged = frozen | tr
+            params = recover_tree(names, [merged[n] for n in names])
+            pre, _ = model.apply(
+                {"params": params}, batch["image"], batch["text"], batch["mask_ar"], method=model.prelogits
+            )
+            logits = model.apply({"params": params}, pre[:, -loss_tokens:], method=model.compute_logits)
+            return optim.softmax_xent(logits, batch["labels"][:, -loss_tokens:], jnp.ones(logits.shape[:2]))
+
+        fn = jax.grad(loss) if tr else loss  # Gradients w.r.t. the trainable leaves (argument 0) only.
+        return flops.jaxpr_matmul_flops(jax.make_jaxpr(fn)(tr, frozen, batch)) / batch_size
+
+    return traced

@@ -51,6 +51,7 @@ def test_compiled_step_skips_the_backward_of_a_frozen_tower():
     assert 0.8 * vit_backward < with_patch - frozen_vit < 1.5 * vit_backward
 
 
+@pytest.mark.slow  # fast: test_compiled_step_skips_the_backward_of_a_frozen_tower
 def test_bench_loop_times_the_trainer_and_appends_a_row(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_loop", _PATH.with_name("bench_loop.py"))
     bench_loop = importlib.util.module_from_spec(spec)

@@ -5,12 +5,14 @@ import textwrap
 
 import ml_collections
 import pytest
-
-# The Kaggle tests' fake kagglehub cache; `isolated` is autouse there, so it also blocks the network here.
-from test_kaggle import PG2, PG2_FILE, isolated, put_file  # noqa: F401 - `isolated` is a fixture.
+from kaggle_fixtures import PG2, PG2_FILE, put_file
 
 from paligemma_ft.commands import cli
 from paligemma_ft.config import load_config, parse_value, save_config
+from paligemma_ft.training import loop
+
+# A fresh kagglehub cache, without credentials or network, for every test (conftest's `isolated`).
+pytestmark = pytest.mark.usefixtures("isolated")
 
 CONFIG = """
 import ml_collections
@@ -124,7 +126,7 @@ def test_save_config_drops_credentials(config_file, tmp_path):
     assert saved["seed"] == 7 and saved["optim"]["betas"] == [0.9, 0.99]
 
 
-def test_download_prints_cached_path(isolated, capsys):  # noqa: F811 - the imported fixture.
+def test_download_prints_cached_path(isolated, capsys):
     path = put_file(isolated, PG2 + "/1", PG2_FILE)
     assert cli.main(["download", PG2 + "/1", "--file", PG2_FILE]) == 0
     out, err = capsys.readouterr()
@@ -180,32 +182,19 @@ def test_usage_errors_are_one_line(config_file, capsys):
     assert "did you mean 'lr'" in capsys.readouterr().err
 
 
-def test_overrides_with_a_space_and_future_commands(config_file, capsys, monkeypatch):
+def test_overrides_with_a_space_and_the_command_list(capsys):
     assert cli.split_overrides(["--config.seed", "3", "--config.a.b=x=y"]) == ["--config.seed=3", "--config.a.b=x=y"]
-    # Every command is implemented (plan: tests/test_plan.py; evaluate, predict: their own test files).
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "plan" in out and "not implemented yet" not in out
+    for command in ("download", "inspect", "train", "predict", "evaluate", "app", "plan", "convert"):
+        assert command in out, command
+    assert cli.main([]) == 2
+    assert "choose a command: download, inspect, train" in capsys.readouterr().err
 
 
 def test_train_calls_run_with_the_overridden_config(config_file, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "_resolve", lambda module, fn: lambda config, workdir: calls.append((config, workdir)))
+    monkeypatch.setattr(loop, "run", lambda config, workdir: calls.append((config, workdir)))
     assert cli.main(["train", "--config", config_file, "--workdir", str(tmp_path), "--config.total_steps=3"]) == 0
     ((config, workdir),) = calls
     assert isinstance(config, ml_collections.ConfigDict) and config.total_steps == 3 and workdir == str(tmp_path)
-
-
-def test_train_reports_a_missing_or_broken_trainer(config_file, tmp_path, monkeypatch, capsys):
-    argv = ["train", "--config", config_file, "--workdir", str(tmp_path)]
-    monkeypatch.setattr(cli, "_resolve", lambda module, fn: None)
-    assert cli.main(argv) == 2
-    assert "paligemma_ft.training.loop.run is missing" in capsys.readouterr().err
-
-    def broken(module, fn):
-        raise ImportError("No module named 'some_dependency'")
-
-    monkeypatch.setattr(cli, "_resolve", broken)
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: cannot import paligemma_ft.training.loop") and "some_dependency" in err

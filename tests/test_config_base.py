@@ -58,6 +58,7 @@ def no_compute(monkeypatch):
 # --- Keys the library reads: declared, and working as overrides -------------------------------------------------
 
 
+@pytest.mark.slow  # fast: test_every_declared_key_can_be_overridden
 def test_undeclared_before_keys_work_on_the_demo(tmp_path, monkeypatch, capsys):
     """loss_reduction, lr_mults and quiet (once refused as "unknown key") reach the loss, optimizer and console."""
     seen = []

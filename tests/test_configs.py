@@ -63,6 +63,7 @@ DATA_TASK = {
     "refcoco.py:seg": "refexp",
 }
 VARIANTS = ["refcoco.py:seg"]  # Config variants (`file.py:arg`) trained like the files.
+FAST_CONFIGS = {"demo.py", "longcap100.py"}  # ~10 s each: the others run with the slow tests.
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,7 +172,9 @@ def demo_shapes():
     return model, predictor.init_shapes(model, res, config.input.text_len + 1)
 
 
-@pytest.mark.parametrize("name", CONFIGS + VARIANTS)
+@pytest.mark.parametrize(  # Two configs in the fast set (`-m "not slow"`), every one in CI.
+    "name", [n if n in FAST_CONFIGS else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS + VARIANTS]
+)
 def test_config_trains_two_steps_on_the_demo_model(name, data_dirs, demo_shapes, tmp_path):
     config = tiny_config(name, data_dirs[DATA_TASK.get(name, "caption")])
     model, demo_shapes = demo_shapes
@@ -184,12 +187,12 @@ def test_config_trains_two_steps_on_the_demo_model(name, data_dirs, demo_shapes,
     steps = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(np.isfinite(r["train/loss"]) for r in steps)
-    # The logged lr is config.lr times the schedule at the update count (step - 1), as make_optimizer builds it.
-    _, sched_fns = optim.make_optimizer(
-        config, demo_shapes, total_steps=config.total_steps, batch_size=config.input.batch_size
-    )
-    for r in steps:
-        assert r["train/lr"] == pytest.approx(config.lr * float(sched_fns[0](r["step"] - 1)), rel=1e-6)
+    # The logged lr, by big_vision's cosine schedule over these 2 steps: every config warms up for
+    # max(1, round(0.05 * 2)) = 1 step, so the update of step 1 (count 0) has lr 0 and step 2 (count 1) the peak.
+    # longcap100 evaluates a 3-step schedule one count later (schedule_step_offset=1; 10 % warmup = 1 step): the
+    # peak at count 1, then lr * 0.5 * (1 + cos(pi * (2 - 1) / (3 - 1))) = lr / 2 at count 2.
+    expected = [config.lr, config.lr / 2] if config.get("schedule_step_offset") else [0.0, config.lr]
+    assert [r["train/lr"] for r in steps] == pytest.approx(expected, rel=1e-6)
     # Every evaluator ran before and after training and reported its metric.
     for eval_name, ecfg in config.evals.items():
         key = f"{eval_name}/{PRIMARY_METRIC[evaluator_type(ecfg.type)]}"
@@ -291,6 +294,12 @@ def test_longcap100_learning_rates_are_the_colabs(longcap100):
     assert lrs[64] == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * 58 / 59)), rel=1e-4)
     assert 1.5e-5 < lrs[64] < 2.5e-5
     assert all(lrs[s] > lrs[s + 1] > 0 for s in range(6, 64))
+    # The whole curve, by the colab's formula: linear warmup over 6 counts, cosine over counts 6..65.
+    colab = {
+        s: 0.03 * min(1.0, s / 6) * 0.5 * (1 + math.cos(math.pi * min(max((s - 6) / 59, 0.0), 1.0)))
+        for s in range(1, 65)
+    }
+    assert [lrs[s] for s in range(1, 65)] == pytest.approx([colab[s] for s in range(1, 65)], rel=1e-4)
 
     # The applied update is that lr: plain SGD moves a trainable leaf by exactly -lr * gradient, frozen ones not.
     small = {
@@ -302,7 +311,7 @@ def test_longcap100_learning_rates_are_the_colabs(longcap100):
     for s in range(1, 65):
         updates, state = tx.update(grads, state, small)
         flat = _flat(updates)
-        assert float(flat["llm/layers/attn/q_einsum/w"][0]) == pytest.approx(-lrs[s], rel=1e-6)
+        assert float(flat["llm/layers/attn/q_einsum/w"][0]) == pytest.approx(-colab[s], rel=1e-4)
         assert not np.any(flat["llm/layers/mlp/linear"]) and not np.any(flat["img/embedding/kernel"])
 
 

@@ -37,7 +37,9 @@ def test_token_classes_of_the_tiny_tokenizer():
         constrain.LocGrammar.from_tokenizer(TOK, "ocr")
 
 
-@pytest.mark.parametrize("mode", sorted(constrain.MODES))
+@pytest.mark.parametrize(  # One mode in the fast set (`-m "not slow"`), every mode in CI.
+    "mode", [m if m == "detect" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(constrain.MODES)]
+)
 def test_grammar_accepts_only_parsable_outputs_under_random_logits(mode):
     """The automaton alone, driven by random logits (any token may be the most likely): 256 rows per length."""
     grammar = constrain.LocGrammar.from_tokenizer(TOK, mode)
@@ -73,7 +75,11 @@ def demo():
 
 @pytest.mark.parametrize(
     "sampler",
-    ["greedy", pytest.param("temperature(3)", marks=pytest.mark.slow), pytest.param("beam(2)", marks=pytest.mark.slow)],
+    [
+        pytest.param("greedy", marks=pytest.mark.slow),  # ~17 s; fast: test_predict's --constrain run.
+        pytest.param("temperature(3)", marks=pytest.mark.slow),
+        pytest.param("beam(2)", marks=pytest.mark.slow),
+    ],
 )
 def test_constrained_decoding_reaches_full_validity(demo, sampler):
     """The caption-pretrained demo model: free decoding writes captions (0 % valid); constrained, 100 %."""

@@ -73,6 +73,8 @@ def test_tfds_data_source_with_field_mapping(tfds_dir):
     missing = sources.TfdsSource("pgft_test_captions", "train", str(tfds_dir), fields={"suffix": "label"})
     with pytest.raises(BadExample, match="no feature 'label'"):
         missing[0]
+    with pytest.raises(ValueError, match="input.data.fields.image must name the image feature"):
+        sources.TfdsSource("pgft_test_captions", "train", str(tfds_dir), fields={"image": None})
 
 
 def test_tfds_clear_messages(tmp_path):

@@ -105,6 +105,7 @@ def bf16_checkpoint(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # fast: the bfloat16 token loop test
 def test_predictor_keeps_the_stored_dtype_unless_told(bf16_checkpoint):
     stored = predictor_lib.load_predictor(bf16_checkpoint, "builtin:tiny", preset="demo")
     assert {x.dtype for x in jax.tree.leaves(stored.params)} == {jnp.dtype(jnp.bfloat16)}

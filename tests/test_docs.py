@@ -1,5 +1,5 @@
 """docs/promises.md stays true: every test it names exists (as a test function pytest collects), every benchmark it
-names exists, and every promise names at least one proof."""
+names exists, and every promise names at least one proof. docs/design.md's module map and the package agree."""
 
 import ast
 import pathlib
@@ -7,6 +7,7 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMISES = ROOT / "docs" / "promises.md"
+DESIGN = ROOT / "docs" / "design.md"
 TEST_NAME = re.compile(r"`(tests/[\w/]+\.py)::(\w+(?:::\w+)?)`")
 BENCH_NAME = re.compile(r"`(bench/[\w/.]+)`")
 
@@ -67,3 +68,14 @@ def test_the_checks_catch_a_wrong_name(tmp_path):
     rows = _rows("| promise | proved by |\n|---|---|\n| a | `tests/test_docs.py::test_x` |\n| b | nothing |\n")
     assert rows == ["| a | `tests/test_docs.py::test_x` |", "| b | nothing |"]
     assert [r for r in rows if not TEST_NAME.search(r)] == ["| b | nothing |"]
+
+
+def test_design_map_lists_every_module_and_only_existing_ones():
+    text = DESIGN.read_text()
+    section = text[text.index("## Modules") : text.index("## The path of a config")]
+    mapped = re.findall(r"^\| `([\w/]+\.py)` \|", section, re.M)
+    assert len(mapped) == len(set(mapped)), "a module has two rows"
+    package = ROOT / "paligemma_ft"
+    modules = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.name != "__init__.py"}
+    assert modules - set(mapped) == set(), "modules without a row in docs/design.md"
+    assert {m for m in mapped if not (package / m).is_file()} == set(), "rows for modules that do not exist"

@@ -8,52 +8,20 @@ import io
 import json
 import logging
 import shutil
-import socket
 from collections import namedtuple
 
 import pytest
 import requests
+from kaggle_fixtures import PG1, PG2, PG2_FILE, put_bundle, put_file
 
 from paligemma_ft.checkpoints import kaggle
 from paligemma_ft.model import presets
 
-PG2 = "google/paligemma-2/jax/paligemma2-3b-pt-224"
-PG2_FILE = "paligemma2-3b-pt-224.b16.npz"
-PG1 = "google/paligemma/jax/paligemma-3b-pt-224"
+# Every test here runs on a fresh kagglehub cache, without credentials or network (conftest's `isolated`).
+pytestmark = pytest.mark.usefixtures("isolated")
+
 SECRET = "s3cr3t-KEY-0123456789abcdef"  # A credential value that must never appear in any output.
 Usage = namedtuple("Usage", "total used free")
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """A fresh kagglehub cache, no credentials from this machine, and no network."""
-    import kagglehub.config
-
-    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle_config"))
-    for name in (
-        "KAGGLE_API_TOKEN",
-        "KAGGLE_USERNAME",
-        "KAGGLE_KEY",
-        "KAGGLE_KERNEL_RUN_TYPE",
-        "KAGGLE_DATA_PROXY_URL",
-        "TBE_RUNTIME_ADDR",
-        "KAGGLE_API_ENVIRONMENT",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(kagglehub.config, "_kaggle_credentials", None)
-    monkeypatch.setattr(kaggle, "_RESOLVED", {})
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network blocked in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    yield tmp_path / "cache"
-    assert not attempts, f"a test tried to reach the network: {attempts}"
 
 
 @pytest.fixture
@@ -65,28 +33,6 @@ def credentials(monkeypatch):
 @pytest.fixture
 def roomy_disk(monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**14, 0, 10**14))
-
-
-def put_file(cache, handle, file, data=b"npz bytes"):
-    """kagglehub's single-file layout: the file plus `.complete/<version>/<file>.complete`."""
-    *parts, version = handle.split("/")
-    variation = cache.joinpath("models", *parts)
-    (variation / version).mkdir(parents=True, exist_ok=True)
-    (variation / version / file).write_bytes(data)
-    (variation / ".complete" / version).mkdir(parents=True, exist_ok=True)
-    (variation / ".complete" / version / f"{file}.complete").touch()
-    return variation / version / file
-
-
-def put_bundle(cache, handle, files):
-    """kagglehub's whole-model layout: the files plus the `<version>.complete` marker beside the folder."""
-    *parts, version = handle.split("/")
-    variation = cache.joinpath("models", *parts)
-    (variation / version).mkdir(parents=True, exist_ok=True)
-    for file in files:
-        (variation / version / file).write_bytes(b"x")
-    (variation / f"{version}.complete").touch()
-    return variation / version
 
 
 def answer(monkeypatch, status=200, body=None, content=b"", headers=None):

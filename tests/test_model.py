@@ -196,7 +196,13 @@ def test_forward_outputs_and_prefix_lm(tiny):
     logits, out = model.apply({"params": params}, image, text, mask_ar)
     assert logits.shape == (2, 7, 1664) and logits.dtype == jnp.float32
     assert out["img/zimg"].shape == (2, 16, 64)
-    np.testing.assert_array_equal(out["text_tokens"], jnp.argmax(logits, -1))
+    # The tied output layer by hand (float64): pre-logits times the embedding table's transpose, no bias and no
+    # final soft-cap; `text_tokens` (big_vision's output) is its argmax at every text position.
+    pre_logits, _ = model.apply({"params": params}, image, text, mask_ar, method=model.prelogits)
+    table = np.asarray(params["llm"]["embedder"]["input_embedding"], np.float64)
+    by_hand = np.asarray(pre_logits, np.float64) @ table.T
+    np.testing.assert_allclose(logits, by_hand, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["text_tokens"], by_hand.argmax(-1))
     # Changing a suffix token must not change logits at earlier positions (causal suffix) ...
     logits2, _ = model.apply({"params": params}, image, text.at[:, 5].set(7), mask_ar)
     np.testing.assert_allclose(logits[:, :5], logits2[:, :5], atol=1e-6)

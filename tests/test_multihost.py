@@ -283,6 +283,7 @@ def test_allgather_json_and_to_host_on_one_process():
     np.testing.assert_array_equal(multihost.to_host({"x": x})["x"], np.arange(16.0).reshape(8, 2))
 
 
+@pytest.mark.slow  # fast: the other multihost tests
 def test_global_decode_pads_and_returns_this_process_rows(monkeypatch):
     """The path a multi-process evaluation takes (a global batch over the params' mesh, padded to the devices,
     outputs cut back to this process's rows) decodes what the local path decodes."""

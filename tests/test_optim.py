@@ -75,6 +75,8 @@ def test_schedule_rejects_typos_and_bad_warmup():
         optim.create_learning_rate_schedule(10, decay_type="cosyne")
     with pytest.raises(ValueError, match="shorter than total_steps"):
         optim.create_learning_rate_schedule(10, decay_type="cosine", warmup_steps=10)
+    with pytest.raises(ValueError, match="scale_with_batchsize=True needs the batch size"):
+        optim.create_learning_rate_schedule(10, decay_type="cosine", scale_with_batchsize=True)
 
 
 def test_steps_conversions():

@@ -71,6 +71,7 @@ def _one_device_config(**extra):
     return config
 
 
+@pytest.mark.slow  # ~50 s of compiles; fast: the CLI and arithmetic policy tests
 def test_compiled_policies_for_a_gpu_target_in_bfloat16():
     p = plan.make_plan(_one_device_config(), device="H100", policies=["none", "full"])
     assert p.compute_dtype == "bfloat16" and p.compute_dtype_source == "auto for gpu"

@@ -84,6 +84,7 @@ def _materialized_tables(compiled_text, vocab, width):
     return [a for a in hlo.materialized(compiled_text) if sorted(a.shape) == sorted((vocab, width))]
 
 
+@pytest.mark.slow  # fast: the other precision tests
 def test_bfloat16_gradient_holds_no_float32_copy_of_the_table():
     """The colab recipe (attention trained in float32, everything else frozen in float16): in bfloat16 the
     compiled value-and-grad holds the float16 table and one bfloat16 copy, never a float32 one; in float32

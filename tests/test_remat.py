@@ -59,6 +59,7 @@ def test_policy_names():
         remat.remat_policy("save_only_these_names")  # A policy factory, not a policy.
 
 
+@pytest.mark.slow  # fast: test_model_options' remat policies
 @pytest.mark.parametrize("compute, tol", [("float32", 1e-6), ("bfloat16", 1e-2)])
 def test_every_policy_gives_the_same_loss_and_gradients(compute, tol):
     ref_model, res = _model("full", compute)

@@ -110,6 +110,8 @@ def test_rule_errors_name_parameter_tactic_and_axis():
         sharding.infer_sharding(params, [(".*", 'fdsp(axis="data")')], mesh)
     with pytest.raises(ValueError, match="literals"):  # Parsed, never evaluated.
         sharding.parse_tactic('fsdp(axis=__import__("os").getcwd())')
+    with pytest.raises(ValueError, match=r"name each argument \(no \*\*\)"):
+        sharding.parse_tactic('fsdp(**{"axis": "data"})')
     with pytest.raises(ValueError, match="'model'"):
         sharding.infer_sharding(params, [(".*", 'shard_dim(axis="model", dim=0)')], mesh)
     with pytest.raises(ValueError, match="llm/y.*not divisible"):

@@ -85,6 +85,7 @@ def test_padding_rows_count_for_nothing():
     assert got["train/truncated"] == 0 and got["train/loss_tokens"] == pytest.approx((3 + 5) / 2)
 
 
+@pytest.mark.slow  # fast: test_optim's accumulated gradients
 def test_gradient_accumulation_gives_the_one_batch_update():
     """Two micro-batches of 2 give the update of the batch of 4 (plain SGD: the update is the gradient)."""
     results = {}

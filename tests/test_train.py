@@ -75,6 +75,7 @@ def test_run_writes_everything_and_a_second_run_resumes(tiny_config, tmp_path, c
     assert '"total_steps": 4' in report  # The config before the change, in full.
 
 
+@pytest.mark.slow  # fast: test_run_writes_everything_and_a_second_run_resumes
 def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     config = lambda: tiny_config(total_steps=6, ckpt_steps=3, evals={})  # noqa: E731
     full = tmp_path / "full"
@@ -102,6 +103,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch
     assert loss(full) == loss(part) and len(loss(part)) == 6
 
 
+@pytest.mark.slow  # fast: test_sharding's data-parallel and FSDP steps
 def test_data_parallel_and_fsdp_meshes_give_single_device_losses(tiny_config, tmp_path):
     assert jax.device_count() == 8
     common = dict(total_steps=5, ckpt_steps=0, evals={})
@@ -119,6 +121,7 @@ def test_data_parallel_and_fsdp_meshes_give_single_device_losses(tiny_config, tm
     np.testing.assert_allclose(losses["fsdp"], losses["one"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # fast: test_step's one step (frozen leaves bitwise unchanged, trainable ones changed)
 def test_frozen_parameters_unchanged_trainable_changed_only_trainable_have_state(tiny_config, tmp_path):
     # The demo model with the image tower and embeddings frozen (stored float16); the LLM layers train.
     config = tiny_config(

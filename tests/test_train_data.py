@@ -106,6 +106,7 @@ def test_every_skipped_example_is_listed_by_file_and_line_in_the_workdir(tmp_pat
     assert sorted((r["file"], r["line"], r["reason"]) for r in again) == found
 
 
+@pytest.mark.slow  # fast: test_train's resume
 def test_a_sampling_evaluator_samples_the_same_after_a_resume(tiny_config, tmp_path, monkeypatch):
     """Evaluation keys come from (seed, step, evaluator): a run interrupted after its step-2 checkpoint and started
     again writes the prediction files of the uninterrupted run, byte for byte."""

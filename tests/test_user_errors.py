@@ -9,9 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 
-# The Kaggle tests' fake cache without credentials or network (an autouse fixture there; used explicitly here).
-from test_kaggle import isolated  # noqa: F401 - a fixture.
-
 from paligemma_ft import predictor as predictor_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.commands import cli, predict
@@ -19,6 +16,9 @@ from paligemma_ft.data.shapes import encode_image, make_example
 from paligemma_ft.training import loop as train
 from paligemma_ft.training import step as step_lib
 from paligemma_ft.training.report import MetricsFileError, MetricsLog
+
+# A fresh kagglehub cache, without credentials or network, for every test (conftest's `isolated`).
+pytestmark = pytest.mark.usefixtures("isolated")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")
@@ -220,7 +220,7 @@ def test_train_with_a_damaged_model_init(bad_checkpoints, tmp_path, capsys, no_t
         assert not (workdir / "metrics.jsonl").exists() and not (workdir / "params.npz").exists()
 
 
-def test_train_and_plan_without_kaggle_credentials(isolated, tmp_path, capsys, no_training):  # noqa: F811
+def test_train_and_plan_without_kaggle_credentials(isolated, tmp_path, capsys, no_training):
     assert cli.main(["train", "--config", DEMO, "--workdir", str(tmp_path / "w"), *SMALL, KAGGLE_INIT]) == 2
     err = one_error(capsys, "No Kaggle credentials found", "KAGGLE_API_TOKEN")
     assert err.splitlines()[0].startswith("error: No Kaggle credentials found")

@@ -80,8 +80,7 @@ def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> transfo
         hidden_act="gelu_pytorch_tanh",  # flax's tanh GELU.
         layer_norm_eps=1e-6,
         vision_use_head=False,  # pool_type="none": every token, no MAP head.
-        projection_dim=llm["width"],
-    )
+    )  # Its projection_dim (the LLM width) is set by PaliGemmaConfig below from its own projection_dim.
 
     vocab = hf_vocab_size(llm["vocab_size"])
     common = dict(
@@ -100,6 +99,7 @@ def to_hf_config(model_config: Mapping[str, Any], *, image_size: int) -> transfo
         eos_token_id=1,
         bos_token_id=2,
     )
+    text: transformers.PretrainedConfig
     if llm["post_norms"]:
         if llm["query_pre_attn_norm"] == "rsqrt_emb_per_head":  # Gemma 2 27B: 1/sqrt(width / heads).
             scalar = llm["width"] // llm["num_heads"]
@@ -318,10 +318,11 @@ def to_hf_model(
 
     config = to_hf_config(model_config, image_size=image_size)
     state = to_hf_state_dict(params)
-    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kw: dict[str, Any] = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     # `from_pretrained` with an in-memory state dict builds the model on the meta device (no random init of a
     # 3B model) and creates the non-persistent buffers (RoPE frequencies, embed scale) itself.
-    model, info = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+    # HF's annotation of from_pretrained omits the (model, info) pair that output_loading_info=True returns.
+    loaded: Any = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
         None,
         config=config,
         state_dict=state,
@@ -329,6 +330,7 @@ def to_hf_model(
         dtype=state["model.language_model.embed_tokens.weight"].dtype,
         **kw,
     )
+    model, info = loaded
     problems = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise ValueError(

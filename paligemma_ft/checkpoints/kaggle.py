@@ -227,7 +227,8 @@ def parse_handle(handle: str) -> KaggleHandle:
         if not parts[4].isdigit() or int(parts[4]) < 1:
             raise HandleError(f"Kaggle handle {handle!r}: the version {parts[4]!r} is not a positive integer.")
         version = int(parts[4])
-    return KaggleHandle(*parts[:4], version=version)
+    owner, model, framework, variation = parts[:4]
+    return KaggleHandle(owner, model, framework, variation, version)
 
 
 # ------------------------------------------------------------------------------------------------- cache

@@ -25,14 +25,12 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from paligemma_ft.errors import DEBUG_ENV, UserError, check_output_dir, describe_os_error, is_user_error
 from paligemma_ft.safety import printable, redact_text
 
-# Commands that are registered but whose implementation is future work: (module, function) they will call.
-_FUTURE: dict[str, tuple[str, str, str]] = {}
 _MAX_DETAIL_LINES = 40  # Indented lines under the `error:` line (a mismatch can list every parameter).
 
 
@@ -180,11 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a checkpoint: .npz / workdir <-> Hugging Face folder, streamed")
     importlib.import_module("paligemma_ft.commands.convert").add_arguments(p)
-
-    for name, (_, _, what) in _FUTURE.items():
-        p = sub.add_parser(name, help=f"(not implemented yet) {what}")
-        _add_config_args(p, required=name != "app")
-        p.add_argument("--workdir", default=None, metavar="DIR", help="output folder")
     return parser
 
 
@@ -209,25 +202,6 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> Any:
     return load_config(args.config, overrides) if args.config else None
 
 
-def _missing(module: str, error: ImportError) -> bool:
-    """True when `module` itself (or a parent package) is absent, not when it fails on its own imports."""
-    name = getattr(error, "name", None) or ""
-    if not isinstance(error, ModuleNotFoundError) or not name:
-        return False
-    return module == name or module.startswith(name + ".")
-
-
-def _resolve(module: str, function: str) -> Callable[..., Any] | None:
-    """`module.function`, or None when the module or the function does not exist yet."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        if _missing(module, e):
-            return None
-        raise
-    return getattr(mod, function, None)
-
-
 def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "download":
         if overrides:
@@ -245,18 +219,9 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
             overrides = [*overrides, "--config.allow_config_change=True"]
         config = _load(args, overrides)
         check_output_dir(args.workdir, "--workdir")  # A file, a read-only folder: refused before any work.
-        try:
-            run = _resolve("paligemma_ft.training.loop", "run")
-        except ImportError as e:
-            print(f"error: cannot import paligemma_ft.training.loop: {e}", file=sys.stderr)
-            return 2
-        if run is None:
-            print(
-                "error: training is not available: paligemma_ft.training.loop.run is missing from this install",
-                file=sys.stderr,
-            )
-            return 2
-        result = run(config, args.workdir)
+        from paligemma_ft.training import loop  # noqa: PLC0415 - lazy: keeps `--help` instant.
+
+        result = loop.run(config, args.workdir)
         return result if isinstance(result, int) else 0
     if args.command == "predict":
         if overrides:
@@ -309,14 +274,7 @@ def _run_command(args: argparse.Namespace, overrides: list[str]) -> int:
                 policies=(args.policies or list(remat.STANDARD)) if args.policies is not None else None,
             )
         )
-    module, function, _ = _FUTURE[args.command]
-    impl = _resolve(module, function)
-    if impl is None:
-        print(f"error: `paligemma-ft {args.command}` is not implemented yet", file=sys.stderr)
-        return 2
-    config = _load(args, overrides)
-    result = impl(config, args.workdir)
-    return result if isinstance(result, int) else 0
+    raise UsageError(f"unknown command {args.command!r}")  # argparse admits only the commands above.
 
 
 def format_error(error: BaseException, *, hint: bool = True) -> str:
@@ -341,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if args.command is None:
-            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", "convert", *_FUTURE]
+            commands = ["download", "inspect", "train", "predict", "evaluate", "app", "plan", "convert"]
             raise UsageError(f"choose a command: {', '.join(commands)} (paligemma-ft --help for details)")
         return _run_command(args, split_overrides(unknown))
     except SystemExit as e:  # `--help` exits 0 from inside argparse.

@@ -36,14 +36,14 @@ def token_roles(text: np.ndarray, mask_ar: np.ndarray, tok: tokenizer_lib.Tokeni
       mask_ar: i32[L], 0 on the bidirectional prefix.
       tok: the tokenizer (for the EOS, pad and separator ids).
     """
-    text, mask_ar = [int(t) for t in text], [int(m) for m in mask_ar]
-    length = len(text)
-    prefix_end = next((p for p, m in enumerate(mask_ar) if m != 0), length)
+    ids, ar = [int(t) for t in text], [int(m) for m in mask_ar]
+    length = len(ids)
+    prefix_end = next((p for p, m in enumerate(ar) if m != 0), length)
     roles = ["prefix"] * prefix_end
     sep = tok.sep_ids
-    if sep and prefix_end >= len(sep) and text[prefix_end - len(sep) : prefix_end] == sep:
+    if sep and prefix_end >= len(sep) and ids[prefix_end - len(sep) : prefix_end] == sep:
         roles[prefix_end - len(sep) : prefix_end] = ["separator"] * len(sep)
-    rest = text[prefix_end:]
+    rest = ids[prefix_end:]
     if tok.eos_id in rest:
         eos = rest.index(tok.eos_id)
         return roles + ["suffix"] * eos + ["eos"] + ["pad"] * (len(rest) - eos - 1)

@@ -135,7 +135,7 @@ class BadInputReport:
     An example seen again in a later epoch is listed and counted once (`occurrences` counts every sighting).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[tuple, BadExample] = {}
         self._truncated: set[str] = set()

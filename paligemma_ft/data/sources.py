@@ -353,6 +353,9 @@ class TfdsSource:
                 "input.data.source='tfds' needs tensorflow-datasets: pip install 'paligemma-ft[tfds]'."
             ) from None
         self.fields = {"image": "image", "suffix": "caption", "prefix": None, **dict(fields or {})}
+        if not self.fields["image"]:
+            raise ValueError("input.data.fields.image must name the image feature (e.g. 'image').")
+        self.image_key: str = self.fields["image"]
         self.name, self.split = name, split
         self.skipped: list[BadExample] = []
         try:
@@ -396,16 +399,13 @@ class TfdsSource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = self.data[i]
+        suffix_key, prefix_key = self.fields.get("suffix"), self.fields.get("prefix")
         try:
-            image = self._field(record, self.fields["image"])
-            references = (
-                _text_list(self._field(record, self.fields["suffix"]), self.fields["suffix"])
-                if self.fields.get("suffix")
-                else []
-            )
+            image = self._field(record, self.image_key)
+            references = _text_list(self._field(record, suffix_key), suffix_key) if suffix_key else []
             prefix = None
-            if self.fields.get("prefix"):
-                prefix = _text_list(self._field(record, self.fields["prefix"]), self.fields["prefix"])[0]
+            if prefix_key:
+                prefix = _text_list(self._field(record, prefix_key), prefix_key)[0]
         except BadExample as e:
             raise e.located(self.location_name, i) from None
         return {

@@ -193,17 +193,24 @@ def _cider_tables(gts: dict, res: dict) -> _CiderTables:
     col = {g: column_of_set.setdefault(tuple(s), len(column_of_set)) for g, s in images_of.items()}
     # pycocoevalcap's "length" counts bigrams (a quirk kept for equality): it feeds the length penalty.
     length = lambda counts: sum(c for g, c in counts.items() if len(g) == 2)  # noqa: E731
-    num, hyp, ref = ([], [], []), ([], [], []), ([], [], [])
-    pair_image, penalty = [], []
+    # COO triplets (row, column, value) of the three sparse tables.
+    num: tuple[list[int], list[int], list[float]] = ([], [], [])
+    hyp: tuple[list[int], list[int], list[float]] = ([], [], [])
+    ref: tuple[list[int], list[int], list[float]] = ([], [], [])
+    pair_image: list[int] = []
+    penalty: list[float] = []
     for i, (h, rs) in enumerate(zip(hyps, refs)):
-        hyp[0].extend(i * 4 + len(g) - 1 for g in h), hyp[1].extend(col.get(g, 0) for g in h)
+        hyp[0].extend(i * 4 + len(g) - 1 for g in h)
+        hyp[1].extend(col.get(g, 0) for g in h)
         hyp[2].extend(float(c * c) for c in h.values())
         for r in rs:
             p = len(pair_image)
-            ref[0].extend(p * 4 + len(g) - 1 for g in r), ref[1].extend(col[g] for g in r)
+            ref[0].extend(p * 4 + len(g) - 1 for g in r)
+            ref[1].extend(col[g] for g in r)
             ref[2].extend(float(c * c) for c in r.values())
             both = [g for g in h if g in r]
-            num[0].extend(p * 4 + len(g) - 1 for g in both), num[1].extend(col[g] for g in both)
+            num[0].extend(p * 4 + len(g) - 1 for g in both)
+            num[1].extend(col[g] for g in both)
             num[2].extend(float(min(h[g], r[g]) * r[g]) for g in both)
             pair_image.append(i)
             penalty.append(math.exp(-(float(length(h) - length(r)) ** 2) / (2 * CIDER_SIGMA**2)))

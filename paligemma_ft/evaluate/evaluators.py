@@ -102,7 +102,7 @@ def _real_rows(batch: Mapping[str, Any], where: str, *, need_meta: bool) -> list
         )
     if meta is not None and len(meta) != len(mask):
         raise ValueError(f"{where}: '_meta' has {len(meta)} entries for {len(mask)} rows")
-    return [(i, None if meta is None else meta[i]) for i in np.flatnonzero(mask)]
+    return [(int(i), None if meta is None else meta[int(i)]) for i in np.flatnonzero(mask)]
 
 
 def _example(meta: Mapping[str, Any], where: str) -> _Example:

@@ -12,7 +12,7 @@ K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,13 @@ from paligemma_ft.utils import LeafAdapter
 # `attn_impl` values: the einsum path below is big_vision's, bit for bit; "xla", "cudnn" and "auto" call
 # `jax.nn.dot_product_attention` (same math, logits and softmax in float32, no soft-cap) with that
 # `implementation`; "pallas" is the fused kernel of `flash_attention` (any mask, soft-cap included).
-ATTN_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None, "pallas": None}
+ATTN_IMPLS: dict[str, Literal["xla", "cudnn"] | None] = {
+    "einsum": None,
+    "xla": "xla",
+    "cudnn": "cudnn",
+    "auto": None,
+    "pallas": None,
+}
 
 # Masked attention logits use a large finite negative, not -inf, exactly as big_vision (so an all-masked row
 # gives a uniform softmax instead of NaN).
@@ -282,7 +288,8 @@ class Attention(nn.Module):
             k_cache, v_cache = jnp.pad(k, pad).astype(cache_dtype), jnp.pad(v, pad).astype(cache_dtype)
             idx = jnp.full((k.shape[0],), k.shape[1], jnp.int32)
         else:
-            idx = self.get_variable("cache", "idx")
+            # flax types get_variable's result by its `default`; with none given, name the type.
+            idx = cast(jax.Array, self.get_variable("cache", "idx"))  # int32[B]
             k_cache, v_cache = self.get_variable("cache", "k_cache"), self.get_variable("cache", "v_cache")
             start = (0, idx[0], 0, 0)  # The same slot for every row (rows are right-aligned at prefill).
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
@@ -508,10 +515,11 @@ class Gemma(nn.Module):
         if not self.scan:
             raise NotImplementedError("Decoding with a KV cache needs scan=True (as big_vision).")
         cache_size = self.variables["cache"]["layers"]["attn"]["k_cache"].shape[2]
-        positions = self.get_variable("cache", "seq_len")
+        positions: jax.Array = self.get_variable("cache", "seq_len")  # int32[B]
         self.put_variable("cache", "seq_len", positions + 1)
-        cache_begin = self.get_variable("cache", "cache_begin")
-        cache_end = self.get_variable("cache", "cache_end") + 1
+        cache_begin: jax.Array = self.get_variable("cache", "cache_begin")  # int32[B]
+        cache_end: jax.Array = self.get_variable("cache", "cache_end")  # int32[B]
+        cache_end = cache_end + 1
         self.put_variable("cache", "cache_end", cache_end)
         slots = jnp.arange(cache_size)[None, None, :]
         mask = jnp.logical_and(slots >= cache_begin[:, None, None], slots < cache_end[:, None, None])

@@ -8,7 +8,6 @@ llm=dict(variant="gemma2_2b", vocab_size=257152, final_logits_softcap=0.0)`. Pre
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,7 +117,7 @@ def resolve_img_config(img: Mapping[str, Any] | None, *, llm_width: int) -> dict
     return out
 
 
-def _pg(llm_variant: str, res: int, **llm_kw) -> dict[str, Any]:
+def _pg(llm_variant: str, res: int, **llm_kw) -> tuple[dict[str, Any], int]:
     return dict(img=dict(_SIGLIP), llm=dict(variant=llm_variant, vocab_size=PALIGEMMA_VOCAB, **llm_kw)), res
 
 
@@ -252,8 +251,3 @@ def infer_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dic
     if (width_v, depth_v, mlp_v, heads_v, patch) == (1152, 27, 4304, 16, 14):
         img = dict(_SIGLIP)
     return dict(img=img, llm=llm), res
-
-
-def preset_name_pattern() -> re.Pattern:
-    """Regex matching preset names (for config validation messages)."""
-    return re.compile("|".join(re.escape(k) for k in PRESETS))

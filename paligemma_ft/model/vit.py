@@ -66,7 +66,9 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        inits = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6))
+        inits: dict[str, Any] = dict(
+            kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6)
+        )
         d = x.shape[-1]
         x = layers.Dense(self.mlp_dim, dtype=self.dtype_mm, lora=self.lora, **inits)(x)
         x = nn.gelu(x)  # approximate=True (tanh form), as big_vision: the erf form changes logits.
@@ -122,7 +124,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, dict]:
         out: dict[str, Any] = {}
-        kw = dict(
+        kw: dict[str, Any] = dict(
             mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, dtype_mm=self.dtype_mm, lora=self.lora
         )
         if self.scan:
@@ -200,7 +202,7 @@ class ViT(nn.Module):
         out["encoded"] = x
         out["pre_logits"] = x
         if self.num_classes:
-            kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
+            kw: dict[str, Any] = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
             # In dtype_mm too (big_vision leaves the head to the parameters' dtype; the same in float32), so a
             # bfloat16 tower hands bfloat16 tokens to the LLM.
             head = layers.Dense(self.num_classes, name="head", dtype=self.dtype_mm, lora=self.lora, **kw)

@@ -132,10 +132,12 @@ def create_learning_rate_schedule(
     if decay_type == "rsqrt":
         timescale = steps("timescale", kw, data_size, batch_size, total_steps)
         shift = steps("shift", kw, data_size, batch_size, total_steps, default=0)
-    peak = base * batch_size / 256.0 if scale_with_batchsize else base
+    if scale_with_batchsize and not batch_size:
+        raise ValueError("scale_with_batchsize=True needs the batch size (the peak is base * batch_size / 256).")
+    peak = base * batch_size / 256.0 if scale_with_batchsize and batch_size else base
 
     def step_fn(step: Any) -> jax.Array:
-        lr = peak
+        lr: float | jax.Array = peak
         progress = jnp.clip((step - warmup) / float(max(total_steps - warmup, 1)), 0.0, 1.0)
         if decay_type in ("linear", "polynomial"):
             end = kw.get("end", kw.get("linear_end", 0.0))
