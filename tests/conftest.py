@@ -85,8 +85,9 @@ def isolated(tmp_path, monkeypatch):
 
 @pytest.fixture
 def traced_train_flops():
-    """`fn(model_cfg, res, text_len, loss_tokens, trainable, batch_size=2)`: the matmul FLOPs per example in the
-    jaxpr of the loss gradient w.r.t. the trainable leaves only (`flops.jaxpr_matmul_flops`), remat off. An
+    """`fn(model_cfg, res, text_len, loss_tokens, trainable, batch_size=2, lora=None)`: the matmul FLOPs per
+    example in the jaxpr of the loss gradient w.r.t. the trainable leaves only (`flops.jaxpr_matmul_flops`), remat
+    off; `lora` is a `LoraSpec` for a model with adapters. An
     independent count for `paligemma_ft.flops`: only traced, on abstract shapes, so a 3B model costs no memory."""
     import copy  # noqa: PLC0415
 
@@ -97,11 +98,11 @@ def traced_train_flops():
     from paligemma_ft.training import optim  # noqa: PLC0415
     from paligemma_ft.utils import recover_tree, tree_flatten_with_names  # noqa: PLC0415
 
-    def traced(model_cfg, res, text_len, loss_tokens, trainable, batch_size=2):
+    def traced(model_cfg, res, text_len, loss_tokens, trainable, batch_size=2, lora=None):
         cfg = copy.deepcopy(dict(model_cfg))
         for tower in ("img", "llm"):
             cfg[tower] = dict(cfg[tower], remat_policy="none")  # Recomputation is not useful work.
-        model = Model(**cfg)
+        model = Model(**cfg, lora=lora)
         z = jnp.zeros((1, text_len), jnp.int32)
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), z, z)["params"]
         flat = tree_flatten_with_names(shapes)

@@ -267,34 +267,15 @@ def test_quantized_base_with_adapters(mode):
 
 
 @pytest.mark.parametrize("preset", ["tiny_pg2", "tiny_pg1_mha"])
-def test_train_flops_count_adapters_like_the_traced_gradient(preset):
-    from test_flops import _loss_fn  # noqa: PLC0415
-
+def test_train_flops_count_adapters_like_the_traced_gradient(preset, traced_train_flops):
     from paligemma_ft import flops  # noqa: PLC0415
 
     cfg, res = get_preset(preset)
     for tower in ("img", "llm"):
         cfg[tower].update(scan=False, remat_policy="none")
     spec = lora.LoraSpec(rank=3, targets=lora.parse_targets(["llm/layers/1/.*", "img/.*"]))
-    model = Model(**cfg, lora=spec)
-    text_len, loss_tokens, batch_size = 6, 4, 2
-    rng = np.random.default_rng(0)
-    batch = dict(
-        image=jnp.asarray(rng.uniform(-1, 1, (batch_size, res, res, 3)), jnp.float32),
-        text=jnp.asarray(rng.integers(0, 16, (batch_size, text_len)), jnp.int32),
-        mask_ar=jnp.asarray(np.tile([0] * (text_len - loss_tokens) + [1] * loss_tokens, (batch_size, 1))),
-        labels=jnp.asarray(rng.integers(0, 16, (batch_size, text_len)), jnp.int32),
-    )
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["image"], batch["text"], batch["mask_ar"])
-    flat = {k: jnp.zeros(s.shape, s.dtype) for k, s in tree_flatten_with_names(shapes["params"])}
-    loss = _loss_fn(model, batch, loss_tokens)
-
-    def of_adapters(tr):
-        both = {**flat, **tr}
-        return loss(recover_tree(list(both), list(both.values())))
-
-    adapters = {k: v for k, v in flat.items() if lora.is_adapter(k)}
-    traced = flops.jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(of_adapters))(adapters)) / batch_size
+    text_len, loss_tokens = 6, 4
+    traced = traced_train_flops(cfg, res, text_len, loss_tokens, lora.is_adapter, lora=spec)
     counted = flops.train_flops_per_example(cfg, res, text_len, loss_tokens, trainable=lora.is_adapter, lora=spec)
     assert counted == traced
     assert counted > flops.train_flops_per_example(cfg, res, text_len, loss_tokens, trainable=False)
