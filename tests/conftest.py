@@ -130,3 +130,37 @@ def traced_train_flops():
         return flops.jaxpr_matmul_flops(jax.make_jaxpr(fn)(tr, frozen, batch)) / batch_size
 
     return traced
+
+
+@pytest.fixture
+def fake_plan():
+    """`fn(**fields)`: a `plan.Plan` of 4 devices, 52 GiB peak against a 40 GiB limit, with `fields` replaced."""
+    from paligemma_ft.commands import plan  # noqa: PLC0415 - after the device flags above.
+
+    def make(**kw):
+        base = dict(
+            device_kind="test",
+            devices=4,
+            mesh={"data": 4},
+            batch_size=32,
+            per_device_batch=8,
+            micro_batches=1,
+            res=224,
+            text_len=32,
+            params=1000,
+            trainable=1000,
+            param_bytes=4 * plan.GiB,
+            opt_bytes=8 * plan.GiB,
+            batch_bytes=0,
+            temp_bytes=40 * plan.GiB,
+            peak_bytes=52 * plan.GiB,
+            source="test",
+            compile_seconds=None,
+            memory_limit=40 * plan.GiB,
+            memory_source="test",
+            flops_per_example=1.0,
+            remat={"img": "full", "llm": "full"},
+        )
+        return plan.Plan(**{**base, **kw})
+
+    return make

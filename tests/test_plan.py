@@ -77,45 +77,18 @@ def test_fsdp_mesh_divides_the_state_and_a_small_device_gets_suggestions():
     assert any(s.startswith("Trainable set:") for s in p.suggestions)
 
 
-def _plan(**kw):
-    base = dict(
-        device_kind="test",
-        devices=4,
-        mesh={"data": 4},
-        batch_size=32,
-        per_device_batch=8,
-        micro_batches=1,
-        res=224,
-        text_len=32,
-        params=1000,
-        trainable=1000,
-        param_bytes=4 * plan.GiB,
-        opt_bytes=8 * plan.GiB,
-        batch_bytes=0,
-        temp_bytes=40 * plan.GiB,
-        peak_bytes=52 * plan.GiB,
-        source="test",
-        compile_seconds=None,
-        memory_limit=40 * plan.GiB,
-        memory_source="test",
-        flops_per_example=1.0,
-        remat={"img": "full", "llm": "full"},
-    )
-    return plan.Plan(**{**base, **kw})
-
-
-def test_suggestions_follow_the_numbers():
+def test_suggestions_follow_the_numbers(fake_plan):
     # State 12 GiB + gradients 2 x 4 GiB + activations (38 - 8 = 30 GiB) / M must fit 0.9 x 40 = 36 GiB: M = 2.
-    p = _plan(temp_bytes=38 * plan.GiB)
+    p = fake_plan(temp_bytes=38 * plan.GiB)
     assert p.fits is False and "--config.grad_accum_steps=2" in plan.suggest(p)[0]
     # Already 2 micro-batches (of 4 examples): halving them again means 4 in all.
-    assert "--config.grad_accum_steps=4" in plan.suggest(_plan(micro_batches=2, temp_bytes=38 * plan.GiB))[0]
+    assert "--config.grad_accum_steps=4" in plan.suggest(fake_plan(micro_batches=2, temp_bytes=38 * plan.GiB))[0]
     # Without remat the first cure is remat; a frozen majority gets no trainable-set advice.
-    advice = plan.suggest(_plan(remat={"img": "full", "llm": "none"}, trainable=100, temp_bytes=400 * plan.GiB))
+    advice = plan.suggest(fake_plan(remat={"img": "full", "llm": "none"}, trainable=100, temp_bytes=400 * plan.GiB))
     assert any("remat_policy=full" in s for s in advice) and not any("Trainable" in s for s in advice)
     # Fits comfortably: nothing to say; unknown memory: say how to give it.
-    assert plan.suggest(_plan(peak_bytes=10 * plan.GiB)) == []
-    assert "--memory-gib" in plan.suggest(_plan(memory_limit=None))[0]
+    assert plan.suggest(fake_plan(peak_bytes=10 * plan.GiB)) == []
+    assert "--memory-gib" in plan.suggest(fake_plan(memory_limit=None))[0]
 
 
 def test_3b_plan_uses_abstract_shapes_only(traced_train_flops):

@@ -13,43 +13,16 @@ TINY = ["--config.model_init=", "--config.model_name_or_preset=tiny_pg1", "--con
 TINY_BATCH = [*TINY, "--config.input.batch_size=64", "--config.input.text_len=48"]
 
 
-def _plan(**kw):
-    base = dict(
-        device_kind="test",
-        devices=4,
-        mesh={"data": 4},
-        batch_size=32,
-        per_device_batch=8,
-        micro_batches=1,
-        res=224,
-        text_len=32,
-        params=1000,
-        trainable=1000,
-        param_bytes=4 * plan.GiB,
-        opt_bytes=8 * plan.GiB,
-        batch_bytes=0,
-        temp_bytes=40 * plan.GiB,
-        peak_bytes=52 * plan.GiB,
-        source="test",
-        compile_seconds=None,
-        memory_limit=40 * plan.GiB,
-        memory_source="test",
-        flops_per_example=1.0,
-        remat={"img": "full", "llm": "full"},
-    )
-    return plan.Plan(**{**base, **kw})
-
-
-def test_largest_batch_is_linear_in_the_activations():
+def test_largest_batch_is_linear_in_the_activations(fake_plan):
     # Budget 0.9 x 40 = 36 GiB; the step peaks at 30 GiB with 8 examples per device and each further example per
     # device adds 1.5 GiB: 4 more fit, 12 per device on 4 data shards.
-    assert plan.largest_batch(_plan(), 30 * plan.GiB, 1.5 * plan.GiB) == 48
+    assert plan.largest_batch(fake_plan(), 30 * plan.GiB, 1.5 * plan.GiB) == 48
     # 3 micro-batches of 3: each step adds one example to every micro-batch, 3 per device (9 + 4 x 3).
-    micro = _plan(micro_batches=3, per_device_batch=9, batch_size=36)
+    micro = fake_plan(micro_batches=3, per_device_batch=9, batch_size=36)
     assert plan.largest_batch(micro, 30 * plan.GiB, 1.5 * plan.GiB) == 4 * 21
-    assert plan.largest_batch(_plan(), 40 * plan.GiB, 1.5 * plan.GiB) == 4 * 5  # Does not fit: 3 fewer per device.
-    assert plan.largest_batch(_plan(), 90 * plan.GiB, 1.5 * plan.GiB) == 0
-    assert plan.largest_batch(_plan(memory_limit=None), 30 * plan.GiB, 1.5 * plan.GiB) is None
+    assert plan.largest_batch(fake_plan(), 40 * plan.GiB, 1.5 * plan.GiB) == 4 * 5  # Does not fit: 3 fewer per device.
+    assert plan.largest_batch(fake_plan(), 90 * plan.GiB, 1.5 * plan.GiB) == 0
+    assert plan.largest_batch(fake_plan(memory_limit=None), 30 * plan.GiB, 1.5 * plan.GiB) is None
 
 
 def test_cli_lists_every_policy_with_its_peak_and_batch(capsys):

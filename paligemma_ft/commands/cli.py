@@ -130,19 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="builtin:demo (default), a big_vision .npz, a run's workdir, an HF folder, hf:REPO or kaggle:HANDLE",
     )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="SPEC",
-        help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
-        "bundle or HF folder, the run's, builtin:tiny for builtin models)",
-    )
-    p.add_argument(
-        "--adapters",
-        default=None,
-        metavar="ADAPTERS.npz",
-        help="a LoRA run's adapters.npz, merged into --checkpoint (its base); or pass it as --checkpoint alone",
-    )
+    importlib.import_module("paligemma_ft.commands.predict").add_adapters_and_tokenizer(p)
     p.add_argument("--port", type=int, default=None, help="local port (default Streamlit's, 8501)")
 
     p = sub.add_parser("plan", help="compile the train step without running it; memory per device, fits or not")

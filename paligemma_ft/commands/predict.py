@@ -37,15 +37,8 @@ DRAW_TASKS = ("detect", "segment")  # Prompts whose outputs hold <loc> boxes.
 CONSTRAIN_MODES = ("detect", "segment", "refexp", "refseg")  # constrain.MODES, without importing JAX.
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `predict` flags (shared by the CLI and anything that wants to parse them)."""
-    p.add_argument(
-        "--checkpoint",
-        default="builtin:demo",
-        metavar="SPEC",
-        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir, an HF folder, hf:REPO or "
-        "kaggle:HANDLE",
-    )
+def add_adapters_and_tokenizer(p: argparse.ArgumentParser) -> None:
+    """`--adapters` and `--tokenizer`, as `predict` and `app` take them (next to their `--checkpoint`)."""
     p.add_argument(
         "--adapters",
         default=None,
@@ -59,6 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="SentencePiece .model path or builtin:tiny (default: the one with the checkpoint: in its Kaggle "
         "bundle or HF folder, the run's, builtin:tiny for builtin models)",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `predict` flags (shared by the CLI and anything that wants to parse them)."""
+    p.add_argument(
+        "--checkpoint",
+        default="builtin:demo",
+        metavar="SPEC",
+        help="builtin:demo (default), a big_vision .npz[:subtree], a run's workdir, an HF folder, hf:REPO or "
+        "kaggle:HANDLE",
+    )
+    add_adapters_and_tokenizer(p)
     p.add_argument(
         "--image", action="append", required=True, metavar="PATH", help="an image file; repeat for several images"
     )
