@@ -313,3 +313,13 @@ def test_console_summary_makes_escape_codes_visible(tmp_path):
     assert "\x1b" not in summary and "\u202e" not in summary
     assert "\\x1b[2J\\x1b[31mred\\x1b[0m\\u202egnp.exe" in summary and "<script>alert('x')</script>" in summary
     assert safety.printable("caf\u00e9 \u4e2d\u6587\tok\n") == "caf\u00e9 \u4e2d\u6587\\tok\\n"  # Scripts stay.
+
+
+def test_console_summary_aligns_long_metric_names(tmp_path):
+    rows = [
+        {"step": 0, "val/ap50": 0.0, "val_constrained/well_formed_rate": 1.0},
+        {"step": 600, "val/ap50": 0.5775, "val_constrained/well_formed_rate": 1.0},
+    ]
+    lines = run_report.console_summary(rows, tmp_path / "eval").splitlines()
+    assert len(lines) == 3 and len({line.index("(steps") for line in lines[1:]}) == 1
+    assert len({len(line) for line in lines[1:]}) == 1 and lines[0].endswith("after")

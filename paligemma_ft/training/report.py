@@ -223,9 +223,10 @@ def console_summary(rows: Sequence[Mapping[str, Any]], eval_dir: str | os.PathLi
     lines = []
     changes = [c for c in before_after(rows) if "_ci95_" not in c[0]]  # Intervals: in report.md, not here.
     if changes:
-        lines.append(f"{'metric':<24} {'before':>10} {'after':>10}")
+        width = max(24, *(len(printable(c[0])) for c in changes))  # One column, however long the names.
+        lines.append(f"{'metric':<{width}} {'before':>10} {'after':>10}")
         for key, first, s0, last, s1 in changes:
-            lines.append(f"{printable(key):<24} {first:>10.4f} {last:>10.4f}   (steps {s0} -> {s1})")
+            lines.append(f"{printable(key):<{width}} {first:>10.4f} {last:>10.4f}   (steps {s0} -> {s1})")
     preds = latest_predictions(eval_dir, limit)
     if preds:
         lines.append("")
