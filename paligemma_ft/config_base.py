@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -281,10 +282,11 @@ _PATH_KEYS = ("path", "annotations", "image_dir")  # Data keys configs build fro
 
 
 def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True, evals: bool = True) -> None:
-    """Before data is read: a path built from an unset `data_dir` (a placeholder) is None; say how to set it.
+    """Before data is read: a path built from an unset `data_dir` (a placeholder) is None, or names no file.
 
     Raises:
       ValueError: `config.data_dir is not set: pass --config.data_dir=DIR ...`, or the data key that is None.
+      FileNotFoundError: a local data path that does not exist, named with its key (before any model is loaded).
     """
     groups = [("input.data", config.input.data)] if train else []
     if evals:
@@ -300,3 +302,7 @@ def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True, e
                         f"the folder layout it expects; config.{where}.{key} is built from it)"
                     )
                 raise ValueError(f"config.{where}.{key} is not set")
+            value = data.get(key)
+            if isinstance(value, str) and "://" not in value and not os.path.exists(os.path.expanduser(value)):
+                hint = f" (built from config.data_dir={config.data_dir})" if config.data_dir else ""
+                raise FileNotFoundError(f"config.{where}.{key}: {value} does not exist{hint}")

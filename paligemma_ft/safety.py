@@ -67,6 +67,8 @@ _TOKEN_PREFIXES = re.compile(
     r"KGAT_)[A-Za-z0-9_\-]{16,}|(?:AKIA|ASIA)[0-9A-Z]{16}|AIza[0-9A-Za-z_\-]{30,}|eyJ[A-Za-z0-9_\-]{8,}\.eyJ[\w.\-]*)"
 )
 _EXCEPTION_NAME = re.compile(r"(?:Error|Exception|Warning)$")
+# A value that stands for one in instructions (`KAGGLE_KEY=<key>`, `"key": ...`), closing quote allowed.
+_PLACEHOLDER = re.compile(r"(?:<[\w\- ]*>|\.\.\.|…|\*\*\*)`?")
 _RANDOM_LOOKING = re.compile(r"^[A-Za-z0-9_\-+=]{24,}$")
 
 
@@ -104,7 +106,7 @@ def redact_text(text: str) -> str:
 
     def assignment(m: re.Match) -> str:
         name, value = m["name"], m["value"]
-        if value == MASK or _EXCEPTION_NAME.search(name):  # `KeyError: 'x'` names an error, not a key.
+        if value == MASK or _PLACEHOLDER.fullmatch(value) or _EXCEPTION_NAME.search(name):  # `KeyError: 'x'`.
             return m.group(0)
         if not (is_secret_name(name) or looks_like_secret(value)):
             return m.group(0)

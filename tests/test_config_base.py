@@ -294,6 +294,19 @@ def test_missing_data_dir_is_named_when_data_is_read(tmp_path, no_compute):
         evaluate_command(config, outdir=tmp_path / "eval")
 
 
+def test_a_data_dir_that_names_no_file_is_named_before_the_model_loads(tmp_path, no_compute, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run loaded a model before checking its data paths")
+
+    monkeypatch.setattr(train, "setup", refuse)
+    missing = tmp_path / "nowhere"
+    config = load_config(LONGCAP, [f"--config.data_dir={missing}"])  # A Kaggle checkpoint: never fetched.
+    with pytest.raises(FileNotFoundError, match=rf"config\.input\.data\.path: {missing}/\S+ does not exist \(built"):
+        train.run(config, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"config\.evals\.val\.data\.path: .* does not exist"):
+        evaluate_command(config, outdir=tmp_path / "eval")
+
+
 # --- plan: shapes and batch sizes only ------------------------------------------------------------------------
 
 

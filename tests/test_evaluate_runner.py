@@ -2,17 +2,19 @@
 and `paligemma-ft evaluate` (table, eval_metrics.json, predictions)."""
 
 import json
+import re
 import shutil
 import textwrap
 
 import ml_collections
 import numpy as np
+import pytest
 
 from paligemma_ft import decode as decode_lib
 from paligemma_ft.checkpoints.loading import checkpoint_path
 from paligemma_ft.commands import cli
 from paligemma_ft.data.shapes import encode_image, make_example
-from paligemma_ft.evaluate.runner import evaluate_command, format_table, run_evals
+from paligemma_ft.evaluate.runner import EvalConfigError, decoding, evaluate_command, format_table, run_evals
 from paligemma_ft.predictor import load_predictor
 
 DECODE_LEN = 13  # Used by no other test, so this file's decode function starts with no trace.
@@ -55,6 +57,67 @@ def test_37_examples_in_batches_of_8_are_scored_once_with_one_compilation(tmp_pa
     assert all(isinstance(r["prediction"], str) and r["references"] for r in rows)
     assert (tmp_path / "gallery_val_step3.html").exists()
     assert 0.0 <= metrics["val/cider"] and np.isfinite(list(metrics.values())).all()
+
+
+def test_big_vision_pred_and_pred_kw_decode_as_our_own_keys(tmp_path):
+    data = dict(source="shapes", n=6, seed=0, task="caption", image_size=64)
+    ours = dict(type="caption", data=data, batch_size=8, max_decode_len=6, sampler="beam(2)", bootstrap=0)
+    theirs = dict(
+        type="coco_caption",
+        data=data,
+        batch_size=8,
+        pred="beam_decode",
+        pred_kw=dict(max_decode_len=6, beam_size=2, eos_token=1),
+        bootstrap=0,
+    )
+    predictor = load_predictor("builtin:demo", "builtin:tiny", preset="demo", res=64)
+    seen, generate = [], predictor.generate
+
+    def recording(batch, **kw):
+        seen.append((predictor.max_decode_len, predictor.sampler))
+        return generate(batch, **kw)
+
+    predictor.generate = recording
+    run_evals(_config(ours=ours, theirs=theirs), predictor, tmp_path, step=0)
+    assert seen == [(6, "beam(2)"), (6, "beam(2)")]
+    a, b = ((tmp_path / f"predictions_{n}_step0.jsonl").read_text() for n in ("ours", "theirs"))
+    assert [json.loads(x)["prediction"] for x in a.splitlines()] == [
+        json.loads(x)["prediction"] for x in b.splitlines()
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry, want",
+    [
+        (dict(pred="decode", pred_kw=dict(max_decode_len=9, sampler="nucleus(0.5)")), (9, "nucleus(0.5)")),
+        (dict(pred="decode_with_logp", pred_kw=dict(best_of_n=1, eos_look_behind=0)), (32, "greedy")),
+        (dict(max_decode_len=5, pred_kw=dict(max_decode_len=5)), (5, "greedy")),
+        (dict(type="perplexity", pred="logits"), (32, "greedy")),
+        (dict(pred="logits"), "pred='logits': this evaluator takes one of decode, decode_with_logp, beam_decode"),
+        (dict(pred_kw=dict(beam=2)), "config.evals.e.pred_kw: unknown key(s) ['beam']"),
+        (dict(pred_kw=dict(best_of_n=4)), "config.evals.e.pred_kw.best_of_n=4: only 1 is supported"),
+        (dict(max_decode_len=5, pred_kw=dict(max_decode_len=6)), "max_decode_len is given twice, 5 and pred_kw"),
+        (dict(pred="beam_decode"), "pred='beam_decode' takes pred_kw.beam_size"),
+        (dict(pred_kw=dict(beam_size=3)), "pred_kw.beam_size needs pred='beam_decode'"),
+        (dict(pred="beam_decode", pred_kw=dict(beam_size=0)), "config.evals.e.pred_kw.beam_size=0: must be"),
+        (dict(pred_kw=dict(sampler="top_k(0)")), "config.evals.e.sampler: sampler 'top_k(0)': k must be"),
+    ],
+)
+def test_decoding_settings_and_their_errors(entry, want):
+    ecfg = {"type": "caption", **entry}
+    if isinstance(want, tuple):
+        assert decoding("e", ecfg) == want
+    else:
+        with pytest.raises(EvalConfigError, match=re.escape(want)):
+            decoding("e", ecfg)
+
+
+@pytest.mark.parametrize("key, where", [("pp_fn", "config.input.res"), ("split", "data.split"), ("every", "options")])
+def test_big_vision_keys_that_do_nothing_here_are_refused(key, where):
+    data = dict(source="shapes", n=4, seed=0, task="caption", image_size=64)
+    config = _config(val=dict(type="caption", data=data, bootstrap=0, **{key: "x"}))
+    with pytest.raises(ValueError, match=rf"evaluator 'val'.*'{key}'.*{re.escape(where)}"):
+        run_evals(config, None, "unused", step=0)
 
 
 CONFIG_FILE = """

@@ -323,3 +323,12 @@ def test_console_summary_aligns_long_metric_names(tmp_path):
     lines = run_report.console_summary(rows, tmp_path / "eval").splitlines()
     assert len(lines) == 3 and len({line.index("(steps") for line in lines[1:]}) == 1
     assert len({len(line) for line in lines[1:]}) == 1 and lines[0].endswith("after")
+
+
+def test_instructions_with_placeholders_are_not_masked():
+    from paligemma_ft.checkpoints import kaggle  # noqa: PLC0415
+
+    help_text = kaggle._ways_to_authenticate()
+    assert "KAGGLE_KEY=<key>" in help_text and safety.redact_text(help_text) == help_text
+    masked = safety.redact_text('export KAGGLE_KEY=hunter2 and "key": "abc" and token: <token>x')
+    assert "hunter2" not in masked and "abc" not in masked and "<token>x" not in masked

@@ -276,8 +276,8 @@ def _ways_to_authenticate() -> str:
     return (
         "Give Kaggle credentials in one of these ways (kagglehub checks them in this order):\n"
         "  1. in Python: `import kagglehub; kagglehub.login()` (asks for an API token; lasts for the process)\n"
-        "  2. an API token: `export KAGGLE_API_TOKEN=<token>`, or the token saved in ~/.kaggle/access_token\n"
-        "  3. a legacy API key: `export KAGGLE_USERNAME=<user>` and `export KAGGLE_KEY=<key>` (both)\n"
+        "  2. an API token in the environment (`export KAGGLE_API_TOKEN=<token>`) or saved in ~/.kaggle/access_token\n"
+        "  3. a legacy API key pair (`export KAGGLE_USERNAME=<user>` and `export KAGGLE_KEY=<key>`)\n"
         '  4. a kaggle.json file {"username": ..., "key": ...} at $KAGGLE_CONFIG_DIR/kaggle.json or '
         f"~/.kaggle/kaggle.json (here: {Path(config_dir).expanduser() / 'kaggle.json'})\n"
         "  5. in Colab: KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY) as Colab secrets\n"

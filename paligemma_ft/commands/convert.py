@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from paligemma_ft.checkpoints import hf_files
+from paligemma_ft.errors import check_output_dir
 
 _SIZES = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
 
@@ -148,6 +149,8 @@ def convert(
     shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     if target == "npz" and not dst.endswith(".npz") and to is None:
         raise ValueError(f"DST {dst!r}: an .npz path, or --to npz")
+    if target == "npz":  # Its folder is created if needed (an HF folder is created by the export).
+        check_output_dir(os.path.dirname(os.path.abspath(os.path.expanduser(dst))), "DST's folder")
     notes = []
     with _open_source(src, from_, step, "keep" if keep_vocab else "auto") as (source, checkpoint, hf_source):
         cfg, res = _model_config(source, checkpoint, hf_source, preset)

@@ -30,30 +30,33 @@ from paligemma_ft.evaluate import caption, detection, report, segmentation, vqa
 
 log = logging.getLogger(__name__)
 
-# Config keys that belong to whoever feeds the evaluator (data, preprocessing, decoding, schedule): ignored here.
+# Config keys that belong to whoever feeds the evaluator (data, decoding, schedule): read by the runner
+# (evaluate/runner.py) and the trainer (training/loop.py), ignored here.
 RUNNER_KEYS = frozenset(
     {
         "type",
         "data",
-        "pp_fn",
-        "pp",
-        "split",
-        "source",
         "batch_size",
-        "max_examples",
         "log_steps",
         "log_percent",
-        "every",
         "skip_first",
-        "pred",
-        "pred_kw",
+        "pred",  # big_vision's predict-fn: decode, decode_with_logp, beam_decode (logits for perplexity).
+        "pred_kw",  # Its arguments: max_decode_len, sampler, beam_size (runner.decoding).
         "max_decode_len",
         "sampler",
-        "prompt",
-        "decode",
         "constrain",
     }
 )
+# Keys of big_vision's evaluator configs that have no meaning here: an error says where the setting goes.
+NOT_HERE = {
+    "pp_fn": "big_vision's preprocessing string is not run: images are resized to config.input.res and the prompt "
+    "is each example's prefix (else config.input.prefix)",
+    "pp": "big_vision's preprocessing string is not run: images are resized to config.input.res and the prompt is "
+    "each example's prefix (else config.input.prefix)",
+    "split": "the split belongs to the data: config.evals.<name>.data.split (source 'tfds')",
+    "source": "the source belongs to the data: config.evals.<name>.data.source",
+    "prompt": "the prompt is each example's prefix, else config.input.prefix",
+}
 _ALIASES = {"coco_caption": "caption", "vqav2": "vqa"}
 
 
@@ -415,6 +418,8 @@ def make_evaluator(name: str, cfg: Mapping[str, Any]) -> Evaluator:
     cls = _TYPES[evaluator_type(cfg["type"])]
     options = {f.name for f in dataclasses.fields(cls) if f.init} - {"name"}
     unknown = sorted(k for k in cfg if k not in options and k not in RUNNER_KEYS)
+    if here := [k for k in unknown if k in NOT_HERE]:
+        raise ValueError(f"evaluator {name!r}: config key {here[0]!r} is not used here: {NOT_HERE[here[0]]}")
     if unknown:
         raise ValueError(
             f"evaluator {name!r} ({cfg['type']}): unknown config key(s) {unknown}; its options are {sorted(options)}"

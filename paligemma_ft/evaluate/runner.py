@@ -10,7 +10,8 @@ Metrics come back as `{"<name>/<metric>": float}`; predictions (JSONL) and an HT
 Rows of the split that cannot be used (a missing or refused image, a malformed line, a duplicate COCO id) are
 masked, never scored, and listed in `outdir/bad_rows_<name>.jsonl` (one JSON object per row: `file`, `line`,
 `reason`, `detail`); the console (a warning, and `paligemma-ft evaluate`'s summary) and the training report name
-the file. The evaluator settings (`batch_size`, `max_decode_len`, `sampler`) are checked before anything runs.
+the file. The evaluator settings (`batch_size`, `max_decode_len`, `sampler`, or big_vision's `pred` and `pred_kw`:
+see `decoding`) are checked before anything runs.
 
 `evaluate_command` is `paligemma-ft evaluate`: it loads the parameters (`--checkpoint`, else `WORKDIR/params.npz`,
 else `config.model_init`), runs the evaluators, prints a table and writes `eval_metrics.json`.
@@ -51,6 +52,52 @@ def _positive_int(name: str, key: str, value: Any) -> int:
     return int(value)
 
 
+_DECODE_FNS = ("decode", "decode_with_logp", "beam_decode")  # big_vision's decoding predict-fns (`pred`).
+# big_vision's `pred_kw` keys: read (max_decode_len, sampler, beam_size), or accepted at the one value we support.
+_PRED_KW_FIXED = {"eos_token": 1, "best_of_n": 1, "eos_look_behind": 0}  # 1: PaliGemma's EOS id.
+
+
+def decoding(name: str, ecfg: dict[str, Any]) -> tuple[int, str]:
+    """(max_decode_len, sampler) of evaluator `name`: from its own keys (`max_decode_len=32`, `sampler="greedy"`)
+    or, as big_vision writes them, from `pred` ("decode", "decode_with_logp", "beam_decode") and `pred_kw`
+    (`max_decode_len`, `sampler`, `beam_size`). `pred="beam_decode", pred_kw=dict(beam_size=4)` is `beam(4)`.
+
+    Raises:
+      EvalConfigError: an unknown `pred` or `pred_kw` key, a value given twice differently, `beam_size` without
+        `beam_decode` (or the reverse), a `pred_kw` value we do not support, or a bad sampler; each named.
+    """
+    where = f"config.evals.{name}"
+    pred, kw = ecfg.get("pred"), _plain(ecfg.get("pred_kw") or {})
+    allowed = ("logits",) if evaluator_type(ecfg["type"]) == "perplexity" else _DECODE_FNS
+    if pred is not None and pred not in allowed:
+        raise EvalConfigError(f"{where}.pred={pred!r}: this evaluator takes one of {', '.join(allowed)} (or none)")
+    unknown = sorted(set(kw) - {"max_decode_len", "sampler", "beam_size", *_PRED_KW_FIXED})
+    if unknown:
+        raise EvalConfigError(f"{where}.pred_kw: unknown key(s) {unknown}; known: max_decode_len, sampler, beam_size")
+    for key, only in _PRED_KW_FIXED.items():
+        if key in kw and kw[key] != only:
+            raise EvalConfigError(f"{where}.pred_kw.{key}={kw[key]!r}: only {only} is supported")
+
+    def one(key: str, default: Any) -> Any:
+        if key in kw and key in ecfg and kw[key] != ecfg[key]:
+            raise EvalConfigError(f"{where}: {key} is given twice, {ecfg[key]!r} and pred_kw.{key}={kw[key]!r}")
+        return kw.get(key, ecfg.get(key, default))
+
+    max_len = _positive_int(name, "max_decode_len", one("max_decode_len", 32))
+    sampler = one("sampler", "greedy")
+    if pred == "beam_decode":
+        if "beam_size" not in kw or "sampler" in kw or "sampler" in ecfg:
+            raise EvalConfigError(f"{where}: pred='beam_decode' takes pred_kw.beam_size (and no sampler)")
+        sampler = f"beam({_positive_int(name, 'pred_kw.beam_size', kw['beam_size'])})"
+    elif "beam_size" in kw:
+        raise EvalConfigError(f"{where}.pred_kw.beam_size needs pred='beam_decode' (or use sampler='beam(n)')")
+    try:
+        parse_sampler(sampler)
+    except ValueError as e:
+        raise EvalConfigError(f"{where}.sampler: {e}") from None
+    return max_len, sampler
+
+
 def check_evals(evals: dict[str, Any], names: list[str] | None = None) -> None:
     """Checks the evaluator entries that will run, before any data is read or any model is loaded.
 
@@ -66,11 +113,7 @@ def check_evals(evals: dict[str, Any], names: list[str] | None = None) -> None:
             raise EvalConfigError(f"config.evals.{name} needs 'type' and 'data' (got keys {sorted(ecfg)})")
         make_evaluator(name, ecfg)  # Unknown types and options.
         _positive_int(name, "batch_size", ecfg.get("batch_size", 8))
-        _positive_int(name, "max_decode_len", ecfg.get("max_decode_len", 32))
-        try:
-            parse_sampler(ecfg.get("sampler", "greedy"))
-        except ValueError as e:
-            raise EvalConfigError(f"config.evals.{name}.sampler: {e}") from None
+        decoding(name, ecfg)
 
 
 def bad_rows_path(outdir: str | Path, name: str) -> Path:
@@ -108,8 +151,7 @@ def run_evals(
         batches = data_lib.make_eval_batches(
             ecfg["data"], config.input, predictor.tok, int(ecfg.get("batch_size", 8)), kind=kind, report=bad
         )
-        predictor.max_decode_len = int(ecfg.get("max_decode_len", 32))
-        predictor.sampler = ecfg.get("sampler", "greedy")
+        predictor.max_decode_len, predictor.sampler = decoding(name, ecfg)
         predictor.constrain = ecfg.get("constrain", "")  # Constrained localization decoding (constrain.py).
         result = evaluator.run(predictor, batches, Path(outdir), step)
         _list_bad_rows(bad, bad_rows_path(outdir, name), name)
