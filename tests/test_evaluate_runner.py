@@ -14,7 +14,15 @@ from paligemma_ft import decode as decode_lib
 from paligemma_ft.checkpoints.loading import checkpoint_path
 from paligemma_ft.commands import cli
 from paligemma_ft.data.shapes import encode_image, make_example
-from paligemma_ft.evaluate.runner import EvalConfigError, decoding, evaluate_command, format_table, run_evals
+from paligemma_ft.evaluate.evaluators import PP_NOT_RUN
+from paligemma_ft.evaluate.runner import (
+    EvalConfigError,
+    check_evals,
+    decoding,
+    evaluate_command,
+    format_table,
+    run_evals,
+)
 from paligemma_ft.predictor import load_predictor
 
 DECODE_LEN = 13  # Used by no other test, so this file's decode function starts with no trace.
@@ -112,12 +120,23 @@ def test_decoding_settings_and_their_errors(entry, want):
             decoding("e", ecfg)
 
 
-@pytest.mark.parametrize("key, where", [("pp_fn", "config.input.res"), ("split", "data.split"), ("every", "options")])
+@pytest.mark.parametrize("key, where", [("split", "data.split"), ("prompt", "prefix"), ("every", "options")])
 def test_big_vision_keys_that_do_nothing_here_are_refused(key, where):
     data = dict(source="shapes", n=4, seed=0, task="caption", image_size=64)
     config = _config(val=dict(type="caption", data=data, bootstrap=0, **{key: "x"}))
     with pytest.raises(ValueError, match=rf"evaluator 'val'.*'{key}'.*{re.escape(where)}"):
         run_evals(config, None, "unused", step=0)
+
+
+def test_a_big_vision_pp_fn_is_accepted_with_one_warning(caplog):
+    data = dict(source="shapes", n=4, seed=0, task="caption", image_size=64)
+    pp = "decode|resize(224)|strfmt('caption en', outkey='prefix')|tok(key='prefix')"
+    config = _config(val_pp=dict(type="caption", data=data, bootstrap=0, pp_fn=pp))
+    for _ in range(2):
+        check_evals(config.evals.to_dict())
+    warned = [r.getMessage() for r in caplog.records if "pp_fn" in r.getMessage()]
+    assert warned == [f"config.evals.val_pp.pp_fn: {PP_NOT_RUN}"]
+    assert "config.input.prefix" in PP_NOT_RUN
 
 
 CONFIG_FILE = """

@@ -45,14 +45,16 @@ RUNNER_KEYS = frozenset(
         "max_decode_len",
         "sampler",
         "constrain",
+        "pp_fn",  # big_vision's preprocessing string: not run; the runner warns (PP_NOT_RUN).
+        "pp",
     }
 )
-# Keys of big_vision's evaluator configs that have no meaning here: an error says where the setting goes.
+PP_NOT_RUN = (
+    "big_vision's preprocessing string is not run here: images are resized to config.input.res and tokenized as in "
+    "training, and the prompt is each example's prefix (else config.input.prefix)"
+)
+# Keys with no meaning in an evaluator's entry: an error says where the setting goes.
 NOT_HERE = {
-    "pp_fn": "big_vision's preprocessing string is not run: images are resized to config.input.res and the prompt "
-    "is each example's prefix (else config.input.prefix)",
-    "pp": "big_vision's preprocessing string is not run: images are resized to config.input.res and the prompt is "
-    "each example's prefix (else config.input.prefix)",
     "split": "the split belongs to the data: config.evals.<name>.data.split (source 'tfds')",
     "source": "the source belongs to the data: config.evals.<name>.data.source",
     "prompt": "the prompt is each example's prefix, else config.input.prefix",

@@ -33,13 +33,16 @@ from paligemma_ft import data as data_lib
 from paligemma_ft import sharding as sharding_lib
 from paligemma_ft.decode import parse_sampler
 from paligemma_ft.errors import UserError, check_output_dir
-from paligemma_ft.evaluate.evaluators import evaluator_type, make_evaluator
+from paligemma_ft.evaluate.evaluators import PP_NOT_RUN, evaluator_type, make_evaluator
 
 log = logging.getLogger(__name__)
 
 
 class EvalConfigError(UserError, ValueError):
     """A `config.evals.<name>` entry that cannot run; the message names the key."""
+
+
+_WARNED: set[tuple[str, str]] = set()  # (evaluator, key) already warned about in this process.
 
 
 def _plain(tree: Any) -> dict:
@@ -114,6 +117,10 @@ def check_evals(evals: dict[str, Any], names: list[str] | None = None) -> None:
         make_evaluator(name, ecfg)  # Unknown types and options.
         _positive_int(name, "batch_size", ecfg.get("batch_size", 8))
         decoding(name, ecfg)
+        for key in ("pp_fn", "pp"):
+            if key in ecfg and (name, key) not in _WARNED:  # A ported big_vision config: say once what happens.
+                _WARNED.add((name, key))
+                log.warning("config.evals.%s.%s: %s", name, key, PP_NOT_RUN)
 
 
 def bad_rows_path(outdir: str | Path, name: str) -> Path:
