@@ -19,6 +19,7 @@ import ast
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -393,4 +394,26 @@ def maybe_initialize_distributed(config: Any) -> bool:
             "process (or config.distributed.*), or launch under SLURM (srun), Open MPI or on a TPU pod, which "
             "jax detects."
         ) from e
+    _no_cached_cpu_collectives()
     return True
+
+
+def _no_cached_cpu_collectives() -> None:
+    """Turns jax's persistent compilation cache off for a multi-process CPU run on jax >= 0.12.
+
+    Measured with jax 0.12.1 (Python 3.12): two CPU processes that load a step from the persistent cache
+    (`JAX_COMPILATION_CACHE_DIR`, `config.compilation_cache_dir`) hang in its first cross-process collective (gloo);
+    the same run compiling afresh, or on jax 0.10.2, does not (tests/test_multiprocess_run.py). GPUs and TPUs keep
+    the cache. Why here: the cache is read at the first compilation, which comes after `initialize`.
+    """
+    version = tuple(int(part) for part in re.findall(r"\d+", jax.__version__)[:2])
+    enabled = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]
+    if version < (0, 12) or jax.default_backend() != "cpu" or not enabled:
+        return
+    jax.config.update("jax_enable_compilation_cache", False)
+    log.warning(
+        "jax %s on CPU with %d processes: the persistent compilation cache is off (cached executables hang in "
+        "cross-process collectives on this jax)",
+        jax.__version__,
+        jax.process_count(),
+    )

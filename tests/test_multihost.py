@@ -235,16 +235,17 @@ def test_launch_variables_reach_initialize(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **k: calls.append(k))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(sharding, "_no_cached_cpu_collectives", lambda: calls.append("cache checked"))
     for var in ("SLURM_NTASKS", "SLURM_JOB_ID", "BV_JAX_INIT", "TPU_WORKER_HOSTNAMES", "JAX_LOCAL_DEVICE_IDS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
     assert sharding.maybe_initialize_distributed({}) is True
-    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}]
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}, "cache checked"]
     group = {"enabled": None, "process_id": 1, "local_device_ids": [0, 1]}  # Config keys win over variables.
     assert sharding.maybe_initialize_distributed({"distributed": group}) is True
-    assert calls[-1] == {
+    assert calls[-2] == {
         "coordinator_address": "10.0.0.1:1234",
         "num_processes": 4,
         "process_id": 1,
@@ -256,6 +257,23 @@ def test_launch_variables_reach_initialize(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "4")
     with pytest.raises(ValueError, match="process id 4 is outside"):
         sharding.maybe_initialize_distributed({})
+
+
+@pytest.mark.parametrize("version, cache_after", [("0.10.2", True), ("0.12.1", False), ("0.13.0.dev1", False)])
+def test_multi_process_cpu_runs_on_new_jax_leave_the_compilation_cache(monkeypatch, caplog, version, cache_after):
+    monkeypatch.setattr(jax, "__version__", version)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    before = jax.config.jax_enable_compilation_cache
+    try:
+        jax.config.update("jax_enable_compilation_cache", True)
+        with caplog.at_level(logging.WARNING):
+            sharding._no_cached_cpu_collectives()
+        assert jax.config.jax_enable_compilation_cache is cache_after
+        warned = [r.getMessage() for r in caplog.records if "compilation cache is off" in r.getMessage()]
+        assert len(warned) == (0 if cache_after else 1)
+        assert not warned or f"jax {version} on CPU with 2 processes" in warned[0]
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def test_an_incomplete_launch_names_the_variables(monkeypatch):
