@@ -35,7 +35,6 @@ from paligemma_ft import decode as dec  # noqa: E402
 from paligemma_ft import hlo  # noqa: E402
 from paligemma_ft.model import Model, get_preset, precision  # noqa: E402
 from paligemma_ft.training import losses, optim  # noqa: E402
-from paligemma_ft.utils import tree_flatten_with_names  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 NO_CPU_BF16_NORMALIZATION = {"xla_disable_hlo_passes": "float-normalization-bf16"}
@@ -85,12 +84,7 @@ def decoding(preset: str, compute: str, batch: int, steps: int) -> dict:
     t0 = time.perf_counter()
     compiled = fn.lower(params, data, jax.random.PRNGKey(0)).compile(compiler_options=NO_CPU_BF16_NORMALIZATION)
     seconds = time.perf_counter() - t0
-    weights = set()
-    for name, leaf in tree_flatten_with_names(params):
-        if name.startswith("llm/") and leaf.ndim >= 2:
-            weights.add(tuple(leaf.shape))
-            if name.startswith("llm/layers/") and leaf.ndim >= 3:
-                weights.add(tuple(leaf.shape[1:]))
+    weights = hlo.llm_weight_shapes(params)
     loops = [loop for loop in hlo.while_loops(compiled.as_text()) if loop.nested_loops]
     loop = max(loops, key=lambda lp: (lp.nested_loops, len(lp.arrays)))
     f32_weights = [a for a in loop.arrays if a.dtype == "f32" and a.shape in weights]

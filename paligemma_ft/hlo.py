@@ -3,6 +3,7 @@
     compiled = jax.jit(fn).lower(*args).compile()
     arrays = materialized(compiled.as_text())     # [Array(computation, name, dtype, shape, opcode), ...]
     loops = while_loops(compiled.as_text())       # [Loop(body, arrays, nested_loops), ...], nested loops too
+    weights = llm_weight_shapes(params)          # the shapes a copy of an LLM weight would have
 
 An XLA fusion computes its internals element by element without storing them, so only the instructions of
 non-fused computations (the entry, while bodies and conditions, called computations) count, fusion outputs
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
+
+from paligemma_ft.utils import tree_flatten_with_names
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\(")
@@ -113,3 +117,15 @@ def while_loops(text: str) -> list[Loop]:
                     todo += [c.strip().lstrip("%") for c in m.group(1).split(",")]
         loops.append(Loop(body, [a for name in sorted(seen) for a in _arrays(name, comps[name])], nested))
     return loops
+
+
+def llm_weight_shapes(params: Any) -> set[tuple[int, ...]]:
+    """Shapes of the LLM's weight matrices in `params` (arrays or `ShapeDtypeStruct`s): as stored (scan-stacked)
+    and per layer (as the scan slices them), to look for copies of them among a program's arrays."""
+    shapes = set()
+    for name, leaf in tree_flatten_with_names(params):
+        if name.startswith("llm/") and leaf.ndim >= 2:
+            shapes.add(tuple(leaf.shape))
+            if name.startswith("llm/layers/") and leaf.ndim >= 3:
+                shapes.add(tuple(leaf.shape[1:]))
+    return shapes

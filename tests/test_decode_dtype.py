@@ -11,7 +11,6 @@ from paligemma_ft import predictor as predictor_lib
 from paligemma_ft.checkpoints import npz as ckpt_lib
 from paligemma_ft.commands import cli
 from paligemma_ft.model import Model, get_preset, precision
-from paligemma_ft.utils import tree_flatten_with_names
 
 # XLA:CPU's `float-normalization-bf16` pass rewrites every bfloat16 op it has no bfloat16 kernel for (slicing a
 # scanned weight included) into float32 and then hoists those converts out of the loops: a CPU artefact that GPUs
@@ -45,17 +44,6 @@ def _inputs(model, res):
     return params, batch
 
 
-def _weight_shapes(params):
-    """Shapes of the LLM's weight matrices, stacked (as stored) and per layer (as the scan slices them)."""
-    shapes = set()
-    for name, leaf in tree_flatten_with_names(params):
-        if name.startswith("llm/") and leaf.ndim >= 2:
-            shapes.add(tuple(leaf.shape))
-            if name.startswith("llm/layers/") and leaf.ndim >= 3:
-                shapes.add(tuple(leaf.shape[1:]))
-    return shapes
-
-
 def _token_loop(compiled_text):
     """The decode loop: the outermost while loop that runs the layers' scan inside it."""
     loops = [loop for loop in hlo.while_loops(compiled_text) if loop.nested_loops]
@@ -73,7 +61,7 @@ def test_token_loop_reads_bfloat16_weights_and_only_the_logits_are_float32():
     params, batch = _inputs(model, res)
     compiled = _compile(model, params, batch, NO_CPU_BF16_NORMALIZATION)
     loop = _token_loop(compiled.as_text())
-    weights = _weight_shapes(params)
+    weights = hlo.llm_weight_shapes(params)
     vocab = params["llm"]["embedder"]["input_embedding"].shape[0]
     f32_weights = [a for a in loop.arrays if a.dtype == "f32" and a.shape in weights]
     assert not f32_weights, f32_weights
@@ -93,7 +81,7 @@ def test_float32_activations_make_float32_weight_copies_in_the_loop():
     model, res = _model("float32")
     params, batch = _inputs(model, res)
     loop = _token_loop(_compile(model, params, batch, NO_CPU_BF16_NORMALIZATION).as_text())
-    assert [a for a in loop.arrays if a.dtype == "f32" and a.shape in _weight_shapes(params)]
+    assert [a for a in loop.arrays if a.dtype == "f32" and a.shape in hlo.llm_weight_shapes(params)]
 
 
 @pytest.fixture(scope="module")
